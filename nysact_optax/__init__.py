@@ -1,0 +1,24 @@
+"""NysAct for JAX and Optax: Nyström-approximated activation-covariance
+preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
+
+from nysact_optax._capture import capture_activations
+from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax._transform import (
+    NysActLayerState,
+    ScaleByNysActState,
+    nysact,
+    scale_by_nysact,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvSpec",
+    "DenseSpec",
+    "LayerInputs",
+    "NysActLayerState",
+    "ScaleByNysActState",
+    "capture_activations",
+    "nysact",
+    "scale_by_nysact",
+]

@@ -1,0 +1,126 @@
+"""Capturing layer inputs from flax.linen modules during the forward pass.
+
+The capture intercepts ``__call__`` of ``nn.Dense``, ``nn.DenseGeneral`` and
+``nn.Conv`` with :func:`flax.linen.intercept_methods` and ``sow``s each input
+into a private collection, so it rides along the ordinary forward pass (no
+extra pass) and through flax's lifted transforms. The layer's configuration
+is read off the module at trace time and attached as static metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import scope as flax_scope
+from flax.linen import linear as flax_linear
+
+from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs, LayerSpec
+
+__all__ = ["capture_activations", "COLLECTION"]
+
+COLLECTION = "nysact_inputs"
+
+
+def _tuple(x, n: int) -> tuple[int, ...]:
+  if x is None:
+    x = 1
+  return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
+
+
+def _spec_of(module: nn.Module) -> LayerSpec | None:
+  """The spec of a covered module, or ``None`` for anything else."""
+  if isinstance(module, nn.Dense):
+    return DenseSpec((-1,))
+  if isinstance(module, nn.DenseGeneral):
+    if tuple(flax_linear._canonicalize_tuple(module.batch_dims)):
+      raise NotImplementedError(
+          f"layer {'/'.join(module.path)!r}: DenseGeneral with batch_dims="
+          f"{module.batch_dims!r} has one kernel per batch index; exclude it "
+          "with exclude=[...]"
+      )
+    return DenseSpec(tuple(flax_linear._canonicalize_tuple(module.axis)))
+  if isinstance(module, nn.Conv):
+    ks = _tuple(module.kernel_size, 1 if isinstance(module.kernel_size, int) else len(module.kernel_size))
+    n = len(ks)
+    padding = flax_linear.canonicalize_padding(module.padding, n)
+    if not isinstance(padding, str):
+      padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return ConvSpec(
+        kernel_size=ks,
+        strides=_tuple(module.strides, n),
+        padding=padding,
+        input_dilation=_tuple(module.input_dilation, n),
+        kernel_dilation=_tuple(module.kernel_dilation, n),
+        feature_group_count=int(module.feature_group_count),
+    )
+  return None
+
+
+def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Wraps a ``flax.linen`` ``Module.apply`` to also return layer inputs.
+
+  The wrapped function takes exactly the arguments of ``apply_fn`` (including
+  ``mutable=``, ``rngs=`` and ``method=``) and returns ``(outputs,
+  activations)``, where ``outputs`` is what ``apply_fn`` returns and
+  ``activations`` maps each covered layer's path (as in
+  ``variables['params']``) to a :class:`LayerInputs`. A layer called several
+  times contributes every call. The inputs are ``stop_gradient``-ed and add no
+  forward or backward pass; pass them to the optimizer's
+  ``update(..., activations=activations)``.
+
+  Args:
+    apply_fn: ``model.apply`` (or a partial of it).
+
+  Returns:
+    A function with the same arguments returning ``(outputs, activations)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    >>> variables = model.init(jax.random.PRNGKey(0), jnp.ones((3, 5)))
+    >>> y, acts = capture_activations(model.apply)(variables, jnp.ones((3, 5)))
+    >>> sorted(acts), acts["layers_2"].inputs[0].shape
+    (['layers_0', 'layers_2'], (3, 4))
+  """
+
+  @functools.wraps(apply_fn)
+  def wrapped(*args, **kwargs):
+    specs: dict[tuple[str, ...], LayerSpec] = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      module = context.module
+      if context.method_name == "__call__":
+        spec = _spec_of(module)
+        if spec is not None:
+          x = call_args[0] if call_args else call_kwargs["inputs"]
+          path = tuple(module.path)
+          if specs.setdefault(path, spec) != spec:
+            raise ValueError(
+                f"layer {'/'.join(path)!r} was called with two configurations: "
+                f"{specs[path]} and {spec}"
+            )
+          module.sow(COLLECTION, "inputs", jax.lax.stop_gradient(x))
+      return next_fun(*call_args, **call_kwargs)
+
+    mutable = kwargs.pop("mutable", False)
+    user_mutable = mutable is not False
+    ours = COLLECTION if mutable is False else flax_scope.union_filters(mutable, COLLECTION)
+    with nn.intercept_methods(interceptor):
+      outputs, variables = apply_fn(*args, mutable=ours, **kwargs)
+    variables = dict(variables)
+    sown = variables.pop(COLLECTION, {})
+    activations: dict[str, LayerInputs] = {}
+    for path, spec in specs.items():
+      node = sown
+      for name in path:
+        node = node[name]
+      activations["/".join(path)] = LayerInputs(node["inputs"], spec)
+    if user_mutable:
+      outputs = (outputs, variables)
+    return outputs, activations
+
+  return wrapped

@@ -1,0 +1,125 @@
+"""Nyström factorisations of a damped covariance and the factored apply.
+
+Every factorisation returns ``(U, lam)``: orthonormal columns ``U`` (p x r) and
+eigenvalues ``lam >= 0`` (r) of a low-rank approximation ``U diag(lam) U^T`` of
+the activation covariance. The preconditioner is then
+
+  ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``,
+
+applied in factored form in :func:`precondition`; no ``p x p`` array is formed
+unless ``U`` itself is square (exact mode).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+__all__ = [
+    "NYSTROM_METHODS",
+    "dense_preconditioner",
+    "exact_eigh",
+    "nystrom_shifted",
+    "nystrom_stable",
+    "precondition",
+]
+
+NYSTROM_METHODS = ("shifted", "stable")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _sym(w: jax.Array) -> jax.Array:
+  # S^T Y is symmetric in exact arithmetic only when one sketch made Y.
+  return 0.5 * (w + w.T)
+
+
+def _factor_from_cholesky(y: jax.Array, w: jax.Array, shift: jax.Array):
+  """``B = Y chol(W)^{-T}``, ``B = U Sigma V^T``, ``lam = max(sigma^2 - shift, 0)``."""
+  chol = jnp.linalg.cholesky(w)
+  b = solve_triangular(chol, y.T, lower=True).T  # Y L^{-T}
+  q, r_mat = jnp.linalg.qr(b)  # thin SVD of a tall B via the SVD of its R
+  u_r, sigma, _ = jnp.linalg.svd(r_mat)
+  u = jnp.matmul(q, u_r, precision=_HIGHEST)
+  return u, jnp.maximum(sigma**2 - shift, 0.0)
+
+
+def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax.Array]:
+  """The paper's factorisation (design note, section 2).
+
+  ``C_rho = C_hat + rho S``, ``W = S^T C_rho``, shifted by
+  ``|lambda_min(W)| + rho`` before its Cholesky factor. ``U diag(lam) U^T``
+  approximates the damped covariance ``A + rho I``, so the preconditioner
+  damps it once more, as the reference does.
+
+  Args:
+    c_hat: bias-corrected sketched covariance ``A S`` (p x r).
+    s: the sketch ``S`` (p x r) that made ``c_hat``.
+    rho: damping.
+
+  Returns:
+    ``(U, lam)``.
+  """
+  c_rho = c_hat + rho * s
+  w = _sym(jnp.matmul(s.T, c_rho, precision=_HIGHEST))
+  shift = jnp.abs(jnp.linalg.eigvalsh(w)[0]) + rho
+  w = w + shift * jnp.eye(w.shape[0], dtype=w.dtype)
+  return _factor_from_cholesky(c_rho, w, shift)
+
+
+def nystrom_stable(c_hat: jax.Array, s: jax.Array, rho=None) -> tuple[jax.Array, jax.Array]:
+  """Stable Nyström (Tropp et al. 2017; Frangella et al. 2021) of ``A`` itself.
+
+  ``Y_nu = Y + nu S`` with ``nu = sqrt(p) eps ||Y||_F``, ``W = S^T Y_nu``,
+  ``B = Y_nu chol(W)^{-T}``, ``lam = max(sigma^2 - nu, 0)``. ``S`` should have
+  orthonormal columns. When ``W`` is indefinite (statistics averaged over
+  different sketches) the shift grows by ``-lambda_min(W)`` so the Cholesky
+  factor exists; with one sketch this never triggers.
+
+  Args:
+    c_hat: bias-corrected sketched covariance ``Y = A S`` (p x r).
+    s: the sketch ``S`` (p x r).
+    rho: unused; present so both methods share one signature.
+
+  Returns:
+    ``(U, lam)``.
+  """
+  del rho
+  p = c_hat.shape[0]
+  eps = jnp.finfo(jnp.float32).eps
+  # Floor at a tiny positive value so an all-zero Y (a dead layer) still has
+  # a Cholesky factor; then lam = 0 exactly.
+  nu = jnp.sqrt(float(p)) * eps * jnp.linalg.norm(c_hat) + 1e-30
+  w0 = _sym(jnp.matmul(s.T, c_hat, precision=_HIGHEST))
+  sts = jnp.matmul(s.T, s, precision=_HIGHEST)
+  deficit = jnp.maximum(-jnp.linalg.eigvalsh(w0 + nu * sts)[0], 0.0)
+  shift = nu + 2.0 * deficit
+  return _factor_from_cholesky(c_hat + shift * s, w0 + shift * sts, shift)
+
+
+def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eigendecomposition of the full covariance (exact mode, ``rank >= p``)."""
+  lam, u = jnp.linalg.eigh(_sym(c_hat))
+  return u, jnp.maximum(lam, 0.0)  # clip the round-off negatives of a PSD matrix
+
+
+def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
+  """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
+
+  ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u = jnp.eye(3)[:, :1]
+    >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
+    Array([0.5, 1. , 1. ], dtype=float32)
+  """
+  coeff = 1.0 / (lam + rho) - 1.0 / rho
+  ug = jnp.matmul(u.T, g, precision=_HIGHEST)
+  return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho
+
+
+def dense_preconditioner(u: jax.Array, lam: jax.Array, rho) -> jax.Array:
+  """The dense ``p x p`` matrix ``P`` (for tests and the reference comparison)."""
+  p = u.shape[0]
+  return (u * (1.0 / (lam + rho))) @ u.T + (jnp.eye(p) - u @ u.T) / rho

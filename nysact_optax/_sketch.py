@@ -1,0 +1,53 @@
+"""Random sketches ``S`` (p x r) for the Nyström approximation.
+
+A sketch is never stored: it is redrawn from a per-layer PRNG key whenever
+statistics or factors need it, so the state holds two uint32 per layer instead
+of a ``p x r`` matrix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from nysact_optax._statistics import Sketch
+
+__all__ = ["SKETCHES", "draw_sketch"]
+
+SKETCHES = ("gaussian", "subcolumns")
+
+
+def draw_sketch(
+    key: jax.Array, p: int, r: int, kind: str, *, orthonormal: bool = False
+) -> Sketch:
+  """Draws a ``p x r`` sketch.
+
+  Args:
+    key: a PRNG key.
+    p: rows (the layer's input width, bias column included).
+    r: columns (the rank); ``r >= p`` gives the identity (exact mode).
+    kind: ``"gaussian"``, i.i.d. ``N(0, 1/p)`` entries, or ``"subcolumns"``,
+      ``r`` distinct columns of the identity.
+    orthonormal: orthonormalise a Gaussian sketch by QR (the stable Nyström
+      variant needs ``S^T S = I``; subcolumns already are).
+
+  Returns:
+    The :class:`Sketch`; ``indices`` is set for subcolumns.
+
+  Examples:
+    >>> import jax
+    >>> s = draw_sketch(jax.random.PRNGKey(0), 6, 2, "subcolumns")
+    >>> s.matrix.shape, s.indices.shape, float(s.matrix.sum())
+    ((6, 2), (2,), 2.0)
+  """
+  if r >= p:
+    return Sketch(jnp.eye(p, dtype=jnp.float32))
+  if kind == "subcolumns":
+    idx = jax.random.choice(key, p, (r,), replace=False)
+    return Sketch(jax.nn.one_hot(idx, p, dtype=jnp.float32).T, idx)
+  if kind == "gaussian":
+    s = jax.random.normal(key, (p, r), jnp.float32) / jnp.sqrt(float(p))
+    if orthonormal:
+      s = jnp.linalg.qr(s)[0]
+    return Sketch(s)
+  raise ValueError(f"sketch must be one of {SKETCHES}, got {kind!r}")

@@ -1,0 +1,181 @@
+"""Sketched activation statistics ``Y = A^T A S / n``, never forming ``A^T A``.
+
+For a dense layer ``A`` is the (flattened) input; for a convolution ``A`` is
+the im2col patch matrix, which is never built: ``A S`` is a convolution of the
+input with ``S`` reshaped as a kernel of ``r`` output channels and ``A^T Z``
+is that convolution's kernel-gradient for the output cotangent ``Z``
+(design note, section 4). With a bias, a constant 1 is appended to each row of
+``A``; its column needs only sums.
+
+Grouped convolutions (``feature_group_count = G``, depthwise included) share
+one kernel row space of width ``p_in = prod(kernel_size) * c_in / G`` across
+the ``G`` groups, so the covariance is averaged over groups: every group's
+patch rows count as rows of ``A``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
+
+__all__ = ["Sketch", "conv_patches", "sketched_covariance"]
+
+
+class Sketch(NamedTuple):
+  """A sketch ``S`` (p x r); ``indices`` is set when ``S = I[:, indices]``."""
+
+  matrix: jax.Array
+  indices: jax.Array | None = None
+
+
+def _dense_rows(x: jax.Array, spec: DenseSpec) -> jax.Array:
+  """Moves the contracted axes last and merges them into one feature axis.
+
+  Only the contracted (feature) axes are merged, never the row axes, so a
+  batch axis sharded across devices stays intact.
+  """
+  axes = tuple(a % x.ndim for a in spec.axis)
+  rows = [a for a in range(x.ndim) if a not in axes]
+  x = jnp.transpose(x, rows + list(axes))
+  return x.reshape(x.shape[: len(rows)] + (-1,))
+
+
+def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool) -> jax.Array:
+  """``[x, 1] @ S`` for rows ``x`` (..., p_in)."""
+  p_in = x.shape[-1]
+  if sketch.indices is not None:
+    idx = sketch.indices
+    picked = jnp.take(x, jnp.minimum(idx, p_in - 1), axis=-1)
+    return jnp.where(idx < p_in, picked, 1.0) if has_bias else picked
+  s = sketch.matrix
+  z = jnp.einsum("...p,pr->...r", x, s[:p_in])
+  return z + s[p_in] if has_bias else z
+
+
+def _dense_stats(x, spec, sketch, has_bias):
+  x = _dense_rows(x, spec).astype(jnp.float32)
+  z = _sketch_rows(x, sketch, has_bias)
+  row_axes = tuple(range(x.ndim - 1))
+  y = jnp.tensordot(x, z, axes=(row_axes, row_axes))
+  if has_bias:
+    y = jnp.concatenate([y, z.sum(row_axes)[None]], axis=0)
+  return y, math.prod(x.shape[:-1])
+
+
+def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, object]:
+  """Merges batch axes into one and applies flax's non-lax paddings.
+
+  Returns the input as ``(batch, *spatial, c_in)`` and the padding to hand to
+  ``lax.conv_general_dilated``, exactly as ``flax.linen.Conv`` does.
+  """
+  nsp = len(spec.kernel_size)
+  x = x.reshape((-1,) + x.shape[x.ndim - nsp - 1 :])
+  padding = spec.padding
+  if padding in ("CIRCULAR", "REFLECT"):
+    dilated = [(k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.kernel_dilation)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+    padding = "VALID"
+  elif padding == "CAUSAL":
+    left = spec.kernel_dilation[0] * (spec.kernel_size[0] - 1)
+    x = jnp.pad(x, [(0, 0), (left, 0), (0, 0)])
+    padding = "VALID"
+  return x, padding
+
+
+def _conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+  spatial = tuple(range(1, ndim - 1))
+  return lax.ConvDimensionNumbers(
+      lhs_spec=(0, ndim - 1) + spatial,
+      rhs_spec=(ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
+      out_spec=(0, ndim - 1) + spatial,
+  )
+
+
+def _conv_stats(x, spec, sketch, has_bias):
+  x, padding = prepare_conv_input(x.astype(jnp.float32), spec)
+  groups = spec.feature_group_count
+  cg = x.shape[-1] // groups
+  p_in = math.prod(spec.kernel_size) * cg
+  s = sketch.matrix
+  r = s.shape[1]
+  kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
+  kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
+
+  def conv(k):
+    return lax.conv_general_dilated(
+        x, k, spec.strides, padding,
+        lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=_conv_dimension_numbers(x.ndim),
+        feature_group_count=groups,
+    )
+
+  z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
+  if has_bias:
+    z = z + jnp.tile(s[p_in], groups)
+  (y,) = conv_vjp(z)  # A^T Z, kernel-shaped
+  y = y.reshape(p_in, groups, r).sum(1)
+  if has_bias:
+    zsum = z.sum(tuple(range(z.ndim - 1))).reshape(groups, r).sum(0)
+    y = jnp.concatenate([y, zsum[None]], axis=0)
+  return y, math.prod(z.shape[:-1]) * groups
+
+
+def sketched_covariance(
+    layer: LayerInputs, sketch: Sketch, has_bias: bool
+) -> jax.Array:
+  """``A^T A S / n`` over every call of the layer (float32, ``p x r``).
+
+  Args:
+    layer: the captured inputs of the layer.
+    sketch: the sketch ``S`` (``p x r``, ``p = p_in + has_bias``).
+    has_bias: whether a constant-1 column is appended to ``A``.
+
+  Returns:
+    The sketched covariance, averaged over all rows of all calls.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nysact_optax import DenseSpec, LayerInputs
+    >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> s = Sketch(jnp.eye(3))
+    >>> sketched_covariance(LayerInputs([x], DenseSpec()), s, has_bias=True)
+    Array([[5., 7., 2.],
+           [7., 10., 3.],
+           [2., 3., 1.]], dtype=float32)
+  """
+  stats = _conv_stats if isinstance(layer.spec, ConvSpec) else _dense_stats
+  total, rows = 0.0, 0
+  for x in layer.inputs:
+    y, n = stats(x, layer.spec, sketch, has_bias)
+    total, rows = total + y, rows + n
+  return total / rows
+
+
+def conv_patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
+  """The explicit im2col patch matrix of a convolution, rows ``(n * G, p_in)``.
+
+  Columns are ordered like ``kernel.reshape(p_in, o)``; for grouped
+  convolutions each group's rows are stacked. This is the memory-hungry
+  formula the patch-free statistics replace; it exists for tests and
+  benchmarks.
+  """
+  x, padding = prepare_conv_input(x, spec)
+  patches = lax.conv_general_dilated_patches(
+      x, spec.kernel_size, spec.strides, padding,
+      lhs_dilation=spec.input_dilation,
+      rhs_dilation=spec.kernel_dilation,
+      dimension_numbers=_conv_dimension_numbers(x.ndim),
+  )  # (..., c_in * K), channel-major
+  c, k = x.shape[-1], math.prod(spec.kernel_size)
+  groups = spec.feature_group_count
+  patches = patches.reshape(-1, groups, c // groups, k)
+  patches = jnp.swapaxes(patches, -1, -2)  # (n, G, K, cg): kernel order
+  return jnp.swapaxes(patches, 0, 1).reshape(-1, k * (c // groups))
