@@ -122,4 +122,4 @@ def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
 def dense_preconditioner(u: jax.Array, lam: jax.Array, rho) -> jax.Array:
   """The dense ``p x p`` matrix ``P`` (for tests and the reference comparison)."""
   p = u.shape[0]
-  return (u * (1.0 / (lam + rho))) @ u.T + (jnp.eye(p) - u @ u.T) / rho
+  return (u * (1.0 / (lam + rho))[None, :]) @ u.T + (jnp.eye(p) - u @ u.T) / rho

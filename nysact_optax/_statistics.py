@@ -46,16 +46,21 @@ def _dense_rows(x: jax.Array, spec: DenseSpec) -> jax.Array:
   return x.reshape(x.shape[: len(rows)] + (-1,))
 
 
+def _row(v: jax.Array, ndim: int) -> jax.Array:
+  """``v`` (r,) shaped to broadcast against an ``ndim``-array's last axis."""
+  return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
 def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool) -> jax.Array:
   """``[x, 1] @ S`` for rows ``x`` (..., p_in)."""
   p_in = x.shape[-1]
   if sketch.indices is not None:
     idx = sketch.indices
     picked = jnp.take(x, jnp.minimum(idx, p_in - 1), axis=-1)
-    return jnp.where(idx < p_in, picked, 1.0) if has_bias else picked
+    return jnp.where(_row(idx < p_in, x.ndim), picked, 1.0) if has_bias else picked
   s = sketch.matrix
   z = jnp.einsum("...p,pr->...r", x, s[:p_in])
-  return z + s[p_in] if has_bias else z
+  return z + _row(s[p_in], z.ndim) if has_bias else z
 
 
 def _dense_stats(x, spec, sketch, has_bias):
@@ -119,7 +124,7 @@ def _conv_stats(x, spec, sketch, has_bias):
 
   z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
   if has_bias:
-    z = z + jnp.tile(s[p_in], groups)
+    z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
   (y,) = conv_vjp(z)  # A^T Z, kernel-shaped
   y = y.reshape(p_in, groups, r).sum(1)
   if has_bias:
@@ -147,9 +152,9 @@ def sketched_covariance(
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> s = Sketch(jnp.eye(3))
     >>> sketched_covariance(LayerInputs([x], DenseSpec()), s, has_bias=True)
-    Array([[5., 7., 2.],
-           [7., 10., 3.],
-           [2., 3., 1.]], dtype=float32)
+    Array([[ 5.,  7.,  2.],
+           [ 7., 10.,  3.],
+           [ 2.,  3.,  1.]], dtype=float32)
   """
   stats = _conv_stats if isinstance(layer.spec, ConvSpec) else _dense_stats
   total, rows = 0.0, 0

@@ -1,0 +1,76 @@
+"""Independent dense NumPy formulas the library is checked against (float64)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def _same_pads(size, k, stride, dil):
+  eff = (k - 1) * dil + 1
+  out = -(-size // stride)
+  total = max((out - 1) * stride + eff - size, 0)
+  return total // 2, total - total // 2
+
+
+def im2col(x, kernel_size, strides, padding, dilation, groups=1):
+  """Patch rows of a channels-last conv, by explicit loops; rows ``(G * n, p_in)``.
+
+  ``padding`` is 'SAME', 'VALID' or a sequence of (lo, hi) pairs.
+  """
+  x = np.asarray(x, np.float64)
+  nsp = len(kernel_size)
+  if padding == "VALID":
+    pads = [(0, 0)] * nsp
+  elif padding == "SAME":
+    pads = [_same_pads(x.shape[1 + i], kernel_size[i], strides[i], dilation[i]) for i in range(nsp)]
+  else:
+    pads = list(padding)
+  x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
+  out_sizes = [
+      (x.shape[1 + i] - ((kernel_size[i] - 1) * dilation[i] + 1)) // strides[i] + 1
+      for i in range(nsp)
+  ]
+  c = x.shape[-1]
+  cg = c // groups
+  rows = [[] for _ in range(groups)]
+  for b in range(x.shape[0]):
+    for pos in itertools.product(*[range(o) for o in out_sizes]):
+      window = []
+      for koff in itertools.product(*[range(k) for k in kernel_size]):
+        idx = tuple(pos[i] * strides[i] + koff[i] * dilation[i] for i in range(nsp))
+        window.append(x[(b,) + idx])  # (c,)
+      window = np.stack(window)  # (K, c)
+      for g in range(groups):
+        rows[g].append(window[:, g * cg : (g + 1) * cg].reshape(-1))
+  return np.concatenate([np.stack(r) for r in rows])
+
+
+def with_bias_column(a):
+  return np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+
+
+def damped_inverse(a, rho):
+  """``(A^T A / n + rho I)^{-1}`` for rows ``a``."""
+  cov = a.T @ a / a.shape[0]
+  return np.linalg.inv(cov + rho * np.eye(cov.shape[0]))
+
+
+def reference_preconditioner(c_hat, s, rho, solve_with_l=True):
+  """Dense ``P`` by the authors' formula (design note, section 2).
+
+  ``solve_with_l`` reproduces their ``B = C_rho L^{-1}``; ``False`` uses the
+  standard ``B = C_rho L^{-T}``.
+  """
+  c_hat, s = np.asarray(c_hat, np.float64), np.asarray(s, np.float64)
+  p, r = s.shape
+  c_rho = c_hat + rho * s
+  w = s.T @ c_rho
+  lam_min = np.linalg.eigvalsh(w)[0]  # eigh reads one triangle, as torch does
+  shift = abs(lam_min) + rho
+  chol = np.linalg.cholesky(w + shift * np.eye(r))
+  b = c_rho @ (np.linalg.inv(chol) if solve_with_l else np.linalg.inv(chol).T)
+  u, sigma, _ = np.linalg.svd(b, full_matrices=False)
+  lam = np.maximum(sigma**2 - shift, 0.0)
+  return u @ np.diag(1.0 / (lam + rho)) @ u.T + (np.eye(p) - u @ u.T) / rho

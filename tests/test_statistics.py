@@ -1,0 +1,87 @@
+"""Patch-free statistics against explicit patches and dense formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nysact_optax import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax._sketch import draw_sketch
+from nysact_optax._statistics import conv_patches, sketched_covariance
+from tests import _reference
+
+CONVS = [
+    # kernel, strides, padding, dilation, groups, input shape (b, *spatial, c)
+    ((3, 3), (1, 1), "SAME", (1, 1), 1, (2, 6, 5, 4)),
+    ((3, 3), (2, 2), "VALID", (1, 1), 1, (2, 7, 7, 3)),
+    ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1), 1, (2, 8, 6, 2)),
+    ((3, 3), (1, 1), "SAME", (1, 1), 2, (2, 5, 5, 4)),
+    ((3, 3), (2, 2), "SAME", (1, 1), 4, (1, 6, 6, 4)),  # depthwise
+    ((5,), (2,), "SAME", (2,), 1, (3, 11, 3)),
+    ((2, 2, 2), (1, 1, 1), "VALID", (1, 1, 1), 1, (1, 3, 4, 3, 2)),
+]
+
+
+def _spec(kernel, strides, padding, dilation, groups):
+  n = len(kernel)
+  return ConvSpec(kernel, strides, padding, (1,) * n, dilation, groups)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_conv_patches_match_explicit_loops(conv):
+  *cfg, shape = conv
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ours = conv_patches(x, _spec(*cfg))
+  kernel, strides, padding, dilation, groups = cfg
+  expected = _reference.im2col(np.asarray(x), kernel, strides, padding, dilation, groups)
+  np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["gaussian", "subcolumns"])
+def test_patch_free_conv_statistics_equal_patch_formula(conv, bias, kind):
+  *cfg, shape = conv
+  spec = _spec(*cfg)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  a = np.asarray(conv_patches(x, spec), np.float64)
+  if bias:
+    a = _reference.with_bias_column(a)
+  p = a.shape[1]
+  s = draw_sketch(jax.random.PRNGKey(2), p, min(4, p - 1), kind)
+  ours = jax.jit(sketched_covariance, static_argnums=2)(LayerInputs([x], spec), s, bias)
+  expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["gaussian", "subcolumns"])
+def test_dense_statistics_over_several_calls(bias, kind):
+  spec = DenseSpec((-1,))
+  x1 = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 6))
+  x2 = jax.random.normal(jax.random.PRNGKey(1), (5, 6))
+  a = np.concatenate([np.asarray(x1).reshape(-1, 6), np.asarray(x2)]).astype(np.float64)
+  if bias:
+    a = _reference.with_bias_column(a)
+  s = draw_sketch(jax.random.PRNGKey(3), a.shape[1], 3, kind)
+  ours = sketched_covariance(LayerInputs([x1, x2], spec), s, bias)
+  expected = a.T @ a @ np.asarray(s.matrix, np.float64) / a.shape[0]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_general_contracts_non_trailing_axes_in_kernel_order():
+  spec = DenseSpec((1, -1))  # flax DenseGeneral(axis=(1, -1))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 5))
+  rows = np.moveaxis(np.asarray(x, np.float64), (1, 3), (2, 3)).reshape(-1, 15)
+  s = draw_sketch(jax.random.PRNGKey(1), 15, 15, "gaussian")  # identity
+  ours = sketched_covariance(LayerInputs([x], spec), s, False)
+  np.testing.assert_allclose(ours, rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_are_accumulated_in_float32():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 8)).astype(jnp.bfloat16)
+  s = draw_sketch(jax.random.PRNGKey(1), 8, 8, "gaussian")
+  y = sketched_covariance(LayerInputs([x], DenseSpec()), s, False)
+  assert y.dtype == jnp.float32
+  a = np.asarray(x.astype(jnp.float32), np.float64)
+  np.testing.assert_allclose(y, a.T @ a / 64, rtol=1e-5, atol=1e-5)
