@@ -1,0 +1,343 @@
+"""The training-quality protocol as resumable pieces: one JSON per run.
+
+Stages, in priority order (each reads what the earlier ones wrote):
+
+1. ``tune``: every optimizer on a validation split carved from the training
+   set, one seed, over its learning-rate grid (same grid size for all).
+2. ``test``: every optimizer at its best validation learning rate, several
+   seeds, on the test set.
+3. ``ablate``: NysAct on the validation split, one seed, at the default's
+   tuned learning rate, one design choice changed at a time: rank, sketch,
+   sketch refresh, Nyström variant, damping, statistics/inverse periods.
+   The preconditioner's error against the exact damped inverse is tracked.
+4. ``best``: the best ablation setting on the test set, several seeds.
+5. ``lm``: the character transformer on the KJV Bible, SGD/AdamW/NysAct,
+   tuned on a validation stream, then seeds on held-out books.
+6. ``resnet``: ResNet-20 on Fashion-MNIST, tune + test as in 1-2.
+
+A run whose JSON exists is skipped, so the suite can be stopped and started
+again; ``--deadline`` stops launching new runs after a UTC time. All runs of
+one invocation share one process, so runs that differ only in learning rate
+or seed reuse one compilation. ``python -m benchmarks.quality.summary``
+rebuilds the tables and plots from whatever has finished.
+
+Presets: ``cpu`` is the reduced protocol that fits a shared 2-core machine
+in about 1.5 hours (a narrower CNN, a third of an epoch per run, 3 seeds);
+``full`` is the issue's protocol (the models at their default sizes, several
+epochs, 5 seeds for the CNN), meant for one call on a GPU machine
+(``benchmarks/quality/run_gpu.sh``); ``smoke`` is a few steps on digits.
+
+Usage (from the repository root)::
+
+  python -m benchmarks.quality.suite --preset cpu --stages tune,test,ablate
+  python -m benchmarks.quality.suite --preset cpu --dry-run   # list the runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from benchmarks.quality import train
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
+STAGES = ("tune", "test", "ablate", "best", "lm", "resnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """Sizes of one version of the protocol."""
+
+  cnn: train.RunConfig
+  grids: dict[str, tuple[float, ...]]
+  seeds: int
+  resnet: train.RunConfig | None = None
+  resnet_seeds: int = 3
+  lm: train.RunConfig | None = None
+  lm_grids: dict[str, tuple[float, ...]] | None = None
+  lm_seeds: int = 3
+  default_lr: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# The optimizers compared: label -> (family, RunConfig overrides).
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("sgd", {}),
+    "adamw": ("adamw", {}),
+    "kfac": ("kfac", {}),
+    "nysact": ("nysact", {}),
+    "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
+}
+
+GRIDS = {
+    "sgd": (0.03, 0.1, 0.3),
+    "adamw": (3e-4, 1e-3, 3e-3),
+    "kfac": (3e-3, 1e-2, 3e-2),
+    "nysact": (0.03, 0.1, 0.3),
+    "foof": (0.03, 0.1, 0.3),
+}
+
+# Ablations: label -> RunConfig overrides (the default NysAct is the baseline).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    **{f"rank{r}": {"nysact": (("rank", r),)} for r in (1, 5, 20, 50)},
+    "rank10": {},  # the default: a copy of its tuning run
+    "subcolumns": {"nysact": (("sketch", "subcolumns"),)},
+    "fixed": {"nysact": (("sketch_refresh", "fixed"),)},
+    "stable": {"nysact": (("nystrom", "stable"),)},
+    "fixed_stable": {"nysact": (("nystrom", "stable"), ("sketch_refresh", "fixed"))},
+    "damping0.1": {"damping": 0.1},
+    "damping10": {"damping": 10.0},
+    "periods1_10": {"nysact": (("cov_update_every", 1), ("inv_update_every", 10))},
+    "periods10_100": {"nysact": (("cov_update_every", 10), ("inv_update_every", 100))},
+}
+# rank10 is the default; periods5_50 and damping1 are the default too.
+ABLATION_ORDER = (
+    "rank10", "fixed", "stable", "subcolumns", "rank1", "rank5", "rank20", "rank50",
+    "damping0.1", "damping10", "periods1_10", "periods10_100", "fixed_stable",
+)
+
+_CNN_CPU = train.RunConfig(
+    task="fmnist_cnn", steps=300, batch_size=64, eval_every=75, eval_size=1000,
+    model=(("features", (16, 32, 32)), ("hidden", 128)), track_layer="Dense_0",
+)
+_CNN_FULL = train.RunConfig(
+    task="fmnist_cnn", steps=4690, batch_size=128, eval_every=469, eval_size=10000,
+    track_layer="Dense_0",
+)  # 10 epochs of 60000 (469 steps of 128 per epoch)
+_RESNET_FULL = train.RunConfig(
+    task="fmnist_resnet", steps=4690, batch_size=128, eval_every=469, eval_size=10000,
+)
+_RESNET_CPU = train.RunConfig(
+    task="fmnist_resnet", steps=200, batch_size=64, eval_every=100, eval_size=1000,
+)
+_LM_CPU = train.RunConfig(
+    task="char_lm", steps=300, batch_size=16, eval_every=100, eval_size=256,
+    model=(("num_layers", 2), ("width", 128), ("context", 64)), augment=False,
+)  # 300 x 16 x 64 = 307k tokens
+_LM_FULL = train.RunConfig(
+    task="char_lm", steps=5000, batch_size=32, eval_every=500, eval_size=256,
+    model=(("num_layers", 4), ("width", 256), ("context", 128)), augment=False,
+)  # 5000 x 32 x 128 = 20.5M tokens
+LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2), "nysact": (0.1, 0.3, 1.0)}
+
+PRESETS = {
+    "smoke": Preset(
+        cnn=train.RunConfig(task="digits", steps=20, batch_size=32, eval_every=10,
+                            eval_size=360, track_layer="Dense_1"),
+        grids={"sgd": (0.1,), "nysact": (0.1,)}, seeds=1,
+    ),
+    "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=3, resnet=_RESNET_CPU,
+                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2),
+    "full": Preset(cnn=_CNN_FULL, grids=GRIDS, seeds=5, resnet=_RESNET_FULL,
+                   resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  stage: str
+  name: str
+  cfg: train.RunConfig | None  # None: depends on results not yet there
+  copy_from: pathlib.Path | None = None  # an identical finished run
+
+  def path(self, root: pathlib.Path) -> pathlib.Path:
+    return root / self.stage / f"{self.name}.json"
+
+
+def _fmt(lr: float) -> str:
+  return f"{lr:g}"
+
+
+def _cfg(base: train.RunConfig, label: str, **kw) -> train.RunConfig:
+  family, over = OPTIMIZERS[label]
+  return dataclasses.replace(base, optimizer=family, **{**over, **kw})
+
+
+def load_runs(root: pathlib.Path, stage: str) -> list[dict[str, Any]]:
+  out = []
+  for f in sorted((root / stage).glob("*.json")):
+    try:
+      r = json.loads(f.read_text())
+    except json.JSONDecodeError:
+      continue
+    r["_name"] = f.stem
+    out.append(r)
+  return out
+
+
+def score(result: dict[str, Any]) -> float:
+  """Higher is better: accuracy, or minus bits per character."""
+  f = result["final"]
+  if f.get("diverged"):
+    return float("-inf")
+  if result.get("metric") == "bits_per_char":
+    return -(f.get("bits_per_char") or float("inf"))
+  return f.get("eval_accuracy") or float("-inf")
+
+
+def best_lr(root: pathlib.Path, stage: str, task: str, label: str) -> float | None:
+  """The learning rate of the best finished tuning run of ``label`` on ``task``."""
+  prefix = f"{task}__{label}__lr"
+  runs = [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)]
+  if not runs:
+    return None
+  return max(runs, key=score)["config"]["lr"]
+
+
+def best_ablation(root: pathlib.Path, task: str) -> str | None:
+  runs = [r for r in load_runs(root, "ablate") if r["_name"].startswith(task + "__")]
+  if not runs:
+    return None
+  best = max(runs, key=score)
+  return best["_name"].split("__")[1]
+
+
+def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -> Iterator[Run]:
+  task = preset_cfg.task
+  lrs = {label: grids[label] for label in labels if label in grids}
+  # Interleave labels so that a cut-off leaves every optimizer tuned alike.
+  for i in range(max(len(v) for v in lrs.values())):
+    for label, grid in lrs.items():
+      if i < len(grid):
+        lr = grid[i]
+        yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
+                  _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+  for seed in range(seeds):
+    for label in lrs:
+      lr = best_lr(root, stage_tune, task, label)
+      name = f"{task}__{label}__s{seed}"
+      yield Run(stage_test, name,
+                None if lr is None else _cfg(preset_cfg, label, lr=lr, split="test", seed=seed))
+
+
+def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[Run]:
+  """The runs of ``stages``, in order; configs that need earlier results are
+  resolved lazily (the generator reads the results written so far)."""
+  base = preset.cnn
+  labels = tuple(OPTIMIZERS)
+  for stage in stages:
+    if stage in ("tune", "test"):
+      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, labels)
+      for run in it:
+        if run.stage == stage:
+          yield run
+    elif stage == "ablate":
+      for label in ABLATION_ORDER:
+        lr = best_lr(root, "tune", base.task, "nysact")
+        over = dict(ABLATIONS.get(label, {}))
+        cfg = None
+        if lr is not None:
+          cfg = _cfg(base, "nysact", lr=lr, split="val", seed=0, **over)
+        copy = None
+        if label == "rank10" and lr is not None:
+          copy = root / "tune" / f"{base.task}__nysact__lr{_fmt(lr)}__s0.json"
+        yield Run("ablate", f"{base.task}__{label}__s0", cfg, copy)
+    elif stage == "best":
+      choice = best_ablation(root, base.task)
+      lr = best_lr(root, "tune", base.task, "nysact")
+      for seed in range(preset.seeds):
+        cfg = None
+        if choice is not None and lr is not None:
+          cfg = _cfg(base, "nysact", lr=lr, split="test", seed=seed,
+                     **ABLATIONS.get(choice, {}))
+        yield Run("best", f"{base.task}__nysact-{choice}__s{seed}", cfg)
+    elif stage == "lm" and preset.lm is not None:
+      yield from _tune_test(preset.lm, preset.lm_grids, preset.lm_seeds, "lm_tune",
+                            "lm_test", root, ("sgd", "adamw", "nysact"))
+    elif stage == "resnet" and preset.resnet is not None:
+      yield from _tune_test(preset.resnet, preset.grids, preset.resnet_seeds,
+                            "resnet_tune", "resnet_test", root, labels)
+
+
+def _past(deadline: str | None) -> bool:
+  if not deadline:
+    return False
+  now = datetime.datetime.now(datetime.timezone.utc)
+  hh, mm = (int(v) for v in deadline.split(":"))
+  return (now.hour, now.minute) >= (hh, mm)
+
+
+def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+  p.add_argument("--stages", default="tune,test,ablate,best",
+                 help=f"comma-separated, in order; from {','.join(STAGES)}")
+  p.add_argument("--out-dir", default=str(RESULTS / "runs"))
+  p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
+  p.add_argument("--seeds", type=int, default=None, help="override the preset's seeds")
+  p.add_argument("--only", default=None, help="run only names containing this")
+  p.add_argument("--deadline", default=None, help="UTC HH:MM after which no run starts")
+  p.add_argument("--max-runs", type=int, default=None)
+  p.add_argument("--cache-dir", default=None,
+                 help="persistent XLA compilation cache (speeds up restarts)")
+  p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+  a = p.parse_args(argv)
+  preset = PRESETS[a.preset]
+  if a.steps:
+    preset = dataclasses.replace(preset, cnn=dataclasses.replace(preset.cnn, steps=a.steps))
+  if a.seeds:
+    preset = dataclasses.replace(preset, seeds=a.seeds)
+  stages = [s for s in a.stages.split(",") if s]
+  for s in stages:
+    if s not in STAGES:
+      p.error(f"unknown stage {s!r}; choose from {STAGES}")
+  if a.cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", a.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  root = pathlib.Path(a.out_dir)
+  written: list[pathlib.Path] = []
+  done = 0
+  for run in plan(preset, stages, root):
+    if a.only and a.only not in run.name:
+      continue
+    path = run.path(root)
+    if path.exists():
+      print(f"[skip] {run.stage}/{run.name} (finished)", flush=True)
+      continue
+    if run.cfg is None:
+      print(f"[wait] {run.stage}/{run.name}: needs the earlier stage's results", flush=True)
+      continue
+    if run.copy_from is not None and run.copy_from.exists():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(run.copy_from.read_text())
+      print(f"[copy] {run.stage}/{run.name} <- {run.copy_from.name} (same config)", flush=True)
+      continue
+    if a.dry_run:
+      print(f"[plan] {run.stage}/{run.name}: {run.cfg}", flush=True)
+      continue
+    if _past(a.deadline) or (a.max_runs is not None and done >= a.max_runs):
+      print("[stop] deadline or --max-runs reached", flush=True)
+      break
+    t0 = time.time()
+    print(f"[run ] {run.stage}/{run.name} lr={run.cfg.lr} "
+          f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)", flush=True)
+    try:
+      result = train.run(run.cfg, path, progress=lambda s: print("       " + s, flush=True))
+    except Exception:  # noqa: BLE001 - record the failure, go on with the next run
+      err = traceback.format_exc()
+      print(err, file=sys.stderr, flush=True)
+      fail = path.with_suffix(".failed.txt")
+      fail.parent.mkdir(parents=True, exist_ok=True)
+      fail.write_text(err)
+      continue
+    done += 1
+    written.append(path)
+    f = result["final"]
+    print(f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
+          f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
+          f"(train {result['timing']['train_s']:.0f}s, first step "
+          f"{result['timing']['first_step_s']:.0f}s)", flush=True)
+  return written
+
+
+if __name__ == "__main__":
+  main()
