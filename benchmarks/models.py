@@ -1,0 +1,143 @@
+"""flax.linen models used by the benchmarks and the training-quality studies.
+
+* :class:`FashionCNN`: 3 conv + 2 dense layers for 28x28x1 images.
+* :class:`ResNet20`: the CIFAR-style ResNet-20 (He et al. 2016; 3 stages of
+  3 basic blocks, 16/32/64 channels) with BatchNorm, so ``apply`` needs
+  ``mutable=["batch_stats"]`` in training.
+* :class:`CharTransformer`: a decoder-only (GPT-style, pre-LayerNorm)
+  character language model built on ``nn.MultiHeadDotProductAttention``.
+
+Every preconditionable layer is an ``nn.Conv``, ``nn.Dense`` or
+``nn.DenseGeneral`` (what ``nysact_optax.capture_activations`` covers). The
+attention projections keep ``use_bias=True``: NysAct's default kernel-layout
+rule reads a ``DenseGeneral`` kernel ``(d, heads, head_dim)`` as having one
+input axis because its bias has two axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["BasicBlock", "CharTransformer", "FashionCNN", "ResNet20", "TransformerBlock"]
+
+
+class FashionCNN(nn.Module):
+  """3 conv (3x3, SAME, ReLU; 2x2 max-pool after the 2nd and 3rd) + 2 dense.
+
+  On 28x28x1 inputs with the default widths: 28x28x32 -> 28x28x64 -> pool
+  14x14x64 -> 14x14x64 -> pool 7x7x64 -> Dense(128) -> Dense(num_classes).
+  """
+
+  num_classes: int = 10
+  features: Sequence[int] = (32, 64, 64)
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, f in enumerate(self.features):
+      x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))
+      if i >= 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with BatchNorm; a 1x1 conv + BN shortcut when the shape
+  changes (ResNet "option B")."""
+
+  features: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.features, (3, 3), self.strides, padding="SAME", use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(y)
+    y = norm()(y)
+    if x.shape[-1] != self.features or self.strides != 1:
+      x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
+      x = norm()(x)
+    return nn.relu(x + y)
+
+
+class ResNet20(nn.Module):
+  """ResNet-20 (CIFAR variant): conv 16, 3 stages x 3 blocks (16, 32, 64
+  channels, stride 2 at stages 2 and 3), global average pool, dense head."""
+
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (3, 3, 3)
+  widths: Sequence[int] = (16, 32, 64)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for b in range(blocks):
+        strides = 2 if stage > 0 and b == 0 else 1
+        x = BasicBlock(width, strides)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LayerNorm block: causal self-attention, then a GELU MLP."""
+
+  width: int
+  num_heads: int
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    y = nn.LayerNorm()(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, qkv_features=self.width, use_bias=True,
+        deterministic=True,
+    )(y, mask=mask)
+    x = x + y
+    y = nn.LayerNorm()(x)
+    y = nn.gelu(nn.Dense(self.mlp_ratio * self.width)(y))
+    y = nn.Dense(self.width)(y)
+    return x + y
+
+
+class CharTransformer(nn.Module):
+  """Decoder-only character language model.
+
+  Token and learned position embeddings, ``num_layers`` pre-LN blocks, a
+  final LayerNorm and an untied dense head over the vocabulary. Inputs are
+  int token ids ``(batch, tokens)`` with ``tokens <= context``; outputs are
+  logits ``(batch, tokens, vocab_size)``.
+  """
+
+  vocab_size: int
+  num_layers: int = 4
+  width: int = 256
+  num_heads: int = 4
+  context: int = 128
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    t = tokens.shape[-1]
+    if t > self.context:
+      raise ValueError(f"{t} tokens > context {self.context}")
+    x = nn.Embed(self.vocab_size, self.width, name="token_embed")(tokens)
+    pos = nn.Embed(self.context, self.width, name="position_embed")(jnp.arange(t))
+    x = x + pos
+    mask = nn.make_causal_mask(tokens)
+    for _ in range(self.num_layers):
+      x = TransformerBlock(self.width, self.num_heads)(x, mask)
+    x = nn.LayerNorm()(x)
+    return nn.Dense(self.vocab_size, name="head")(x)
+
+
+def param_count(params: Any) -> int:
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
