@@ -17,6 +17,19 @@ __all__ = ["SKETCHES", "draw_sketch"]
 SKETCHES = ("gaussian", "subcolumns")
 
 
+def _orthonormalise(s: jax.Array) -> jax.Array:
+  """Orthonormal columns spanning a full-rank tall Gaussian ``s`` (CholeskyQR2).
+
+  Two Cholesky passes on ``r x r`` Gram matrices reach QR's orthogonality for
+  the well-conditioned Gaussian sketches used here, without a LAPACK QR of the
+  tall matrix (slow on CPU for some shapes, see ``_nystrom``).
+  """
+  for _ in range(2):
+    chol = jnp.linalg.cholesky(jnp.matmul(s.T, s, precision=jax.lax.Precision.HIGHEST))
+    s = jax.scipy.linalg.solve_triangular(chol, s.T, lower=True).T
+  return s
+
+
 def draw_sketch(
     key: jax.Array, p: int, r: int, kind: str, *, orthonormal: bool = False
 ) -> Sketch:
@@ -48,6 +61,6 @@ def draw_sketch(
   if kind == "gaussian":
     s = jax.random.normal(key, (p, r), jnp.float32) / jnp.sqrt(float(p))
     if orthonormal:
-      s = jnp.linalg.qr(s)[0]
+      s = _orthonormalise(s)
     return Sketch(s)
   raise ValueError(f"sketch must be one of {SKETCHES}, got {kind!r}")
