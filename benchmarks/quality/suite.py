@@ -39,7 +39,9 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
+import signal
 import sys
 import time
 import traceback
@@ -49,6 +51,7 @@ from typing import Any
 from benchmarks.quality import train
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
+_STALE_S = 3 * 3600  # a lock older than this is from a process that died
 STAGES = ("tune", "test", "ablate", "best", "lm", "resnet")
 
 
@@ -105,7 +108,7 @@ ABLATION_ORDER = (
 
 _CNN_CPU = train.RunConfig(
     task="fmnist_cnn", steps=300, batch_size=64, eval_every=75, eval_size=1000,
-    model=(("features", (16, 32, 32)), ("hidden", 128)), track_layer="Dense_0",
+    model=(("features", (8, 16, 16)), ("hidden", 64)), track_layer="Dense_0",
 )
 _CNN_FULL = train.RunConfig(
     task="fmnist_cnn", steps=4690, batch_size=128, eval_every=469, eval_size=10000,
@@ -131,7 +134,7 @@ PRESETS = {
     "smoke": Preset(
         cnn=train.RunConfig(task="digits", steps=20, batch_size=32, eval_every=10,
                             eval_size=360, track_layer="Dense_1"),
-        grids={"sgd": (0.1,), "nysact": (0.1,)}, seeds=1,
+        grids={"sgd": (0.1,), "foof": (0.1,)}, seeds=1,
     ),
     "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=3, resnet=_RESNET_CPU,
                   lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2),
@@ -182,18 +185,21 @@ def score(result: dict[str, Any]) -> float:
   return f.get("eval_accuracy") or float("-inf")
 
 
-def best_lr(root: pathlib.Path, stage: str, task: str, label: str) -> float | None:
-  """The learning rate of the best finished tuning run of ``label`` on ``task``."""
+def best_lr(root: pathlib.Path, stage: str, task: str, label: str,
+            grid: Sequence[float]) -> float | None:
+  """The learning rate of the best tuning run of ``label`` on ``task``, once
+  every learning rate of ``grid`` has finished (else ``None``)."""
   prefix = f"{task}__{label}__lr"
   runs = [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)]
-  if not runs:
+  if {_fmt(r["config"]["lr"]) for r in runs} < {_fmt(lr) for lr in grid}:
     return None
   return max(runs, key=score)["config"]["lr"]
 
 
 def best_ablation(root: pathlib.Path, task: str) -> str | None:
+  """The best ablation setting, once every ablation has finished."""
   runs = [r for r in load_runs(root, "ablate") if r["_name"].startswith(task + "__")]
-  if not runs:
+  if {r["_name"].split("__")[1] for r in runs} < set(ABLATION_ORDER):
     return None
   best = max(runs, key=score)
   return best["_name"].split("__")[1]
@@ -211,7 +217,7 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
                   _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
   for seed in range(seeds):
     for label in lrs:
-      lr = best_lr(root, stage_tune, task, label)
+      lr = best_lr(root, stage_tune, task, label, lrs[label])
       name = f"{task}__{label}__s{seed}"
       yield Run(stage_test, name,
                 None if lr is None else _cfg(preset_cfg, label, lr=lr, split="test", seed=seed))
@@ -230,7 +236,7 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
           yield run
     elif stage == "ablate":
       for label in ABLATION_ORDER:
-        lr = best_lr(root, "tune", base.task, "nysact")
+        lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
         over = dict(ABLATIONS.get(label, {}))
         cfg = None
         if lr is not None:
@@ -241,7 +247,7 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
         yield Run("ablate", f"{base.task}__{label}__s0", cfg, copy)
     elif stage == "best":
       choice = best_ablation(root, base.task)
-      lr = best_lr(root, "tune", base.task, "nysact")
+      lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
       for seed in range(preset.seeds):
         cfg = None
         if choice is not None and lr is not None:
@@ -273,11 +279,15 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
   p.add_argument("--out-dir", default=str(RESULTS / "runs"))
   p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
   p.add_argument("--seeds", type=int, default=None, help="override the preset's seeds")
-  p.add_argument("--only", default=None, help="run only names containing this")
+  p.add_argument("--only", default=None,
+                 help="comma-separated substrings: run only names containing one")
   p.add_argument("--deadline", default=None, help="UTC HH:MM after which no run starts")
   p.add_argument("--max-runs", type=int, default=None)
   p.add_argument("--cache-dir", default=None,
                  help="persistent XLA compilation cache (speeds up restarts)")
+  p.add_argument("--wait", action="store_true",
+                 help="when the remaining runs wait for another process's results, "
+                      "poll instead of exiting")
   p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
   a = p.parse_args(argv)
   preset = PRESETS[a.preset]
@@ -293,49 +303,73 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
     import jax
     jax.config.update("jax_compilation_cache_dir", a.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  # SIGTERM ends the run in progress cleanly (its lock is removed).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   root = pathlib.Path(a.out_dir)
+  only = [o for o in (a.only or "").split(",") if o]
   written: list[pathlib.Path] = []
   done = 0
-  for run in plan(preset, stages, root):
-    if a.only and a.only not in run.name:
-      continue
-    path = run.path(root)
-    if path.exists():
-      print(f"[skip] {run.stage}/{run.name} (finished)", flush=True)
-      continue
-    if run.cfg is None:
-      print(f"[wait] {run.stage}/{run.name}: needs the earlier stage's results", flush=True)
-      continue
-    if run.copy_from is not None and run.copy_from.exists():
+  first_pass = True
+  while True:  # passes over the plan until nothing is left that can run
+    started, pending, stop = 0, 0, False
+    for run in plan(preset, stages, root):
+      if only and not any(o in run.name for o in only):
+        continue
+      path = run.path(root)
+      lock = path.with_suffix(".running")
+      if path.exists():
+        if first_pass:
+          print(f"[skip] {run.stage}/{run.name} (finished)", flush=True)
+        continue
+      if lock.exists() and time.time() - lock.stat().st_mtime < _STALE_S:
+        pending += 1  # another process of the suite is on it
+        continue
+      if run.copy_from is not None and run.copy_from.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run.copy_from.read_text())
+        print(f"[copy] {run.stage}/{run.name} <- {run.copy_from.name} (same config)", flush=True)
+        continue
+      if run.cfg is None:
+        pending += 1
+        continue
+      if a.dry_run:
+        print(f"[plan] {run.stage}/{run.name}: {run.cfg}", flush=True)
+        continue
+      if _past(a.deadline) or (a.max_runs is not None and done >= a.max_runs):
+        print("[stop] deadline or --max-runs reached", flush=True)
+        stop = True
+        break
+      started += 1
       path.parent.mkdir(parents=True, exist_ok=True)
-      path.write_text(run.copy_from.read_text())
-      print(f"[copy] {run.stage}/{run.name} <- {run.copy_from.name} (same config)", flush=True)
-      continue
-    if a.dry_run:
-      print(f"[plan] {run.stage}/{run.name}: {run.cfg}", flush=True)
-      continue
-    if _past(a.deadline) or (a.max_runs is not None and done >= a.max_runs):
-      print("[stop] deadline or --max-runs reached", flush=True)
+      lock.write_text(str(os.getpid()))
+      t0 = time.time()
+      print(f"[run ] {run.stage}/{run.name} lr={run.cfg.lr} "
+            f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)", flush=True)
+      try:
+        result = train.run(run.cfg, path, progress=lambda s: print("       " + s, flush=True))
+      except Exception:  # noqa: BLE001 - record the failure, go on with the next run
+        err = traceback.format_exc()
+        print(err, file=sys.stderr, flush=True)
+        path.with_suffix(".failed.txt").write_text(err)
+        continue
+      finally:
+        lock.unlink(missing_ok=True)
+      done += 1
+      written.append(path)
+      f = result["final"]
+      print(f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
+            f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
+            f"(train {result['timing']['train_s']:.0f}s, first step "
+            f"{result['timing']['first_step_s']:.0f}s)", flush=True)
+      break  # re-plan: later runs may depend on this one
+    first_pass = False
+    if stop or a.dry_run or (not started and not pending):
       break
-    t0 = time.time()
-    print(f"[run ] {run.stage}/{run.name} lr={run.cfg.lr} "
-          f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)", flush=True)
-    try:
-      result = train.run(run.cfg, path, progress=lambda s: print("       " + s, flush=True))
-    except Exception:  # noqa: BLE001 - record the failure, go on with the next run
-      err = traceback.format_exc()
-      print(err, file=sys.stderr, flush=True)
-      fail = path.with_suffix(".failed.txt")
-      fail.parent.mkdir(parents=True, exist_ok=True)
-      fail.write_text(err)
-      continue
-    done += 1
-    written.append(path)
-    f = result["final"]
-    print(f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
-          f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
-          f"(train {result['timing']['train_s']:.0f}s, first step "
-          f"{result['timing']['first_step_s']:.0f}s)", flush=True)
+    if not started:
+      if not a.wait:
+        print(f"[end ] {pending} run(s) wait for results of other runs", flush=True)
+        break
+      time.sleep(20)
   return written
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -91,6 +92,7 @@ class RunConfig:
   model: tuple[tuple[str, Any], ...] = ()
   augment: bool = True
   train_limit: int | None = None
+  eval_limit: int | None = None
   eval_every: int = 100
   eval_size: int = 2000
   track_layer: str | None = None
@@ -152,7 +154,16 @@ def _lm_windows(ids: np.ndarray, context: int, count: int) -> tuple[np.ndarray, 
 
 
 def load_data(cfg: RunConfig) -> Data:
-  """The training and evaluation arrays of ``cfg.task`` for ``cfg.split``."""
+  """The training and evaluation arrays of ``cfg.task`` for ``cfg.split``
+  (cached: runs of one process share them)."""
+  context = dict(cfg.model).get("context", 64) if cfg.task == "char_lm" else None
+  return _load_data(cfg.task, cfg.split, cfg.train_limit, cfg.eval_limit, context)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data(task, split, train_limit, eval_limit, context) -> Data:
+  cfg = RunConfig(task=task, split=split, train_limit=train_limit,
+                  eval_limit=eval_limit, model=(("context", context),) if context else ())
   if cfg.split not in ("val", "test"):
     raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
   if cfg.task == "digits":
@@ -160,16 +171,14 @@ def load_data(cfg: RunConfig) -> Data:
     if cfg.split == "val":
       n = len(xtr) // 5
       (xtr, ytr), (xte, yte) = (xtr[n:], ytr[n:]), (xtr[:n], ytr[:n])
-    desc = f"sklearn digits 8x8, {len(xtr)} train / {len(xte)} {cfg.split}"
-    kind, classes = "images", 10
+    name, kind, classes = "sklearn digits 8x8", "images", 10
   elif cfg.task in ("fmnist_cnn", "fmnist_resnet"):
     xtr, ytr = bdata.load_fashion_mnist("train")
     if cfg.split == "val":
       (xtr, ytr), (xte, yte) = _carve(xtr, ytr)
     else:
       xte, yte = bdata.load_fashion_mnist("test")
-    desc = f"Fashion-MNIST, {len(xtr)} train / {len(xte)} {cfg.split}"
-    kind, classes = "images", 10
+    name, kind, classes = "Fashion-MNIST", "images", 10
   elif cfg.task == "char_lm":
     ds = bdata.load_kjv_chars()
     context = dict(cfg.model).get("context", 64)
@@ -188,6 +197,9 @@ def load_data(cfg: RunConfig) -> Data:
     raise ValueError(f"unknown task {cfg.task!r}; choose from {TASKS}")
   if cfg.train_limit:
     xtr, ytr = xtr[: cfg.train_limit], ytr[: cfg.train_limit]
+  if cfg.eval_limit:
+    xte, yte = xte[: cfg.eval_limit], yte[: cfg.eval_limit]
+  desc = f"{name}, {len(xtr)} train / {len(xte)} {cfg.split}"
   return Data(kind, xtr, ytr, xte, yte, classes, desc)
 
 
@@ -684,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help="model kwargs, e.g. features=[16,32,32] hidden=128")
   p.add_argument("--no-augment", action="store_true")
   p.add_argument("--train-limit", type=int, default=None)
+  p.add_argument("--eval-limit", type=int, default=None, help="cap the evaluation set")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-size", type=int, default=2000)
   p.add_argument("--track-layer", default=None,
@@ -695,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       batch_size=a.batch_size, split=a.split, warmup=a.warmup, momentum=a.momentum,
       weight_decay=a.weight_decay, damping=a.damping, nysact=_parse_kv(a.nysact),
       model=_parse_kv(a.model), augment=not a.no_augment, train_limit=a.train_limit,
+      eval_limit=a.eval_limit,
       eval_every=a.eval_every, eval_size=a.eval_size, track_layer=a.track_layer,
   )
   result = run(cfg, a.out, progress=lambda s: print(s, file=sys.stderr, flush=True))

@@ -1,0 +1,334 @@
+"""Tables and plots from whatever runs of the quality suite have finished.
+
+Reads ``<runs>/<stage>/*.json`` (written by :mod:`benchmarks.quality.suite`)
+and writes ``summary.md`` (markdown tables, the targets with their measured
+figures), ``summary.json`` and PNG plots beside the runs folder.
+
+Usage (from the repository root)::
+
+  python -m benchmarks.quality.summary
+  python -m benchmarks.quality.summary --runs benchmarks/results/quality/runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks.quality import suite
+
+LABELS = ("sgd", "adamw", "kfac", "nysact", "foof")
+NAMES = {
+    "sgd": "SGD-momentum", "adamw": "AdamW", "kfac": "K-FAC (kfac-jax)",
+    "nysact": "NysAct (default)", "foof": "NysAct exact (FOOF)",
+}
+
+
+def _label(name: str) -> str:
+  return name.split("__")[1]
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+  a = np.asarray([x for x in xs if x is not None], float)
+  if a.size == 0:
+    return float("nan"), float("nan")
+  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _pct(x: float) -> str:
+  return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _is_lm(r: dict[str, Any]) -> bool:
+  return r.get("metric") == "bits_per_char"
+
+
+def _value(r: dict[str, Any]) -> float:
+  f = r["final"]
+  return f["bits_per_char"] if _is_lm(r) else f["eval_accuracy"]
+
+
+def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
+  by = collections.defaultdict(dict)
+  for r in runs:
+    by[_label(r["_name"])][r["config"]["lr"]] = r
+  metric = "validation bits/char" if lm else "validation accuracy %"
+  lines = [f"| optimizer | learning rate: {metric} | chosen |", "|---|---|---|"]
+  for label in [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]:
+    cells = []
+    for lr in sorted(by[label]):
+      r = by[label][lr]
+      v = _value(r)
+      s = (f"{v:.3f}" if lm else _pct(v)) + (" (diverged)" if r["final"]["diverged"] else "")
+      cells.append(f"{lr:g}: {s}")
+    best = max(by[label].values(), key=suite.score)
+    lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | {best['config']['lr']:g} |")
+  return lines
+
+
+def _time_to(curve: list[dict[str, Any]], target: float, lm: bool) -> float | None:
+  for p in curve:
+    v = p["eval_loss"] / math.log(2) if lm else p["eval_accuracy"]
+    if (v <= target) if lm else (v >= target):
+      return p["train_s"]
+  return None
+
+
+def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str], dict[str, Any]]:
+  by = collections.defaultdict(list)
+  for r in runs:
+    by[_label(r["_name"])].append(r)
+  stats: dict[str, Any] = {}
+  for label, rs in by.items():
+    vals = [_value(r) for r in rs]
+    curve_final = [(r["curve"][-1]["eval_loss"] / math.log(2)) if lm else r["curve"][-1]["eval_accuracy"]
+                   for r in rs if r["curve"]]
+    stats[label] = {
+        "n": len(rs), "lr": rs[0]["config"]["lr"],
+        "seeds": sorted(r["config"]["seed"] for r in rs),
+        "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "values": vals,
+        "curve_final_mean": _mean_std(curve_final)[0],
+        "train_s": _mean_std([r["timing"]["train_s"] for r in rs])[0],
+        "ms_per_step": 1e3 * _mean_std([r["timing"]["train_s_per_step"] for r in rs])[0],
+        "diverged": sum(bool(r["final"]["diverged"]) for r in rs),
+        "steps": rs[0]["config"]["steps"],
+    }
+  # Time to SGD-momentum's final accuracy (on the curves' evaluation subset).
+  ref = stats.get("sgd", {}).get("curve_final_mean")
+  for label, rs in by.items():
+    times = [_time_to(r["curve"], ref, lm) for r in rs] if ref is not None else []
+    reached = [t for t in times if t is not None]
+    stats[label]["time_to_sgd_final_s"] = _mean_std(reached)[0] if reached else None
+    stats[label]["reached_sgd_final"] = f"{len(reached)}/{len(rs)}"
+  metric = "bits/char (mean ± sd)" if lm else "test accuracy % (mean ± sd)"
+  lines = [
+      f"| optimizer | lr | seeds | {metric} | train s | ms/step | time to SGD's final (s) | reached |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for label in [l for l in LABELS if l in stats] + [l for l in stats if l not in LABELS]:
+    s = stats[label]
+    if lm:
+      val = f"{s['mean']:.4f} ± {s['std']:.4f}"
+    else:
+      val = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    if s["diverged"]:
+      val += f" ({s['diverged']} diverged)"
+    tt = s["time_to_sgd_final_s"]
+    lines.append(
+        f"| {NAMES.get(label, label)} | {s['lr']:g} | {s['n']} | {val} | {s['train_s']:.0f} | "
+        f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
+  return lines, stats
+
+
+def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list[str]:
+  out = []
+  ny = stats.get("nysact")
+  if ny is None:
+    return [f"- {model}: NysAct test runs not finished."]
+  if lm:
+    ad = stats.get("adamw")
+    if ad:
+      ok = ny["mean"] <= ad["mean"]
+      out.append(f"- {model}: NysAct bits/char {ny['mean']:.4f} <= AdamW's {ad['mean']:.4f}: "
+                 f"{'MET' if ok else 'NOT MET'}")
+    return out
+  for other, rule in (("adamw", "at least AdamW's"), ("kfac", "at least K-FAC's")):
+    o = stats.get(other)
+    if o:
+      ok = ny["mean"] >= o["mean"]
+      out.append(f"- {model}: NysAct {100 * ny['mean']:.2f}% {rule} {100 * o['mean']:.2f}%: "
+                 f"{'MET' if ok else 'NOT MET'} ({100 * (ny['mean'] - o['mean']):+.2f} points)")
+  sgd = stats.get("sgd")
+  if sgd:
+    gap = 100 * (ny["mean"] - sgd["mean"])
+    out.append(f"- {model}: NysAct {100 * ny['mean']:.2f}% no more than 0.2 points below "
+               f"SGD-momentum's {100 * sgd['mean']:.2f}%: {'MET' if gap >= -0.2 else 'NOT MET'} "
+               f"({gap:+.2f} points)")
+    tn, ts = ny.get("time_to_sgd_final_s"), sgd.get("time_to_sgd_final_s")
+    if tn is None:
+      out.append(f"- {model}: NysAct reaches SGD's final accuracy in fewer seconds: NOT MET "
+                 f"(reached in {ny['reached_sgd_final']} runs)")
+    else:
+      ok = ts is None or tn < ts
+      out.append(f"- {model}: NysAct reaches SGD's final accuracy (curve subset, "
+                 f"{100 * sgd['curve_final_mean']:.2f}%) in {tn:.0f} s vs SGD's "
+                 f"{'n/a' if ts is None else f'{ts:.0f}'} s: {'MET' if ok else 'NOT MET'} "
+                 f"(NysAct reached it in {ny['reached_sgd_final']} runs)")
+  return out
+
+
+def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
+  lines = [
+      "| setting | val accuracy % | ms/step | P error rel. Frobenius (last / mean) | "
+      "rel. on top-10 eigvecs (last / mean) | refresh failures |",
+      "|---|---|---|---|---|---|",
+  ]
+  order = {k: i for i, k in enumerate(suite.ABLATION_ORDER)}
+  for r in sorted(runs, key=lambda r: order.get(_label(r["_name"]), 99)):
+    err = r.get("preconditioner_error") or []
+    if err:
+      fro = f"{err[-1]['rel_fro']:.3f} / {np.mean([e['rel_fro'] for e in err]):.3f}"
+      top = f"{err[-1]['rel_top10']:.3f} / {np.mean([e['rel_top10'] for e in err]):.3f}"
+    else:
+      fro = top = "n/a"
+    fails = sum((r.get("nysact_refresh_failures") or {}).values())
+    acc = _pct(r["final"]["eval_accuracy"]) + (" (diverged)" if r["final"]["diverged"] else "")
+    lines.append(f"| {_label(r['_name'])} | {acc} | "
+                 f"{1e3 * r['timing']['train_s_per_step']:.0f} | {fro} | {top} | {fails} |")
+  return lines
+
+
+def plot_curves(runs: list[dict[str, Any]], path: pathlib.Path, title: str, lm: bool = False):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  by = collections.defaultdict(list)
+  for r in runs:
+    by[_label(r["_name"])].append(r)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  for label in [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]:
+    rs = by[label]
+    n = min(len(r["curve"]) for r in rs)
+    if n == 0:
+      continue
+    steps = [p["step"] for p in rs[0]["curve"][:n]]
+    key = "eval_loss" if lm else "eval_accuracy"
+    scale = (1 / math.log(2)) if lm else 100.0
+    ys = np.array([[p[key] * scale for p in r["curve"][:n]] for r in rs])
+    ts = np.array([[p["train_s"] for p in r["curve"][:n]] for r in rs])
+    m, s = ys.mean(0), ys.std(0)
+    for ax, xs in ((axes[0], steps), (axes[1], ts.mean(0))):
+      ax.plot(xs, m, marker="o", ms=3, label=f"{NAMES.get(label, label)} (n={len(rs)})")
+      ax.fill_between(xs, m - s, m + s, alpha=0.15)
+  ylabel = "validation bits/char" if lm else "test accuracy % (curve subset)"
+  axes[0].set_xlabel("step")
+  axes[1].set_xlabel("training wall-clock s (excl. eval, compile)")
+  for ax in axes:
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if not lm:
+      lo = min(l.get_ydata().min() for l in ax.get_lines()) if ax.get_lines() else 0
+      ax.set_ylim(max(lo, 60), None)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_ablations(runs: list[dict[str, Any]], path: pathlib.Path, title: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  order = {k: i for i, k in enumerate(suite.ABLATION_ORDER)}
+  runs = sorted(runs, key=lambda r: order.get(_label(r["_name"]), 99))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+  names = [_label(r["_name"]) for r in runs]
+  accs = [100 * r["final"]["eval_accuracy"] for r in runs]
+  colors = ["#d62728" if n == "rank10" else "#1f77b4" for n in names]
+  axes[0].bar(names, accs, color=colors)
+  if accs:
+    axes[0].set_ylim(min(accs) - 1, max(accs) + 0.5)
+  axes[0].set_ylabel("validation accuracy %")
+  axes[0].set_title("final accuracy (red: default)")
+  axes[0].tick_params(axis="x", rotation=60)
+  for r, n in zip(runs, names):
+    err = r.get("preconditioner_error") or []
+    if err:
+      axes[1].plot([e["step"] for e in err], [e["rel_top10"] for e in err], marker="o",
+                   ms=3, label=n)
+  axes[1].set_yscale("log")
+  axes[1].set_xlabel("step")
+  axes[1].set_ylabel("||(P - P_exact) V10|| / ||P_exact V10||")
+  axes[1].set_title("preconditioner error on the covariance's top-10 eigenvectors")
+  axes[1].legend(fontsize=7, ncol=2)
+  axes[1].grid(alpha=0.3)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _describe(runs: list[dict[str, Any]]) -> str:
+  if not runs:
+    return ""
+  c = runs[0]["config"]
+  m = runs[0]["machine"]
+  model = ", ".join(f"{k}={v}" for k, v in c["model"].items()) or "default size"
+  return (f"{runs[0]['data']}; model {c['task']} ({model}, {runs[0]['param_count']:,} params); "
+          f"{c['steps']} steps x batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine; "
+          f"{m['cpu_model']} ({m['cpus_usable']} cpus, {m['jax_backend']}), "
+          f"jax {m['versions']['jax']}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--runs", default=str(suite.RESULTS / "runs"))
+  p.add_argument("--out-dir", default=None, help="default: the runs folder's parent")
+  a = p.parse_args(argv)
+  root = pathlib.Path(a.runs)
+  out = pathlib.Path(a.out_dir) if a.out_dir else root.parent
+  out.mkdir(parents=True, exist_ok=True)
+  md: list[str] = ["# Training quality: results so far", ""]
+  summary: dict[str, Any] = {}
+  sections = (
+      ("Fashion-MNIST CNN", "tune", "test", "cnn", False),
+      ("Fashion-MNIST ResNet-20", "resnet_tune", "resnet_test", "resnet", False),
+      ("Character LM (KJV Bible)", "lm_tune", "lm_test", "lm", True),
+  )
+  target_lines: list[str] = []
+  for title, tune_stage, test_stage, key, lm in sections:
+    tune = suite.load_runs(root, tune_stage)
+    test = suite.load_runs(root, test_stage)
+    if not tune and not test:
+      continue
+    md += [f"## {title}", "", _describe(test or tune), ""]
+    if tune:
+      md += ["Learning-rate tuning (validation split carved from the training set, seed 0):",
+             "", *tune_table(tune, lm), ""]
+    if test:
+      lines, stats = test_table(test, lm)
+      summary[key] = stats
+      md += ["Test set, chosen learning rate:", "", *lines, ""]
+      png = out / f"curves_{key}.png"
+      plot_curves(test, png, f"{title}: test curves (mean ± sd over seeds)", lm)
+      md += [f"![{title} curves]({png.name})", ""]
+      target_lines += targets(stats, lm, title)
+  abl = suite.load_runs(root, "ablate")
+  if abl:
+    md += ["## Ablations (Fashion-MNIST CNN, validation split, seed 0, NysAct's tuned lr)", "",
+           _describe(abl), "",
+           "P error: the factors in the optimizer state against the exact damped inverse "
+           "(C + rho I)^-1 of the same (exact) EMA statistics at the last inverse refresh, "
+           "for layer `Dense_0`; top-10: the error restricted to C's 10 leading eigenvectors.",
+           "", *ablation_table(abl), ""]
+    png = out / "ablations_cnn.png"
+    plot_ablations(abl, png, "NysAct ablations on the Fashion-MNIST CNN")
+    md += [f"![ablations]({png.name})", ""]
+    summary["ablations"] = {_label(r["_name"]): {
+        "val_accuracy": r["final"]["eval_accuracy"],
+        "ms_per_step": 1e3 * r["timing"]["train_s_per_step"],
+        "preconditioner_error": r.get("preconditioner_error")} for r in abl}
+  best = suite.load_runs(root, "best")
+  if best:
+    lines, stats = test_table(best)
+    md += ["## Best ablation setting on the test set", "", *lines, ""]
+    summary["best"] = stats
+  md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
+  (out / "summary.md").write_text("\n".join(md) + "\n")
+  (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+  print("\n".join(md))
+  return summary
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,78 @@
+"""Smoke version of the training-quality suite (benchmarks/quality): a few
+steps on tiny data, checking the JSON each run writes, the resumable runner
+and the summary."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import data as bdata
+from benchmarks.quality import suite, summary, train
+
+
+def test_augment_is_a_padded_crop_or_its_mirror():
+  rng = np.random.default_rng(0)
+  x = rng.random((16, 6, 5, 1)).astype(np.float32)
+  out = train.augment(x, np.random.default_rng(1), pad=2)
+  assert out.shape == x.shape and out.dtype == x.dtype
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  flips = 0
+  for i in range(len(x)):
+    crops = {(dy, dx, f): padded[i, dy : dy + 6, dx : dx + 5][:, :: -1 if f else 1]
+             for dy in range(5) for dx in range(5) for f in (0, 1)}
+    match = [k for k, c in crops.items() if np.array_equal(c, out[i])]
+    assert match, f"image {i} is not a crop of the padded input"
+    flips += all(k[2] for k in match)
+  assert 0 < flips < len(x)  # both orientations occur
+
+
+def test_suite_resumes_and_summary_reports(tmp_path):
+  runs = tmp_path / "runs"
+  args = ["--preset", "smoke", "--stages", "tune,test", "--out-dir", str(runs)]
+  written = suite.main(args)
+  names = sorted(p.relative_to(runs).as_posix() for p in written)
+  assert names == [
+      "test/digits__foof__s0.json", "test/digits__sgd__s0.json",
+      "tune/digits__foof__lr0.1__s0.json", "tune/digits__sgd__lr0.1__s0.json",
+  ]
+  for path in written:
+    r = json.loads(path.read_text())
+    assert r["config"]["split"] == ("val" if "tune" in path.parts else "test")
+    assert r["final"]["eval_examples"] == 360 and not r["final"]["diverged"]
+    assert [p["step"] for p in r["curve"]] == [10, 20] and r["final"]["steps_done"] == 20
+    assert r["final"]["eval_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert r["timing"]["train_s"] > 0
+  foof = json.loads((runs / "test/digits__foof__s0.json").read_text())
+  assert foof["config"]["nysact"] == {"rank": 10**9}
+  assert foof["nysact_refresh_failures"] == {"Conv_0": 0, "Conv_1": 0, "Dense_0": 0, "Dense_1": 0}
+  # Exact mode: the optimizer's factors are the eigendecomposition of the same
+  # EMA that the tracker recomputes, so the tracked error is round-off.
+  errors = foof["preconditioner_error"]
+  assert [e["step"] for e in errors] == [10, 20] and errors[0]["p"] == 65
+  assert max(e["rel_fro"] for e in errors) < 1e-4, errors
+  assert suite.main(args) == []  # everything finished: nothing runs again
+  stats = summary.main(["--runs", str(runs)])
+  assert set(stats["cnn"]) == {"sgd", "foof"} and stats["cnn"]["foof"]["n"] == 1
+  md = (tmp_path / "summary.md").read_text()
+  assert "| NysAct exact (FOOF) | 0.1 | 1 |" in md and "## Targets" in md
+  assert (tmp_path / "curves_cnn.png").stat().st_size > 1000
+
+
+def test_fashion_mnist_run_writes_json(tmp_path):
+  try:
+    bdata.load_fashion_mnist("test", limit=1)
+  except bdata.DatasetMissingError:
+    pytest.skip(f"Fashion-MNIST is not installed; install it with: {bdata.FASHION_MNIST_INSTALL}")
+  cfg = train.RunConfig(
+      task="fmnist_cnn", optimizer="sgd", lr=0.05, steps=4, batch_size=16,
+      train_limit=256, eval_limit=100, eval_every=2, eval_size=100,
+      model=(("features", (4, 8, 8)), ("hidden", 16)),
+  )
+  result = train.run(cfg, tmp_path / "f.json")
+  saved = json.loads((tmp_path / "f.json").read_text())
+  assert saved["final"]["eval_examples"] == 100 and len(saved["curve"]) == 2
+  assert saved["data"].startswith("Fashion-MNIST, 256 train / 100 test")
+  assert result["param_count"] == saved["param_count"] > 0
