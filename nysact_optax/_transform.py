@@ -78,6 +78,8 @@ def _known_now(x: Any) -> Any:
 def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
               nystrom, seed=0, exclude=(), input_axes=None):
   def bad(name, value, must):
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+      value = np.asarray(value)  # NumPy's repr: no weak_type, stable
     raise ValueError(f"{name} must be {must}, got {name}={value!r}")
 
   static = ("rank", rank), ("cov_update_every", cov_every), ("inv_update_every", inv_every)
@@ -409,6 +411,16 @@ def _check_activations(layers, activations, exclude):
             "Pass the activations that nysact_optax.capture_activations returns."
         )
       width = entry.spec.input_width(shape)
+      if n_axes >= len(layer.kernel_shape):
+        raise ValueError(
+            f"layer {layer.name!r}: its input of shape {shape} comes from a "
+            f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
+            f"but its kernel {layer.kernel_shape} has "
+            f"{len(layer.kernel_shape)} axes, so at most "
+            f"{len(layer.kernel_shape) - 1} can meet the input. "
+            "The activations must come from the forward pass of the model "
+            "whose gradients you update."
+        )
       if n_axes != layer.num_input_axes:
         raise ValueError(
             f"layer {layer.name!r}: its input of shape {shape} meets "
