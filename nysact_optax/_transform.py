@@ -173,6 +173,12 @@ def scale_by_nysact(
   uses the exact damped inverse ``(A_ema + rho I)^{-1}`` (FOOF). Parameters
   that are not the kernel or bias of a layer pass through unchanged.
 
+  Non-finite values never enter the state: a layer whose new statistics are
+  non-finite skips that update (counted in ``stat_skips``), and a refresh
+  with non-finite factors keeps the previous ones (counted in ``failures``);
+  see :func:`nysact_optax.diagnostics`. A non-finite gradient gives a
+  non-finite update, which ``optax.apply_if_finite`` can skip.
+
   Args:
     rank: sketch width ``r`` (capped at each layer's ``p``).
     sketch: ``"gaussian"`` (i.i.d. ``N(0, 1/p)``) or ``"subcolumns"``.

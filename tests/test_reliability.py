@@ -308,8 +308,15 @@ def test_non_finite_gradient_composes_with_apply_if_finite():
   updates, state = update(grads, new_state, params, activations=acts)
   assert all(np.isfinite(u).all() and np.abs(u).max() > 0 for u in jax.tree.leaves(updates))
   assert int(state.inner_state[0].count) == 2
-  # diagnostics finds the NysAct state inside the wrapper and the chain.
+  # diagnostics finds the NysAct state inside wrappers and chains.
   assert list(nysact_optax.diagnostics(state, damping=1.0)) == ["d"]
+  static = ("rank", "cov_update_every", "inv_update_every", "seed")
+  for wrapped in (
+      optax.MultiSteps(nysact_optax.nysact(0.1, rank=2), every_k_schedule=2),
+      optax.inject_hyperparams(nysact_optax.nysact, static_args=static)(0.1, rank=2),
+  ):
+    diag = nysact_optax.diagnostics(wrapped.init(params), damping=1.0)
+    assert list(diag) == ["d"] and float(diag["d"].condition_number) == 1.0
 
 
 @pytest.mark.parametrize("rank", [2, 6])  # Nyström, exact
