@@ -67,8 +67,8 @@ def _is_concrete(x: Any) -> bool:
 def _known_now(x: Any) -> Any:
   """``x`` as a NumPy value when it is known at construction, else ``None``.
 
-  Numbers and concrete arrays are known; tracers (``inject_hyperparams``
-  under ``jit``) are checked by nothing but the caller.
+  Numbers and concrete arrays are known; tracers (values injected by
+  ``optax.inject_hyperparams`` under ``jit``) cannot be checked here.
   """
   if isinstance(x, jax.core.Tracer):
     return None
