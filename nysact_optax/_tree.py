@@ -137,7 +137,7 @@ def activation_table(activations: Any) -> dict[str, LayerInputs]:
   for path, leaf in leaves:
     if not isinstance(leaf, LayerInputs):
       where = f"activations[{path_name(path)!r}]" if path else "activations"
-      what = (f"an array of shape {tuple(leaf.shape)}" if hasattr(leaf, "shape")
+      what = (f"a {tuple(leaf.shape)} array" if hasattr(leaf, "shape")
               else f"a {type(leaf).__name__}")
       raise TypeError(
           f"{where} is {what}, not LayerInputs: pass the "

@@ -142,11 +142,11 @@ def test_kernel_layout_needs_input_axes():
 @pytest.mark.parametrize(
     "acts, where",
     [
-        ({"Dense_0": jnp.ones((2, 32))}, "activations['Dense_0'] is an array of shape (2, 32)"),
-        (jnp.ones((2, 32)), "activations is an array of shape (2, 32)"),
+        ({"Dense_0": jnp.ones((2, 32))}, "activations['Dense_0'] is a (2, 32) array"),
+        (jnp.ones((2, 32)), "activations is a (2, 32) array"),
         # model.apply(..., mutable=["intermediates"]) output, not captured inputs.
         ({"intermediates": {"Dense_0": {"__call__": (jnp.ones((2, 3)),)}}},
-         "activations['intermediates/Dense_0/__call__/0'] is an array of shape (2, 3)"),
+         "activations['intermediates/Dense_0/__call__/0'] is a (2, 3) array"),
         ({"Dense_0": [1.0, 2.0]}, "activations['Dense_0/0'] is a float"),
     ],
 )

@@ -40,12 +40,13 @@ def _updates(gs, x, damping, *, rank, nystrom, sketch, has_bias):
   state = tx.init(_as_grads(gs[0], p_in, has_bias))
 
   def one(g):
-    updates, _ = tx.update(_as_grads(g, p_in, has_bias), state, activations=acts)
+    updates, new_state = tx.update(_as_grads(g, p_in, has_bias), state, activations=acts)
     u = updates["l"]
-    return jnp.concatenate([u["kernel"], u["bias"][None]]) if has_bias else u["kernel"]
+    u = jnp.concatenate([u["kernel"], u["bias"][None]]) if has_bias else u["kernel"]
+    return u, new_state.layers["l"]
 
-  _, new_state = tx.update(_as_grads(gs[0], p_in, has_bias), state, activations=acts)
-  return jax.vmap(one)(gs), new_state.layers["l"]
+  # The state does not depend on the gradient: it stays unbatched.
+  return jax.vmap(one, out_axes=(0, None))(gs)
 
 
 layer_cases = st.fixed_dictionaries({
@@ -62,7 +63,7 @@ layer_cases = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@settings(max_examples=16, deadline=None, derandomize=True, database=None)
 @given(case=layer_cases)
 def test_preconditioner_properties(case):
   p_in, has_bias = case["p_in"], case["has_bias"]
