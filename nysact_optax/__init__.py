@@ -2,6 +2,7 @@
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax._capture import capture_activations
+from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
 from nysact_optax._transform import (
     NysActLayerState,
@@ -15,10 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "LayerDiagnostics",
     "LayerInputs",
     "NysActLayerState",
     "ScaleByNysActState",
     "capture_activations",
+    "diagnostics",
     "nysact",
     "scale_by_nysact",
 ]

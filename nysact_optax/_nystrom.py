@@ -61,9 +61,11 @@ def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax
   """The paper's factorisation (design note, section 2).
 
   ``C_rho = C_hat + rho S``, ``W = S^T C_rho``, shifted by
-  ``|lambda_min(W)| + rho`` before its Cholesky factor. ``U diag(lam) U^T``
-  approximates the damped covariance ``A + rho I``, so the preconditioner
-  damps it once more, as the reference does.
+  ``|lambda_min(W)| + rho`` (plus ``10 r eps ||W||``, so that the Cholesky
+  factor exists when ``rho`` is below ``W``'s round-off) before its Cholesky
+  factor. ``U diag(lam) U^T`` approximates the damped covariance
+  ``A + rho I``, so the preconditioner damps it once more, as the reference
+  does.
 
   Args:
     c_hat: bias-corrected sketched covariance ``A S`` (p x r).
@@ -75,7 +77,14 @@ def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax
   """
   c_rho = c_hat + rho * s
   w = _sym(jnp.matmul(s.T, c_rho, precision=_HIGHEST))
-  shift = jnp.abs(jnp.linalg.eigvalsh(w)[0]) + rho
+  eigs = jnp.linalg.eigvalsh(w)
+  # When W is indefinite (statistics averaged over several sketches) the
+  # paper's shift leaves W + shift I with smallest eigenvalue rho; with rho
+  # below W's round-off the Cholesky factor breaks down (NaN). A margin of
+  # 10 r ulps of ||W|| keeps it defined; it is of the order of W's own
+  # float32 round-off, so it changes nothing where the factor was accurate.
+  margin = 10.0 * w.shape[0] * jnp.finfo(w.dtype).eps * jnp.max(jnp.abs(eigs))
+  shift = jnp.abs(eigs[0]) + rho + margin
   w = w + shift * jnp.eye(w.shape[0], dtype=w.dtype)
   return _factor_from_cholesky(c_rho, w, shift)
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -30,6 +31,9 @@ class NysActLayerState(NamedTuple):
     eigvals: Nyström eigenvalues ``lam >= 0`` (r).
     failures: how many inverse refreshes produced non-finite factors and were
       discarded (the previous factors were kept).
+    stat_skips: how many statistics updates were skipped because the layer's
+      new statistics were non-finite (non-finite activations, or overflow);
+      the bias-corrected covariance and the sketch were left as they were.
   """
 
   sketch_key: jax.Array
@@ -37,6 +41,7 @@ class NysActLayerState(NamedTuple):
   basis: jax.Array
   eigvals: jax.Array
   failures: jax.Array
+  stat_skips: jax.Array
 
 
 class ScaleByNysActState(NamedTuple):
@@ -59,10 +64,30 @@ def _is_concrete(x: Any) -> bool:
   return isinstance(x, numbers.Number)
 
 
-def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh, nystrom):
+def _known_now(x: Any) -> Any:
+  """``x`` as a NumPy value when it is known at construction, else ``None``.
+
+  Numbers and concrete arrays are known; tracers (values injected by
+  ``optax.inject_hyperparams`` under ``jit``) cannot be checked here.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
+              nystrom, seed=0, exclude=(), input_axes=None):
   def bad(name, value, must):
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+      value = np.asarray(value)  # NumPy's repr: no weak_type, stable
     raise ValueError(f"{name} must be {must}, got {name}={value!r}")
 
+  static = ("rank", rank), ("cov_update_every", cov_every), ("inv_update_every", inv_every)
+  for name, value in static:
+    if isinstance(value, (jax.Array, np.ndarray)):
+      bad(name, value, "a Python int, not an array: it fixes shapes or the "
+          "schedule, so it is static (with optax.inject_hyperparams, list it "
+          "in static_args)")
   if not isinstance(rank, numbers.Integral) or rank < 1:
     bad("rank", rank, "an integer >= 1")
   if sketch not in _sketch.SKETCHES:
@@ -71,9 +96,17 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh, 
     bad("sketch_refresh", refresh, f"one of {SKETCH_REFRESH}")
   if nystrom not in _nystrom.NYSTROM_METHODS:
     bad("nystrom", nystrom, f"one of {_nystrom.NYSTROM_METHODS}")
-  if _is_concrete(damping) and not damping > 0:
+  for name, value in (("damping", damping), ("stat_decay", stat_decay)):
+    known = _known_now(value)
+    if known is not None and (known.ndim or not np.issubdtype(known.dtype, np.number)):
+      bad(name, value, "a real scalar")
+  known = _known_now(damping)
+  if known is not None and not np.isfinite(known):
+    bad("damping", damping, "finite and > 0")
+  if known is not None and not known > 0:
     bad("damping", damping, "> 0")
-  if _is_concrete(stat_decay) and not 0 <= stat_decay < 1:
+  known = _known_now(stat_decay)
+  if known is not None and not 0 <= known < 1:
     bad("stat_decay", stat_decay, "in [0, 1)")
   for name, value in (("cov_update_every", cov_every), ("inv_update_every", inv_every)):
     if not isinstance(value, numbers.Integral) or value < 1:
@@ -83,6 +116,24 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh, 
         "inv_update_every must be a multiple of cov_update_every, got "
         f"inv_update_every={inv_every!r} and cov_update_every={cov_every!r}"
     )
+  known = _known_now(seed)
+  if known is not None and (known.ndim or not np.issubdtype(known.dtype, np.integer)):
+    bad("seed", seed, "an integer")
+  if not callable(exclude) and (
+      isinstance(exclude, str)
+      or not isinstance(exclude, Collection)
+      or not all(isinstance(e, str) for e in exclude)
+  ):
+    bad("exclude", exclude, "a list of regexes or a predicate on layer paths "
+        "(a str would be read as one pattern per letter: write "
+        "exclude=['...'])")
+  if input_axes is not None and not (
+      isinstance(input_axes, Mapping)
+      and all(isinstance(k, str) and isinstance(v, numbers.Integral)
+              and not isinstance(v, bool) for k, v in input_axes.items())
+  ):
+    bad("input_axes", input_axes, "a mapping from layer-path regexes to "
+        "integers, e.g. input_axes={'query': 1}")
 
 
 def _periodic(count, every, fn, operand):
@@ -121,6 +172,12 @@ def scale_by_nysact(
   ``inv_update_every`` steps; both at step 0. When ``rank >= p`` the layer
   uses the exact damped inverse ``(A_ema + rho I)^{-1}`` (FOOF). Parameters
   that are not the kernel or bias of a layer pass through unchanged.
+
+  Non-finite values never enter the state: a layer whose new statistics are
+  non-finite skips that update (counted in ``stat_skips``), and a refresh
+  with non-finite factors keeps the previous ones (counted in ``failures``);
+  see :func:`nysact_optax.diagnostics`. A non-finite gradient gives a
+  non-finite update, which ``optax.apply_if_finite`` can skip.
 
   Args:
     rank: sketch width ``r`` (capped at each layer's ``p``).
@@ -173,7 +230,7 @@ def scale_by_nysact(
     Nyström Approximation", IEEE BigData 2024; arXiv:2506.08360.
   """
   _validate(rank, sketch, damping, stat_decay, cov_update_every,
-            inv_update_every, sketch_refresh, nystrom)
+            inv_update_every, sketch_refresh, nystrom, seed, exclude, input_axes)
   factorise = {
       "shifted": _nystrom.nystrom_shifted,
       "stable": _nystrom.nystrom_stable,
@@ -193,6 +250,7 @@ def scale_by_nysact(
           basis=jnp.zeros((p, r), jnp.float32),
           eigvals=jnp.zeros((r,), jnp.float32),
           failures=jnp.zeros([], jnp.int32),
+          stat_skips=jnp.zeros([], jnp.int32),
       )
     return ScaleByNysActState(
         count=jnp.zeros([], jnp.int32),
@@ -208,12 +266,20 @@ def scale_by_nysact(
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     del params, extra_args
     layers = layers_of(updates)
-    if set(state.layers) != {layer.name for layer in layers}:
-      raise ValueError(
-          "the state's layers do not match the updates' layers: state has "
-          f"{sorted(state.layers)}, updates have {[l.name for l in layers]}"
-      )
+    _check_state(layers, state)
     inputs = _check_activations(layers, activations, exclude)
+
+    # A layer whose new statistics are non-finite skips the update: its EMA is
+    # rescaled by (1 - beta^(k+1)) / (1 - beta^k), which leaves the
+    # bias-corrected estimate C / (1 - beta^k) exactly as it was.
+    beta = jnp.asarray(stat_decay, jnp.float32)
+    had_stats = state.stat_count > 0
+    keep_scale = jnp.where(
+        had_stats,
+        (1.0 - beta ** (state.stat_count + 1))
+        / jnp.where(had_stats, 1.0 - beta**state.stat_count, 1.0),
+        1.0,
+    )
 
     def statistics(layer_states):
       new = dict(layer_states)
@@ -227,7 +293,12 @@ def scale_by_nysact(
               inputs[layer.name], draw(layer, key), layer.has_bias
           )
           cov = stat_decay * ls.cov + (1.0 - stat_decay) * y
-          new[layer.name] = ls._replace(sketch_key=key, cov=cov)
+          ok = jnp.isfinite(cov).all()
+          new[layer.name] = ls._replace(
+              sketch_key=jnp.where(ok, key, ls.sketch_key),
+              cov=jnp.where(ok, cov, keep_scale * ls.cov),
+              stat_skips=ls.stat_skips + (~ok).astype(jnp.int32),
+          )
       return new
 
     do_stats = state.count % cov_update_every == 0
@@ -285,6 +356,29 @@ def scale_by_nysact(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _check_state(layers, state):
+  """The state was made by ``init`` on a tree with these layers and shapes."""
+  names = [layer.name for layer in layers]
+  if set(state.layers) != set(names):
+    raise ValueError(
+        "the optimizer state does not match the updates: the state was "
+        f"initialised for layers {sorted(state.layers)}, the updates have "
+        f"layers {names} (only in the state: "
+        f"{sorted(set(state.layers) - set(names))}; only in the updates: "
+        f"{sorted(set(names) - set(state.layers))}). Call init on the params "
+        "tree you update, with the same exclude= and input_axes=."
+    )
+  for layer in layers:
+    shape = tuple(state.layers[layer.name].cov.shape)
+    if shape != (layer.p, layer.rank):
+      raise ValueError(
+          f"layer {layer.name!r}: the optimizer state holds statistics of "
+          f"shape {shape}, but its kernel {layer.kernel_shape}"
+          f"{' with bias' if layer.has_bias else ''} needs "
+          f"{(layer.p, layer.rank)}. Call init on the params tree you update."
+      )
+
+
 def _check_activations(layers, activations, exclude):
   """The captured inputs of every layer, checked against the kernels."""
   if activations is None:
@@ -308,21 +402,46 @@ def _check_activations(layers, activations, exclude):
     if layer.name not in table:
       raise ValueError(
           f"no activations were captured for layer {layer.name!r} (kernel "
-          f"{layer.kernel_shape}). Capture them with "
-          "nysact_optax.capture_activations, or exclude the layer with "
-          f"exclude=[{layer.name!r}]."
+          f"{layer.kernel_shape}); activations hold layers {sorted(table)}. "
+          "Capture them with nysact_optax.capture_activations, or exclude the "
+          f"layer with exclude=[{layer.name!r}]."
       )
     entry = table[layer.name]
+    n_axes = entry.spec.num_input_axes
     for x in entry.inputs:
-      width = entry.spec.input_width(x.shape)
-      if width != layer.p_in or entry.spec.num_input_axes != layer.num_input_axes:
+      shape = tuple(x.shape)
+      if len(shape) < n_axes:
         raise ValueError(
-            f"layer {layer.name!r}: its input of shape {tuple(x.shape)} meets "
-            f"{entry.spec.num_input_axes} kernel axes ({width} features), but "
-            f"the kernel {layer.kernel_shape} was taken to have "
-            f"{layer.num_input_axes} input axes ({layer.p_in} features). If the "
-            f"kernel layout is unusual, pass input_axes={{{layer.name!r}: "
-            f"{entry.spec.num_input_axes}}}."
+            f"layer {layer.name!r}: its input of shape {shape} has fewer than "
+            f"the {n_axes} axes its {type(entry.spec).__name__} contracts. "
+            "Pass the activations that nysact_optax.capture_activations returns."
+        )
+      width = entry.spec.input_width(shape)
+      if n_axes >= len(layer.kernel_shape):
+        raise ValueError(
+            f"layer {layer.name!r}: its input of shape {shape} comes from a "
+            f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
+            f"but its kernel {layer.kernel_shape} has "
+            f"{len(layer.kernel_shape)} axes, so at most "
+            f"{len(layer.kernel_shape) - 1} can meet the input. "
+            "The activations must come from the forward pass of the model "
+            "whose gradients you update."
+        )
+      if n_axes != layer.num_input_axes:
+        raise ValueError(
+            f"layer {layer.name!r}: its input of shape {shape} meets "
+            f"{n_axes} kernel axes ({width} features), but the kernel "
+            f"{layer.kernel_shape} was taken to have {layer.num_input_axes} "
+            f"input axes ({layer.p_in} features). If the kernel layout is "
+            f"unusual, pass input_axes={{{layer.name!r}: {n_axes}}}."
+        )
+      if width != layer.p_in:
+        raise ValueError(
+            f"layer {layer.name!r}: its input of shape {shape} has {width} "
+            f"features, but its kernel {layer.kernel_shape} expects "
+            f"{layer.p_in}. The activations must come from the forward pass "
+            "of the model whose gradients you update (same params tree, same "
+            "input feature size)."
         )
   return table
 

@@ -136,10 +136,13 @@ def activation_table(activations: Any) -> dict[str, LayerInputs]:
   table = {}
   for path, leaf in leaves:
     if not isinstance(leaf, LayerInputs):
+      where = f"activations[{path_name(path)!r}]" if path else "activations"
+      what = (f"a {tuple(leaf.shape)} array" if hasattr(leaf, "shape")
+              else f"a {type(leaf).__name__}")
       raise TypeError(
-          f"activations[{path_name(path)!r}] is a {type(leaf).__name__}, not "
-          "LayerInputs: pass the activations that "
-          "nysact_optax.capture_activations returns"
+          f"{where} is {what}, not LayerInputs: pass the "
+          "activations that nysact_optax.capture_activations returns (a dict "
+          "from layer path to LayerInputs)"
       )
     table[path_name(path)] = leaf
   return table
