@@ -2,7 +2,7 @@
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax._capture import capture_activations
-from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._transform import (
     NysActLayerState,
     ScaleByNysActState,
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "EinsumSpec",
     "LayerInputs",
     "NysActLayerState",
     "ScaleByNysActState",

@@ -21,7 +21,9 @@ import jax
 from flax.core import scope as flax_scope
 from flax.linen import linear as flax_linear
 
-from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec
+from nysact_optax._layers import (
+    ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported,
+)
 
 __all__ = ["capture_activations", "COLLECTION"]
 
@@ -34,13 +36,6 @@ def _tuple(x, n: int) -> tuple[int, ...]:
   return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
 
 
-def _einsum_spec(name: str, equation: str | None) -> EinsumSpec:
-  try:
-    return EinsumSpec(equation.replace(" ", ""))
-  except NotImplementedError as e:
-    raise NotImplementedError(f"layer {name!r}: {e}; exclude it with exclude=[...]") from None
-
-
 def _spec_of(module: nn.Module, call_args=(), call_kwargs=None) -> LayerSpec | None:
   """The spec of a covered module, or ``None`` for anything else."""
   if isinstance(module, nn.Einsum):
@@ -48,15 +43,14 @@ def _spec_of(module: nn.Module, call_args=(), call_kwargs=None) -> LayerSpec | N
     if len(call_args) > 1:
       equation = call_args[1]
     equation = (call_kwargs or {}).get("einsum_str", None) or equation
-    return _einsum_spec("/".join(module.path), equation)
+    return EinsumSpec(equation.replace(" ", ""))
   if isinstance(module, nn.Dense):
     return DenseSpec((-1,))
   if isinstance(module, nn.DenseGeneral):
     if tuple(flax_linear._canonicalize_tuple(module.batch_dims)):
       raise NotImplementedError(
-          f"layer {'/'.join(module.path)!r}: DenseGeneral with batch_dims="
-          f"{module.batch_dims!r} has one kernel per batch index; exclude it "
-          "with exclude=[...]"
+          f"DenseGeneral with batch_dims={module.batch_dims!r} has one kernel "
+          "per batch index"
       )
     return DenseSpec(tuple(flax_linear._canonicalize_tuple(module.axis)))
   if isinstance(module, nn.Conv):
@@ -124,8 +118,11 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
       module = context.module
       spec = None
       if context.method_name == "__call__":
-        spec = _spec_of(module, call_args, call_kwargs)
-        if spec is not None:
+        try:
+          spec = _spec_of(module, call_args, call_kwargs)
+        except NotImplementedError as e:  # the optimizer raises unless excluded
+          spec = Unsupported(str(e))
+        if spec is not None and not isinstance(spec, Unsupported):
           x = call_args[0] if call_args else call_kwargs["inputs"]
           module.sow(COLLECTION, "inputs", jax.lax.stop_gradient(x))
       out = next_fun(*call_args, **call_kwargs)

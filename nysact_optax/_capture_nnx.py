@@ -28,7 +28,9 @@ import jax
 from flax import nnx
 from flax.linen import linear as linen_linear
 
-from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec
+from nysact_optax._layers import (
+    ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported,
+)
 
 __all__ = ["capture_nnx", "is_nnx"]
 
@@ -92,10 +94,12 @@ def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
     if _ours(self):
       einsum_str = kwargs.get("einsum_str", args[0] if args else None)
       einsum_str = einsum_str if isinstance(self, nnx.Einsum) else None
-      spec = _spec_of(self, einsum_str)
-      entry = LayerInputs(
-          [jax.lax.stop_gradient(inputs)], spec, tuple(self.kernel.shape)
-      )
+      try:
+        spec = _spec_of(self, einsum_str)
+        calls = [jax.lax.stop_gradient(inputs)]
+      except NotImplementedError as e:  # the optimizer raises unless excluded
+        spec, calls = Unsupported(str(e)), []
+      entry = LayerInputs(calls, spec, tuple(self.kernel.shape))
       self.sow(_LayerInputsVar, "inputs", entry)
     return call(self, inputs, *args, **kwargs)
 
@@ -151,12 +155,12 @@ def _sowing_into(layers: list[tuple[tuple, nnx.Module]]):
         delattr(layer, "__captures__")
 
 
-def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State:
+def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State | LayerInputs:
   flat = {}
   for path, layer in layers:
     var = next(v for v in layer.__captures__ if type(v) is _LayerInputsVar)
     calls = var.get_value().get("inputs", ())
-    if not calls:
+    if not calls:  # the layer did not run
       continue
     specs = {(c.spec, c.kernel_shape) for c in calls}
     if len(specs) > 1:
@@ -167,6 +171,11 @@ def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State:
     flat[path] = LayerInputs(
         [x for c in calls for x in c.inputs], calls[0].spec, calls[0].kernel_shape
     )
+  if () in flat:  # the model is itself a layer: its name is ""
+    root = flat.pop(())
+    if not flat:
+      return root
+    flat[("",)] = root
   return nnx.State.from_flat_path(flat)
 
 

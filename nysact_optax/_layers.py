@@ -172,7 +172,24 @@ class EinsumSpec:
     return math.prod(x_shape[a] for a in self.axis)
 
 
-LayerSpec = DenseSpec | ConvSpec | EinsumSpec
+@dataclasses.dataclass(frozen=True)
+class Unsupported:
+  """A layer the capture saw but cannot precondition; ``reason`` says why.
+
+  Its :class:`LayerInputs` holds no inputs. The optimizer raises
+  ``NotImplementedError`` with the reason unless the layer is excluded.
+  """
+
+  reason: str
+  axis = ()
+  kernel_input_axes = ()
+  num_input_axes = 0
+
+  def input_width(self, x_shape: Sequence[int]) -> int:
+    return 0
+
+
+LayerSpec = DenseSpec | ConvSpec | EinsumSpec | Unsupported
 
 
 @jax.tree_util.register_pytree_node_class

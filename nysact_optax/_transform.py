@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from nysact_optax import _nystrom, _sketch, _statistics, _tree
+from nysact_optax import _layers, _nystrom, _sketch, _statistics, _tree
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "nysact", "scale_by_nysact"]
 
@@ -409,6 +409,11 @@ def _check_activations(layers, activations, include, exclude):
           f"exclude=[{layer.name!r}]."
       )
     entry = table[layer.name]
+    if isinstance(entry.spec, _layers.Unsupported):
+      raise NotImplementedError(
+          f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
+          f"precondition it: exclude it with exclude=[{layer.name!r}]"
+      )
     if not entry.inputs:
       raise ValueError(
           f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "

@@ -224,7 +224,8 @@ def find_layers(
             f"layer {name!r}: the bias of shape {bias_shape} does not match the "
             f"{out} outputs of the kernel {tuple(leaf.shape)} (input axes {axes}"
             + (f", {stack} stack axes" if stack else "")
-            + "); pass input_axes= and stack_axes= that describe the layer"
+            + f"); pass input_axes= and stack_axes= that describe the layer, or "
+            f"exclude it with exclude=[{name!r}]"
         )
     p = math.prod(leaf.shape[stack + a] for a in axes) + int(bias_path is not None)
     layers.append(
