@@ -148,6 +148,16 @@ def _layer_rank(rank: RankRule, name: str, p: int) -> int:
   return min(int(r), p)
 
 
+def _stack_hint(kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...]) -> int:
+  """The number of leading axes kernel and bias share such that the rest is a
+  plain layer (bias = the kernel's trailing axes), or 0."""
+  for k in range(1, min(len(kernel_shape) - 1, len(bias_shape))):
+    rest = bias_shape[k:]
+    if kernel_shape[:k] == bias_shape[:k] and rest and kernel_shape[len(kernel_shape) - len(rest):] == rest:
+      return k
+  return 0
+
+
 def find_layers(
     tree: Any,
     *,
@@ -220,12 +230,16 @@ def find_layers(
     if bias_path is not None:
       bias_shape = tuple(by_path[bias_path].shape)
       if bias_shape[:stack] != tuple(leaf.shape[:stack]) or math.prod(bias_shape[stack:]) != out:
+        hint = "pass input_axes= and stack_axes= that describe the layer"
+        stacked = _stack_hint(tuple(leaf.shape), bias_shape)
+        if not stack and stacked:
+          hint = (f"it looks stacked by nn.scan/nn.vmap: pass "
+                  f"stack_axes={{{name!r}: {stacked}}}")
         raise ValueError(
             f"layer {name!r}: the bias of shape {bias_shape} does not match the "
             f"{out} outputs of the kernel {tuple(leaf.shape)} (input axes {axes}"
             + (f", {stack} stack axes" if stack else "")
-            + f"); pass input_axes= and stack_axes= that describe the layer, or "
-            f"exclude it with exclude=[{name!r}]"
+            + f"); {hint}, or exclude it with exclude=[{name!r}]"
         )
     p = math.prod(leaf.shape[stack + a] for a in axes) + int(bias_path is not None)
     layers.append(
