@@ -128,6 +128,7 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
       out = next_fun(*call_args, **call_kwargs)
       if spec is not None:
         kernel = module.variables.get("params", {}).get("kernel")
+        kernel = getattr(kernel, "value", kernel)  # nn.Partitioned and other boxes
         entry = (spec, None if kernel is None else tuple(kernel.shape))
         path = tuple(module.path)
         if specs.setdefault(path, entry) != entry:

@@ -216,3 +216,26 @@ def test_nnx_scan_over_vmapped_layers_is_stacked():
     g = jax.tree.map(lambda a: a[l], grads["blocks"]["linear"])
     u = jax.tree.map(lambda a: a[l], updates["blocks"]["linear"])
     _exact(np.asarray(inputs[0][l], np.float64), g, u)
+
+
+class Partitioned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_partitioning(INIT["kernel_init"], (None, "model"))
+    return nn.Dense(3, kernel_init=init, bias_init=INIT["bias_init"])(x)
+
+
+def test_partitioned_params_are_found_and_stay_boxed():
+  x = _normal((4, 5), 0)
+  params = Partitioned().init(jax.random.PRNGKey(0), x)["params"]
+  assert isinstance(params["Dense_0"]["kernel"], nn.Partitioned)
+  _, acts = nysact_optax.capture_activations(Partitioned().apply)({"params": params}, x)
+  grads = _random_like(nn.unbox(params), 2)
+  boxed_grads = jax.tree.map(lambda p, g: p.replace_boxed(g) if isinstance(p, nn.Partitioned) else g,
+                             params, grads, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  tx = nysact_optax.scale_by_nysact(**EXACT)
+  boxed, _ = tx.update(boxed_grads, tx.init(params), activations=acts)
+  plain, _ = tx.update(grads, tx.init(nn.unbox(params)), activations=acts)
+  assert isinstance(boxed["Dense_0"]["kernel"], nn.Partitioned)
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(boxed), plain)
+  _exact(np.asarray(x, np.float64), grads["Dense_0"], plain["Dense_0"])
