@@ -161,7 +161,7 @@ def _from_matrix(layer, pg, kernel, bias, bias_perm):
 
 def scale_by_nysact(
     *,
-    rank: int = 10,
+    rank: _tree.RankRule = 10,
     sketch: str = "gaussian",
     damping: float = 1.0,
     stat_decay: float = 0.95,
@@ -474,7 +474,7 @@ def nysact(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
-    rank: int = 10,
+    rank: _tree.RankRule = 10,
     sketch: str = "gaussian",
     damping: float = 1.0,
     stat_decay: float = 0.95,

@@ -195,19 +195,22 @@ def test_nnx_scan_over_vmapped_layers_is_stacked():
   class Model(nnx.Module):
     def __init__(self):
       self.blocks = make(jax.random.split(jax.random.key(0), 3))
+      self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(0), **INIT)
 
     def __call__(self, x):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def body(x, block):
         return nnx.relu(block.linear(x))
-      return body(x, self.blocks)
+      return nnx.remat(lambda head, x: head(x))(self.head, body(x, self.blocks))
 
   model = Model()
   x = _normal((5, 4), 0)
-  _, acts = nysact_optax.capture_activations(model)(x)
+  y, acts = nysact_optax.capture_activations(model)(x)
   inputs = acts["blocks"]["linear"].inputs
   assert len(inputs) == 1 and inputs[0].shape == (3, 5, 4)
   np.testing.assert_array_equal(inputs[0][0], x)
+  head_input = acts["head"].inputs[0]  # captured through nnx.remat
+  np.testing.assert_allclose(model.head(head_input), y, rtol=1e-6)
   params = nnx.pure(nnx.state(model, nnx.Param))
   grads = _random_like(params, 1)
   tx = nysact_optax.scale_by_nysact(**EXACT, stack_axes={"blocks/linear": 1})
@@ -216,6 +219,7 @@ def test_nnx_scan_over_vmapped_layers_is_stacked():
     g = jax.tree.map(lambda a: a[l], grads["blocks"]["linear"])
     u = jax.tree.map(lambda a: a[l], updates["blocks"]["linear"])
     _exact(np.asarray(inputs[0][l], np.float64), g, u)
+  _exact(np.asarray(head_input, np.float64), grads["head"], updates["head"])
 
 
 class Partitioned(nn.Module):
