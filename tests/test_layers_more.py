@@ -1,6 +1,8 @@
 """flax.linen beyond Dense/Conv: nn.Einsum, nn.scan and nn.vmap with stacked
 parameters, nn.remat, and shared modules; exact against dense numpy."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,8 +65,10 @@ SHAPES = {"einsum_lead": (2, 3, 4), "einsum_mid": (2, 3, 4), "einsum_ellipsis": 
 STACKED = {"scan/Dense_0": 1, "ensemble": 1}
 
 
-def _setup(scan_axes=COLLECTIONS):
-  model = Zoo(scan_axes)
+@functools.lru_cache
+def _setup(scan_collects_inputs=True):
+  """Inputs, params and activations of the zoo (shared by the tests: arrays are immutable)."""
+  model = Zoo(COLLECTIONS if scan_collects_inputs else {"params": 0})
   xs = {name: _normal(shape, i) for i, (name, shape) in enumerate(SHAPES.items())}
   params = model.init(jax.random.PRNGKey(0), xs)["params"]
   _, acts = nysact_optax.capture_activations(model.apply)({"params": params}, xs)
@@ -116,7 +120,7 @@ def test_low_rank_stacked_layer_matches_each_copy_alone():
   grads = _random_like(params, 5)
   kwargs = dict(rank=2, cov_update_every=1, inv_update_every=1, damping=RHO)
   tx = nysact_optax.scale_by_nysact(**kwargs, include=["^scan/"], stack_axes=STACKED)
-  updates, state = tx.update(grads, tx.init(params), activations=acts)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), activations=acts)
   stacked = state.layers["scan/Dense_0"]
   for l in range(3):
     g = jax.tree.map(lambda a: a[l], grads["scan"]["Dense_0"])
@@ -141,7 +145,7 @@ def test_stacked_layer_errors_name_the_fix():
   with pytest.raises(ValueError, match=r"layer 'scan/Dense_0' has a kernel of shape \(3, 4, 4\)"
                      r".*stacked.*stack_axes=\{'scan/Dense_0': 1\}"):
     tx.update(no_bias, tx.init(no_bias), activations=acts)
-  xs, params, acts = _setup(scan_axes={"params": 0})  # collection not listed: inputs dropped
+  xs, params, acts = _setup(scan_collects_inputs=False)  # collection not listed: dropped
   assert acts["scan/Dense_0"].inputs == ()
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^scan/"], stack_axes=STACKED)
   with pytest.raises(ValueError, match=r"layer 'scan/Dense_0' ran, but its inputs were not "

@@ -64,7 +64,7 @@ def test_unselected_layers_pass_through_unchanged(setup, selection):
 
 
 def test_rank_rule_per_layer_capped_at_p(setup):
-  params, grads, acts = setup
+  params, _, _ = setup
   seen = []
 
   def rule(name, p):
@@ -77,8 +77,6 @@ def test_rank_rule_per_layer_capped_at_p(setup):
   assert sorted(seen) == [("enc/Dense_0", 7), ("enc/Dense_1", 6), ("head", 5)]
   shapes = {name: ls.basis.shape for name, ls in state.layers.items()}
   assert shapes == {"enc/Dense_0": (7, 2), "enc/Dense_1": (6, 3), "head": (5, 5)}
-  updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
-  assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize("bad", [0, 2.5, None, True])
