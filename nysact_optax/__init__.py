@@ -3,7 +3,7 @@ preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax._capture import capture_activations
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
-from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._transform import (
     NysActLayerState,
     ScaleByNysActState,
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvSpec",
     "DenseSpec",
+    "EinsumSpec",
     "LayerDiagnostics",
     "LayerInputs",
     "NysActLayerState",

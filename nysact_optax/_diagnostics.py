@@ -96,8 +96,9 @@ def diagnostics(state: Any, *, damping: Any) -> dict[str, LayerDiagnostics]:
   report = {}
   for name, ls in nys.layers.items():
     lam = ls.eigvals
-    eig_min, eig_max = jnp.min(lam), jnp.max(lam)
-    p, r = ls.basis.shape
+    # Per stacked copy for layers under nn.scan / nn.vmap (stack_axes=).
+    eig_min, eig_max = jnp.min(lam, axis=-1), jnp.max(lam, axis=-1)
+    p, r = ls.basis.shape[-2:]
     floor = eig_min if r >= p else jnp.zeros_like(eig_min)
     report[name] = LayerDiagnostics(
         failures=ls.failures,

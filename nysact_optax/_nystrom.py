@@ -108,7 +108,7 @@ def nystrom_stable(c_hat: jax.Array, s: jax.Array, rho=None) -> tuple[jax.Array,
   """
   del rho
   p = c_hat.shape[0]
-  eps = jnp.finfo(jnp.float32).eps
+  eps = jnp.finfo(c_hat.dtype).eps
   # Floor at a tiny positive value so an all-zero Y (a dead layer) still has
   # a Cholesky factor; then lam = 0 exactly.
   nu = jnp.sqrt(float(p)) * eps * jnp.linalg.norm(c_hat) + 1e-30

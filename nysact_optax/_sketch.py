@@ -7,6 +7,8 @@ of a ``p x r`` matrix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +33,8 @@ def _orthonormalise(s: jax.Array) -> jax.Array:
 
 
 def draw_sketch(
-    key: jax.Array, p: int, r: int, kind: str, *, orthonormal: bool = False
+    key: jax.Array, p: int, r: int, kind: str, *, orthonormal: bool = False,
+    dtype: Any = jnp.float32,
 ) -> Sketch:
   """Draws a ``p x r`` sketch.
 
@@ -43,6 +46,7 @@ def draw_sketch(
       ``r`` distinct columns of the identity.
     orthonormal: orthonormalise a Gaussian sketch by QR (the stable Nyström
       variant needs ``S^T S = I``; subcolumns already are).
+    dtype: the sketch's float dtype.
 
   Returns:
     The :class:`Sketch`; ``indices`` is set for subcolumns.
@@ -54,12 +58,12 @@ def draw_sketch(
     ((6, 2), (2,), 2.0)
   """
   if r >= p:
-    return Sketch(jnp.eye(p, dtype=jnp.float32))
+    return Sketch(jnp.eye(p, dtype=dtype))
   if kind == "subcolumns":
     idx = jax.random.choice(key, p, (r,), replace=False)
-    return Sketch(jax.nn.one_hot(idx, p, dtype=jnp.float32).T, idx)
+    return Sketch(jax.nn.one_hot(idx, p, dtype=dtype).T, idx)
   if kind == "gaussian":
-    s = jax.random.normal(key, (p, r), jnp.float32) / jnp.sqrt(float(p))
+    s = jax.random.normal(key, (p, r), dtype) / jnp.sqrt(jnp.asarray(p, dtype))
     if orthonormal:
       s = _orthonormalise(s)
     return Sketch(s)

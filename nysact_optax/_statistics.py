@@ -16,7 +16,7 @@ patch rows count as rows of ``A``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +58,13 @@ def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool) -> jax.Array:
     idx = sketch.indices
     picked = jnp.take(x, jnp.minimum(idx, p_in - 1), axis=-1)
     return jnp.where(_row(idx < p_in, x.ndim), picked, 1.0) if has_bias else picked
-  s = sketch.matrix
+  s = sketch.matrix.astype(x.dtype)
   z = jnp.einsum("...p,pr->...r", x, s[:p_in])
   return z + _row(s[p_in], z.ndim) if has_bias else z
 
 
-def _dense_stats(x, spec, sketch, has_bias):
-  x = _dense_rows(x, spec).astype(jnp.float32)
+def _dense_stats(x, spec, sketch, has_bias, dtype):
+  x = _dense_rows(x, spec).astype(dtype)
   z = _sketch_rows(x, sketch, has_bias)
   row_axes = tuple(range(x.ndim - 1))
   y = jnp.tensordot(x, z, axes=(row_axes, row_axes))
@@ -103,12 +103,12 @@ def _conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
   )
 
 
-def _conv_stats(x, spec, sketch, has_bias):
-  x, padding = prepare_conv_input(x.astype(jnp.float32), spec)
+def _conv_stats(x, spec, sketch, has_bias, dtype):
+  x, padding = prepare_conv_input(x.astype(dtype), spec)
   groups = spec.feature_group_count
   cg = x.shape[-1] // groups
   p_in = math.prod(spec.kernel_size) * cg
-  s = sketch.matrix
+  s = sketch.matrix.astype(dtype)
   r = s.shape[1]
   kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
@@ -134,14 +134,18 @@ def _conv_stats(x, spec, sketch, has_bias):
 
 
 def sketched_covariance(
-    layer: LayerInputs, sketch: Sketch, has_bias: bool
+    layer: LayerInputs, sketch: Sketch, has_bias: bool, dtype: Any = jnp.float32
 ) -> jax.Array:
-  """``A^T A S / n`` over every call of the layer (float32, ``p x r``).
+  """``A^T A S / n`` over every call of the layer (``p x r``, in ``dtype``).
+
+  Inputs of any float dtype (bf16, fp16) are cast to ``dtype`` before any
+  product, so sums of squares cannot overflow or lose the low bits.
 
   Args:
     layer: the captured inputs of the layer.
     sketch: the sketch ``S`` (``p x r``, ``p = p_in + has_bias``).
     has_bias: whether a constant-1 column is appended to ``A``.
+    dtype: the dtype of the computation and the result (float32 default).
 
   Returns:
     The sketched covariance, averaged over all rows of all calls.
@@ -159,7 +163,7 @@ def sketched_covariance(
   stats = _conv_stats if isinstance(layer.spec, ConvSpec) else _dense_stats
   total, rows = 0.0, 0
   for x in layer.inputs:
-    y, n = stats(x, layer.spec, sketch, has_bias)
+    y, n = stats(x, layer.spec, sketch, has_bias, dtype)
     total, rows = total + y, rows + n
   return total / rows
 

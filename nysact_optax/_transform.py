@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -12,15 +13,19 @@ import numpy as np
 import optax
 from jax import lax
 
-from nysact_optax import _nystrom, _sketch, _statistics, _tree
+from nysact_optax import _layers, _nystrom, _sketch, _statistics, _tree
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "nysact", "scale_by_nysact"]
 
 SKETCH_REFRESH = ("reference", "fixed")
+STATS_DTYPES = ("float32", "float64")
 
 
 class NysActLayerState(NamedTuple):
   """Nyström factors of one layer; ``p`` is its input width (+1 with a bias).
+
+  A layer stacked by ``nn.scan``/``nn.vmap`` (``stack_axes``) has one set of
+  factors per copy: every field gets the kernel's stack axes first.
 
   Attributes:
     sketch_key: PRNG key of the layer's current sketch ``S`` (uint32[2]); the
@@ -76,7 +81,7 @@ def _known_now(x: Any) -> Any:
 
 
 def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
-              nystrom, seed=0, exclude=(), input_axes=None):
+              nystrom, seed=0, exclude=(), input_axes=None, stats_dtype="float32"):
   def bad(name, value, must):
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
       value = np.asarray(value)  # NumPy's repr: no weak_type, stable
@@ -88,8 +93,20 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
       bad(name, value, "a Python int, not an array: it fixes shapes or the "
           "schedule, so it is static (with optax.inject_hyperparams, list it "
           "in static_args)")
-  if not isinstance(rank, numbers.Integral) or rank < 1:
-    bad("rank", rank, "an integer >= 1")
+  if not callable(rank) and (not isinstance(rank, numbers.Integral) or rank < 1):
+    bad("rank", rank, "an integer >= 1")  # or a rule rank(layer_name, p) -> int
+  try:
+    dtype_name = jnp.dtype(stats_dtype).name
+  except TypeError:
+    dtype_name = None
+  if dtype_name not in STATS_DTYPES:
+    bad("stats_dtype", stats_dtype, f"one of {STATS_DTYPES}")
+  if dtype_name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(
+        "stats_dtype='float64' needs 64-bit JAX: set "
+        "jax.config.update('jax_enable_x64', True) first, got "
+        f"stats_dtype={stats_dtype!r}"
+    )
   if sketch not in _sketch.SKETCHES:
     bad("sketch", sketch, f"one of {_sketch.SKETCHES}")
   if refresh not in SKETCH_REFRESH:
@@ -127,13 +144,17 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
     bad("exclude", exclude, "a list of regexes or a predicate on layer paths "
         "(a str would be read as one pattern per letter: write "
         "exclude=['...'])")
+  def axes_ok(v):
+    if isinstance(v, (tuple, list)):
+      return all(axes_ok(a) for a in v)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
   if input_axes is not None and not (
       isinstance(input_axes, Mapping)
-      and all(isinstance(k, str) and isinstance(v, numbers.Integral)
-              and not isinstance(v, bool) for k, v in input_axes.items())
+      and all(isinstance(k, str) and axes_ok(v) for k, v in input_axes.items())
   ):
-    bad("input_axes", input_axes, "a mapping from layer-path regexes to "
-        "integers, e.g. input_axes={'query': 1}")
+    bad("input_axes", input_axes, "a mapping from layer-path regexes to an "
+        "integer or a tuple of kernel axes, e.g. input_axes={'query': 1}")
 
 
 def _periodic(count, every, fn, operand):
@@ -143,9 +164,54 @@ def _periodic(count, every, fn, operand):
   return lax.cond(count % every == 0, fn, lambda x: x, operand)
 
 
+def _over_stack(layer: _tree.Layer, fn, *args):
+  """``fn`` on one copy of the layer, vmapped over its stack axes, if any.
+
+  Every array in ``args`` has the layer's stack axes first.
+  """
+  if not layer.stack_axes:
+    return fn(*args)
+  n, size = layer.stack_axes, math.prod(layer.stack_shape)
+  flat = jax.tree.map(lambda a: a.reshape((size,) + a.shape[n:]), args)
+  out = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda a: a.reshape(layer.stack_shape + a.shape[1:]), out)
+
+
+def _permutations(layer: _tree.Layer, bias_perm):
+  """Transpositions of the kernel to ``(*stack, *inputs, *outputs)`` and of
+  the bias to ``(*stack, *outputs)`` in kernel order."""
+  s = layer.stack_axes
+  stack = tuple(range(s))
+  kperm = stack + tuple(s + a for a in layer.input_axes + layer.output_axes)
+  bias_perm = bias_perm or tuple(range(len(layer.output_axes)))
+  return kperm, stack + tuple(s + a for a in bias_perm)
+
+
+def _to_matrix(layer, kernel, bias, bias_perm, dtype):
+  """The gradient matrix ``(*stack, p, o)``: kernel rows, then the bias row."""
+  kperm, bperm = _permutations(layer, bias_perm)
+  g = jnp.transpose(kernel, kperm).reshape(layer.stack_shape + (layer.p_in, layer.out))
+  g = g.astype(dtype)
+  if bias is not None:
+    b = jnp.transpose(bias, bperm).reshape(layer.stack_shape + (1, layer.out))
+    g = jnp.concatenate([g, b.astype(dtype)], axis=-2)
+  return g
+
+
+def _from_matrix(layer, pg, kernel, bias, bias_perm):
+  """Inverse of :func:`_to_matrix`, in the kernel's and bias's dtypes."""
+  kperm, bperm = _permutations(layer, bias_perm)
+  k = pg[..., : layer.p_in, :].reshape(tuple(kernel.shape[i] for i in kperm))
+  k = jnp.transpose(k, tuple(np.argsort(kperm))).astype(kernel.dtype)
+  if bias is None:
+    return k, None
+  b = pg[..., layer.p_in, :].reshape(tuple(bias.shape[i] for i in bperm))
+  return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
+
+
 def scale_by_nysact(
     *,
-    rank: int = 10,
+    rank: _tree.RankRule = 10,
     sketch: str = "gaussian",
     damping: float = 1.0,
     stat_decay: float = 0.95,
@@ -155,7 +221,10 @@ def scale_by_nysact(
     sketch_refresh: str = "reference",
     nystrom: str = "shifted",
     exclude: _tree.LayerFilter = (),
-    input_axes: Mapping[str, int] | None = None,
+    input_axes: Mapping[str, int | Sequence[int]] | None = None,
+    include: _tree.LayerFilter | None = None,
+    stack_axes: Mapping[str, int] | None = None,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -180,7 +249,8 @@ def scale_by_nysact(
   non-finite update, which ``optax.apply_if_finite`` can skip.
 
   Args:
-    rank: sketch width ``r`` (capped at each layer's ``p``).
+    rank: sketch width ``r``, or a rule ``rank(layer_name, p) -> int``; capped
+      at each layer's ``p``.
     sketch: ``"gaussian"`` (i.i.d. ``N(0, 1/p)``) or ``"subcolumns"``.
     damping: ``rho > 0``; also the eigenvalue shift of the paper's method.
     stat_decay: EMA factor ``beta`` in ``[0, 1)``, bias-corrected.
@@ -200,7 +270,17 @@ def scale_by_nysact(
     input_axes: ``{path regex: n}`` for kernels whose leading ``n`` axes meet
       the input, where the default rule (all but the bias's axes, or all but
       the last without a bias) is wrong, e.g. a bias-free
-      ``DenseGeneral(features=(heads, dim))``.
+      ``DenseGeneral(features=(heads, dim))``; or ``{path regex: (axes...)}``
+      when the input axes are not leading (``nn.Einsum("btd,ndh->btnh")``).
+    include: if given, regexes or a predicate: only layers it matches (and
+      ``exclude`` does not) are preconditioned; the rest pass through.
+    stack_axes: ``{path regex: n}`` for layers whose kernels carry ``n``
+      leading axes of stacked copies (``nn.scan``/``nn.vmap`` over params);
+      each copy gets its own statistics and factors.
+    stats_dtype: dtype of the statistics, the factorisations and the state,
+      ``"float32"`` (default) or ``"float64"`` (needs ``jax_enable_x64``).
+      Activations and gradients of any float dtype (bf16, fp16) are cast to
+      it; updates come back in the gradient's dtype.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -230,27 +310,33 @@ def scale_by_nysact(
     Nyström Approximation", IEEE BigData 2024; arXiv:2506.08360.
   """
   _validate(rank, sketch, damping, stat_decay, cov_update_every,
-            inv_update_every, sketch_refresh, nystrom, seed, exclude, input_axes)
+            inv_update_every, sketch_refresh, nystrom, seed, exclude, input_axes,
+            stats_dtype)
   factorise = {
       "shifted": _nystrom.nystrom_shifted,
       "stable": _nystrom.nystrom_stable,
   }[nystrom]
+  dtype = jnp.dtype(stats_dtype)
 
   def layers_of(tree):
-    return _tree.find_layers(tree, rank=rank, exclude=exclude, input_axes=input_axes)
+    return _tree.find_layers(tree, rank=rank, exclude=exclude, input_axes=input_axes,
+                             include=include, stack_axes=stack_axes)
 
   def init_fn(params):
     base = jax.random.PRNGKey(seed)
     layers = {}
     for i, layer in enumerate(layers_of(params)):
-      p, r = layer.p, layer.rank
+      p, r, stack = layer.p, layer.rank, layer.stack_shape
+      key = jax.random.fold_in(base, i)
+      if stack:  # one sketch per stacked copy
+        key = jax.random.split(key, math.prod(stack)).reshape(stack + key.shape)
       layers[layer.name] = NysActLayerState(
-          sketch_key=jax.random.fold_in(base, i),
-          cov=jnp.zeros((p, r), jnp.float32),
-          basis=jnp.zeros((p, r), jnp.float32),
-          eigvals=jnp.zeros((r,), jnp.float32),
-          failures=jnp.zeros([], jnp.int32),
-          stat_skips=jnp.zeros([], jnp.int32),
+          sketch_key=key,
+          cov=jnp.zeros(stack + (p, r), dtype),
+          basis=jnp.zeros(stack + (p, r), dtype),
+          eigvals=jnp.zeros(stack + (r,), dtype),
+          failures=jnp.zeros(stack, jnp.int32),
+          stat_skips=jnp.zeros(stack, jnp.int32),
       )
     return ScaleByNysActState(
         count=jnp.zeros([], jnp.int32),
@@ -260,14 +346,14 @@ def scale_by_nysact(
 
   def draw(layer, key):
     return _sketch.draw_sketch(
-        key, layer.p, layer.rank, sketch, orthonormal=nystrom == "stable"
+        key, layer.p, layer.rank, sketch, orthonormal=nystrom == "stable", dtype=dtype
     )
 
   def update_fn(updates, state, params=None, *, activations=None, **extra_args):
     del params, extra_args
     layers = layers_of(updates)
     _check_state(layers, state)
-    inputs = _check_activations(layers, activations, exclude)
+    inputs = _check_activations(layers, activations, include, exclude)
 
     # A layer whose new statistics are non-finite skips the update: its EMA is
     # rescaled by (1 - beta^(k+1)) / (1 - beta^k), which leaves the
@@ -286,17 +372,21 @@ def scale_by_nysact(
       for layer in layers:
         with jax.named_scope(f"nysact/statistics/{layer.name}"):
           ls = layer_states[layer.name]
-          key = ls.sketch_key
-          if sketch_refresh == "reference" and not layer.exact:
-            key = jax.random.fold_in(key, 1)
-          y = _statistics.sketched_covariance(
-              inputs[layer.name], draw(layer, key), layer.has_bias
-          )
-          cov = stat_decay * ls.cov + (1.0 - stat_decay) * y
-          ok = jnp.isfinite(cov).all()
+
+          def one(key, layer_inputs, layer=layer):
+            if sketch_refresh == "reference" and not layer.exact:
+              key = jax.random.fold_in(key, 1)
+            y = _statistics.sketched_covariance(
+                layer_inputs, draw(layer, key), layer.has_bias, dtype
+            )
+            return key, y
+
+          key, y = _over_stack(layer, one, ls.sketch_key, inputs[layer.name])
+          cov = (stat_decay * ls.cov + (1.0 - stat_decay) * y).astype(dtype)
+          ok = jnp.isfinite(cov).all((-2, -1))  # per stacked copy
           new[layer.name] = ls._replace(
-              sketch_key=jnp.where(ok, key, ls.sketch_key),
-              cov=jnp.where(ok, cov, keep_scale * ls.cov),
+              sketch_key=jnp.where(ok[..., None], key, ls.sketch_key),
+              cov=jnp.where(ok[..., None, None], cov, (keep_scale * ls.cov).astype(dtype)),
               stat_skips=ls.stat_skips + (~ok).astype(jnp.int32),
           )
       return new
@@ -304,22 +394,25 @@ def scale_by_nysact(
     do_stats = state.count % cov_update_every == 0
     layer_states = _periodic(state.count, cov_update_every, statistics, state.layers)
     stat_count = state.stat_count + do_stats.astype(jnp.int32)
-    correction = 1.0 - jnp.asarray(stat_decay, jnp.float32) ** stat_count
+    correction = 1.0 - jnp.asarray(stat_decay, dtype) ** stat_count
 
     def refresh(layer_states):
       new = dict(layer_states)
       for layer in layers:
         with jax.named_scope(f"nysact/factors/{layer.name}"):
           ls = layer_states[layer.name]
-          c_hat = ls.cov / correction
-          if layer.exact:
-            u, lam = _nystrom.exact_eigh(c_hat)
-          else:
-            u, lam = factorise(c_hat, draw(layer, ls.sketch_key).matrix, damping)
-          ok = jnp.isfinite(u).all() & jnp.isfinite(lam).all()
+
+          def one(cov, key, layer=layer):
+            c_hat = cov / correction
+            if layer.exact:
+              return _nystrom.exact_eigh(c_hat)
+            return factorise(c_hat, draw(layer, key).matrix, damping)
+
+          u, lam = _over_stack(layer, one, ls.cov, ls.sketch_key)
+          ok = jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(lam).all(-1)  # per copy
           new[layer.name] = ls._replace(
-              basis=jnp.where(ok, u, ls.basis),
-              eigvals=jnp.where(ok, lam, ls.eigvals),
+              basis=jnp.where(ok[..., None, None], u, ls.basis).astype(dtype),
+              eigvals=jnp.where(ok[..., None], lam, ls.eigvals).astype(dtype),
               failures=ls.failures + (~ok).astype(jnp.int32),
           )
       return new
@@ -333,18 +426,17 @@ def scale_by_nysact(
       with jax.named_scope(f"nysact/apply/{layer.name}"):
         ls = layer_states[layer.name]
         kernel = leaves[position[layer.kernel_path]]
-        g = kernel.reshape(layer.p_in, layer.out).astype(jnp.float32)
-        if layer.has_bias:
-          bias = leaves[position[layer.bias_path]]
-          g = jnp.concatenate([g, bias.reshape(1, layer.out).astype(jnp.float32)])
-        pg = _nystrom.precondition(g, ls.basis, ls.eigvals, damping)
-        leaves[position[layer.kernel_path]] = (
-            pg[: layer.p_in].reshape(kernel.shape).astype(kernel.dtype)
+        bias = leaves[position[layer.bias_path]] if layer.has_bias else None
+        bias_perm = getattr(inputs[layer.name].spec, "bias_perm", None)
+        g = _to_matrix(layer, kernel, bias, bias_perm, dtype)
+        pg = _over_stack(
+            layer, lambda g, u, lam: _nystrom.precondition(g, u, lam, damping),
+            g, ls.basis, ls.eigvals,
         )
+        kernel, bias = _from_matrix(layer, pg, kernel, bias, bias_perm)
+        leaves[position[layer.kernel_path]] = kernel
         if layer.has_bias:
-          leaves[position[layer.bias_path]] = (
-              pg[layer.p_in].reshape(bias.shape).astype(bias.dtype)
-          )
+          leaves[position[layer.bias_path]] = bias
     updates = jax.tree_util.tree_unflatten(treedef, leaves)
     new_state = ScaleByNysActState(
         count=optax.safe_increment(state.count),
@@ -370,16 +462,20 @@ def _check_state(layers, state):
     )
   for layer in layers:
     shape = tuple(state.layers[layer.name].cov.shape)
-    if shape != (layer.p, layer.rank):
+    if shape != layer.stack_shape + (layer.p, layer.rank):
       raise ValueError(
           f"layer {layer.name!r}: the optimizer state holds statistics of "
           f"shape {shape}, but its kernel {layer.kernel_shape}"
           f"{' with bias' if layer.has_bias else ''} needs "
-          f"{(layer.p, layer.rank)}. Call init on the params tree you update."
+          f"{layer.stack_shape + (layer.p, layer.rank)}. Call init on the params tree you update."
       )
 
 
-def _check_activations(layers, activations, exclude):
+def _axes_hint(axes: tuple[int, ...]) -> int | tuple[int, ...]:
+  return len(axes) if axes == tuple(range(len(axes))) else axes
+
+
+def _check_activations(layers, activations, include, exclude):
   """The captured inputs of every layer, checked against the kernels."""
   if activations is None:
     if not layers:
@@ -392,7 +488,7 @@ def _check_activations(layers, activations, exclude):
   table = _tree.activation_table(activations)
   known = {layer.name for layer in layers}
   for name in table:
-    if name not in known and not _tree._matches(name, exclude):
+    if name not in known and _tree.selected(name, include, exclude):
       raise ValueError(
           f"activations were captured for layer {name!r}, which has no kernel "
           f"in the updates tree (layers there: {sorted(known)}). Pass the "
@@ -407,6 +503,19 @@ def _check_activations(layers, activations, exclude):
           f"layer with exclude=[{layer.name!r}]."
       )
     entry = table[layer.name]
+    if isinstance(entry.spec, _layers.Unsupported):
+      raise NotImplementedError(
+          f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
+          f"precondition it: exclude it with exclude=[{layer.name!r}]"
+      )
+    if not entry.inputs:
+      raise ValueError(
+          f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "
+          "transform (nn.scan, nn.vmap) dropped the 'nysact_inputs' collection. "
+          "List it beside 'params' in the transform, e.g. nn.scan(..., "
+          "variable_axes={'params': 0, 'nysact_inputs': 0}), or exclude the "
+          f"layer with exclude=[{layer.name!r}]."
+      )
     n_axes = entry.spec.num_input_axes
     for x in entry.inputs:
       shape = tuple(x.shape)
@@ -416,8 +525,7 @@ def _check_activations(layers, activations, exclude):
             f"the {n_axes} axes its {type(entry.spec).__name__} contracts. "
             "Pass the activations that nysact_optax.capture_activations returns."
         )
-      width = entry.spec.input_width(shape)
-      if n_axes >= len(layer.kernel_shape):
+      if n_axes >= len(layer.layer_kernel_shape):
         raise ValueError(
             f"layer {layer.name!r}: its input of shape {shape} comes from a "
             f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
@@ -427,17 +535,43 @@ def _check_activations(layers, activations, exclude):
             "The activations must come from the forward pass of the model "
             "whose gradients you update."
         )
-      if n_axes != layer.num_input_axes:
+    seen = entry.kernel_shape
+    if seen is not None and seen != layer.layer_kernel_shape:
+      extra = len(layer.kernel_shape) - len(seen)
+      if not layer.stack_axes and extra > 0 and layer.kernel_shape[extra:] == seen:
         raise ValueError(
-            f"layer {layer.name!r}: its input of shape {shape} meets "
-            f"{n_axes} kernel axes ({width} features), but the kernel "
-            f"{layer.kernel_shape} was taken to have {layer.num_input_axes} "
-            f"input axes ({layer.p_in} features). If the kernel layout is "
-            f"unusual, pass input_axes={{{layer.name!r}: {n_axes}}}."
+            f"layer {layer.name!r} has a kernel of shape {layer.kernel_shape} in "
+            f"the params, but the module computes with a kernel of shape {seen}: "
+            "it is stacked by a lifted transform (nn.scan, nn.vmap). Pass "
+            f"stack_axes={{{layer.name!r}: {extra}}}."
         )
+      raise ValueError(
+          f"layer {layer.name!r}: the module computes with a kernel of shape "
+          f"{seen}, but the params have {layer.kernel_shape} with "
+          f"stack_axes={layer.stack_axes}. Pass the params tree of the same "
+          "model, and stack_axes= for layers under nn.scan/nn.vmap."
+      )
+    spec_axes = tuple(entry.spec.kernel_input_axes)
+    if spec_axes != layer.input_axes:
+      raise ValueError(
+          f"layer {layer.name!r}: its input meets kernel axes {spec_axes}, but "
+          f"the kernel {layer.layer_kernel_shape} was taken to have input axes "
+          f"{layer.input_axes}. The kernel layout is unusual: pass "
+          f"input_axes={{{layer.name!r}: {_axes_hint(spec_axes)}}}."
+      )
+    for x in entry.inputs:
+      if tuple(x.shape[: layer.stack_axes]) != layer.stack_shape:
+        raise ValueError(
+            f"layer {layer.name!r} is stacked {layer.stack_shape} "
+            f"(stack_axes={layer.stack_axes}), but a captured input has shape "
+            f"{tuple(x.shape)}: the nn.scan/nn.vmap must stack the "
+            "'nysact_inputs' collection like the params, e.g. "
+            "variable_axes={'params': 0, 'nysact_inputs': 0}."
+        )
+      width = entry.spec.input_width(x.shape[layer.stack_axes :])
       if width != layer.p_in:
         raise ValueError(
-            f"layer {layer.name!r}: its input of shape {shape} has {width} "
+            f"layer {layer.name!r}: its input of shape {tuple(x.shape)} has {width} "
             f"features, but its kernel {layer.kernel_shape} expects "
             f"{layer.p_in}. The activations must come from the forward pass "
             "of the model whose gradients you update (same params tree, same "
@@ -452,7 +586,7 @@ def nysact(
     momentum: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
-    rank: int = 10,
+    rank: _tree.RankRule = 10,
     sketch: str = "gaussian",
     damping: float = 1.0,
     stat_decay: float = 0.95,
@@ -462,7 +596,10 @@ def nysact(
     sketch_refresh: str = "reference",
     nystrom: str = "shifted",
     exclude: _tree.LayerFilter = (),
-    input_axes: Mapping[str, int] | None = None,
+    input_axes: Mapping[str, int | Sequence[int]] | None = None,
+    include: _tree.LayerFilter | None = None,
+    stack_axes: Mapping[str, int] | None = None,
+    stats_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
   """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
 
@@ -478,8 +615,8 @@ def nysact(
     weight_decay: coefficient of ``params`` added to the preconditioned
       gradient.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
-    seed, sketch_refresh, nystrom, exclude, input_axes: see
-      :func:`scale_by_nysact`.
+    seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
+    stats_dtype: see :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -506,7 +643,8 @@ def nysact(
           rank=rank, sketch=sketch, damping=damping, stat_decay=stat_decay,
           cov_update_every=cov_update_every, inv_update_every=inv_update_every,
           seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
-          exclude=exclude, input_axes=input_axes,
+          exclude=exclude, input_axes=input_axes, include=include,
+          stack_axes=stack_axes, stats_dtype=stats_dtype,
       )
   ]
   if not (_is_concrete(weight_decay) and weight_decay == 0):

@@ -3,13 +3,17 @@
 A layer is a node of the tree that holds a ``kernel`` leaf with two or more
 axes (and optionally a ``bias`` leaf beside it). Its name is the '/'-joined
 path to that node, e.g. ``"Block_0/Conv_1"``, which is also the path of the
-module in ``flax.linen`` and of the captured activations.
+module in ``flax.linen`` and of the captured activations. Leaves boxed in a
+pytree with a ``value`` attribute (``nnx.Param`` in an ``nnx.State``,
+``nn.Partitioned``) are named by the box's path, so NNX states and
+partitioned linen params name their layers the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,9 +22,12 @@ import jax
 
 from nysact_optax._layers import LayerInputs
 
-__all__ = ["Layer", "activation_table", "find_layers", "key_name", "path_name"]
+__all__ = [
+    "Layer", "activation_table", "find_layers", "key_name", "path_name", "selected",
+]
 
 LayerFilter = Sequence[str] | Callable[[str], bool]
+RankRule = int | Callable[[str, int], int]
 
 
 def key_name(key: Any) -> str:
@@ -35,6 +42,14 @@ def path_name(path: Sequence[Any]) -> str:
   return "/".join(key_name(k) for k in path)
 
 
+def _unboxed(path: tuple) -> tuple:
+  """The path without a trailing ``.value`` (``nnx.Variable``, ``nn.Partitioned``)."""
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+    return path[:-1]
+  return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """Static facts about one preconditioned layer.
@@ -43,9 +58,13 @@ class Layer:
     name: '/'-joined module path.
     kernel_path: pytree path of the kernel leaf.
     bias_path: pytree path of the bias leaf, or ``None``.
-    kernel_shape: shape of the kernel.
-    num_input_axes: leading kernel axes that meet the input.
+    kernel_shape: shape of the kernel (stack axes included).
+    num_input_axes: how many kernel axes meet the input.
     rank: the sketch width ``r`` (``== p`` in exact mode).
+    input_axes: the kernel axes (after the stack axes) that meet the input;
+      ``None`` means the leading ``num_input_axes``.
+    stack_axes: leading kernel axes that index stacked copies of the layer
+      (``nn.scan``/``nn.vmap`` over parameters); each copy has its own state.
   """
 
   name: str
@@ -54,14 +73,34 @@ class Layer:
   kernel_shape: tuple[int, ...]
   num_input_axes: int
   rank: int
+  input_axes: tuple[int, ...] | None = None
+  stack_axes: int = 0
+
+  def __post_init__(self):
+    if self.input_axes is None:
+      object.__setattr__(self, "input_axes", tuple(range(self.num_input_axes)))
 
   @property
   def has_bias(self) -> bool:
     return self.bias_path is not None
 
   @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return self.kernel_shape[: self.stack_axes]
+
+  @property
+  def layer_kernel_shape(self) -> tuple[int, ...]:
+    """The kernel shape of one copy of the layer (without stack axes)."""
+    return self.kernel_shape[self.stack_axes :]
+
+  @property
+  def output_axes(self) -> tuple[int, ...]:
+    n = len(self.layer_kernel_shape)
+    return tuple(a for a in range(n) if a not in self.input_axes)
+
+  @property
   def p_in(self) -> int:
-    return math.prod(self.kernel_shape[: self.num_input_axes])
+    return math.prod(self.layer_kernel_shape[a] for a in self.input_axes)
 
   @property
   def p(self) -> int:
@@ -69,7 +108,7 @@ class Layer:
 
   @property
   def out(self) -> int:
-    return math.prod(self.kernel_shape[self.num_input_axes :])
+    return math.prod(self.layer_kernel_shape[a] for a in self.output_axes)
 
   @property
   def exact(self) -> bool:
@@ -82,48 +121,130 @@ def _matches(name: str, rule: LayerFilter) -> bool:
   return any(re.search(pattern, name) for pattern in rule)
 
 
+def selected(name: str, include: LayerFilter | None, exclude: LayerFilter) -> bool:
+  """Whether layer ``name`` is preconditioned: included (or no ``include``)
+  and not excluded."""
+  if include is not None and not _matches(name, include):
+    return False
+  return not _matches(name, exclude)
+
+
+def _lookup(table: Mapping[str, Any] | None, name: str):
+  """The value of the last regex in ``table`` found in ``name``, or ``None``."""
+  value = None
+  for pattern, v in (table or {}).items():
+    if re.search(pattern, name):
+      value = v
+  return value
+
+
+def _layer_rank(rank: RankRule, name: str, p: int) -> int:
+  r = rank(name, p) if callable(rank) else rank
+  if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+    raise ValueError(
+        f"layer {name!r}: rank({name!r}, {p}) returned {r!r}; the rank rule must "
+        "return an integer >= 1"
+    )
+  return min(int(r), p)
+
+
+def _stack_hint(kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...]) -> int:
+  """The number of leading axes kernel and bias share such that the rest is a
+  plain layer (bias = the kernel's trailing axes), or 0."""
+  for k in range(1, min(len(kernel_shape) - 1, len(bias_shape))):
+    rest = bias_shape[k:]
+    if kernel_shape[:k] == bias_shape[:k] and rest and kernel_shape[len(kernel_shape) - len(rest):] == rest:
+      return k
+  return 0
+
+
 def find_layers(
     tree: Any,
     *,
-    rank: int,
+    rank: RankRule,
     exclude: LayerFilter = (),
-    input_axes: Mapping[str, int] | None = None,
+    input_axes: Mapping[str, int | Sequence[int]] | None = None,
+    include: LayerFilter | None = None,
+    stack_axes: Mapping[str, int] | None = None,
 ) -> list[Layer]:
   """The preconditioned layers of a parameter (or gradient) tree, by name.
 
-  The number of kernel axes that meet the input is, unless ``input_axes``
-  names the layer (regex search on its name): all axes but the bias's
+  A layer is preconditioned when ``include`` (if given) and not ``exclude``
+  match its name (regexes searched in the name, or predicates). Its rank is
+  ``rank``, or ``rank(name, p)`` for a callable, capped at ``p``.
+
+  The leading ``stack_axes[name]`` kernel axes (regex search on the name;
+  default 0) index stacked copies of the layer. Of the remaining axes, those
+  that meet the input are ``input_axes[name]`` (an int ``n``: the leading
+  ``n``; a tuple: those axes) or by default all axes but the bias's
   (``DenseGeneral`` with ``features=(heads, dim)``), or all but the last when
   there is no bias (``Dense``, ``Conv``).
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   by_path = {tuple(path): leaf for path, leaf in leaves}
+  names = {path: _unboxed(path) for path in by_path}
   layers = []
   for path, leaf in by_path.items():
-    if not path or key_name(path[-1]) != "kernel" or getattr(leaf, "ndim", 0) < 2:
+    node = names[path]
+    if not node or key_name(node[-1]) != "kernel" or getattr(leaf, "ndim", 0) < 2:
       continue
-    name = path_name(path[:-1])
-    if _matches(name, exclude):
+    name = path_name(node[:-1])
+    if not selected(name, include, exclude):
       continue
     bias_path = next(
-        (q for q in by_path if q[:-1] == path[:-1] and key_name(q[-1]) == "bias"),
+        (q for q in by_path
+         if names[q][:-1] == node[:-1] and names[q] and key_name(names[q][-1]) == "bias"),
         None,
     )
-    n_in = None
-    for pattern, n in (input_axes or {}).items():
-      if re.search(pattern, name):
-        n_in = n
-    if n_in is None:
-      n_out = by_path[bias_path].ndim if bias_path is not None else 1
-      n_in = leaf.ndim - max(n_out, 1)
-    if not 1 <= n_in < leaf.ndim:
+    stack = _lookup(stack_axes, name) or 0
+    if isinstance(stack, bool) or not isinstance(stack, numbers.Integral) or not (
+        0 <= stack <= leaf.ndim - 2
+    ):
       raise ValueError(
-          f"layer {name!r}: input_axes={n_in} must be between 1 and "
-          f"{leaf.ndim - 1} for a kernel of shape {tuple(leaf.shape)}"
+          f"layer {name!r}: stack_axes={stack!r} must be an integer between 0 "
+          f"and {leaf.ndim - 2} for a kernel of shape {tuple(leaf.shape)}"
       )
-    p = math.prod(leaf.shape[:n_in]) + int(bias_path is not None)
+    ndim = leaf.ndim - stack
+    axes = _lookup(input_axes, name)
+    if axes is None:
+      n_out = by_path[bias_path].ndim - stack if bias_path is not None else 1
+      axes = ndim - max(n_out, 1)
+    if isinstance(axes, numbers.Integral):
+      if not 1 <= axes < ndim:
+        raise ValueError(
+            f"layer {name!r}: input_axes={axes} must be between 1 and "
+            f"{ndim - 1} for a kernel of shape {tuple(leaf.shape)}"
+            + (f" with {stack} stack axes" if stack else "")
+        )
+      axes = tuple(range(axes))
+    axes = tuple(int(a) % ndim if -ndim <= a < ndim else a for a in axes)
+    if (not axes or len(set(axes)) != len(axes) or len(axes) >= ndim
+        or any(not 0 <= a < ndim for a in axes)):
+      raise ValueError(
+          f"layer {name!r}: input_axes={axes} must be distinct axes of the "
+          f"{ndim}-axis kernel {tuple(leaf.shape[stack:])}, leaving at least "
+          "one output axis"
+      )
+    axes = tuple(sorted(axes))
+    out = math.prod(d for a, d in enumerate(leaf.shape[stack:]) if a not in axes)
+    if bias_path is not None:
+      bias_shape = tuple(by_path[bias_path].shape)
+      if bias_shape[:stack] != tuple(leaf.shape[:stack]) or math.prod(bias_shape[stack:]) != out:
+        hint = "pass input_axes= and stack_axes= that describe the layer"
+        stacked = _stack_hint(tuple(leaf.shape), bias_shape)
+        if not stack and stacked:
+          hint = (f"it looks stacked by nn.scan/nn.vmap: pass "
+                  f"stack_axes={{{name!r}: {stacked}}}")
+        raise ValueError(
+            f"layer {name!r}: the bias of shape {bias_shape} does not match the "
+            f"{out} outputs of the kernel {tuple(leaf.shape)} (input axes {axes}"
+            + (f", {stack} stack axes" if stack else "")
+            + f"); {hint}, or exclude it with exclude=[{name!r}]"
+        )
+    p = math.prod(leaf.shape[stack + a] for a in axes) + int(bias_path is not None)
     layers.append(
-        Layer(name, path, bias_path, tuple(leaf.shape), n_in, min(rank, p))
+        Layer(name, path, bias_path, tuple(leaf.shape), len(axes),
+              _layer_rank(rank, name, p), axes, stack)
     )
   return sorted(layers, key=lambda layer: layer.name)
 

@@ -126,9 +126,9 @@ def test_kernel_layout_needs_input_axes():
   acts = {"qkv": LayerInputs([jnp.ones((5, 4))], DenseSpec((-1,)))}
   _raises(
       ValueError,
-      "layer 'qkv': its input of shape (5, 4) meets 1 kernel axes (4 features), "
-      "but the kernel (4, 2, 3) was taken to have 2 input axes (8 features). If "
-      "the kernel layout is unusual, pass input_axes={'qkv': 1}.",
+      "layer 'qkv': its input meets kernel axes (0,), but the kernel (4, 2, 3) "
+      "was taken to have input axes (0, 1). The kernel layout is unusual: pass "
+      "input_axes={'qkv': 1}.",
       _update, params, acts,
   )
   _raises(
@@ -202,7 +202,8 @@ EXCLUDE = (
     "would be read as one pattern per letter: write exclude=['...'])"
 )
 INPUT_AXES = (
-    "input_axes must be a mapping from layer-path regexes to integers, e.g. "
+    "input_axes must be a mapping from layer-path regexes to an integer or a "
+    "tuple of kernel axes, e.g. "
     "input_axes={'query': 1}"
 )
 
@@ -279,9 +280,16 @@ def test_dense_general_with_batch_dims_is_not_covered():
 
   model, x = Batched(), jnp.ones((2, 4))
   variables = model.init(jax.random.PRNGKey(0), x)
+  _, acts = nysact_optax.capture_activations(model.apply)(variables, x)  # capture is fine
   _raises(
-      NotImplementedError,
-      "layer 'DenseGeneral_0': DenseGeneral with batch_dims=(0,) has one kernel "
-      "per batch index; exclude it with exclude=[...]",
-      nysact_optax.capture_activations(model.apply), variables, x,
+      ValueError,
+      "layer 'DenseGeneral_0': the bias of shape (2, 3) does not match the 12 "
+      "outputs of the kernel (2, 4, 3) (input axes (0,)); it looks stacked by "
+      "nn.scan/nn.vmap: pass stack_axes={'DenseGeneral_0': 1}, or exclude it "
+      "with exclude=['DenseGeneral_0']",
+      nysact_optax.scale_by_nysact(rank=2).init, variables["params"],
   )
+  tx = nysact_optax.scale_by_nysact(rank=2, exclude=["DenseGeneral_0"])
+  grads = jax.tree.map(jnp.ones_like, variables["params"])
+  updates, _ = tx.update(grads, tx.init(variables["params"]), activations=acts)
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
