@@ -67,7 +67,7 @@ class Preset:
   lm: train.RunConfig | None = None
   lm_grids: dict[str, tuple[float, ...]] | None = None
   lm_seeds: int = 3
-  default_lr: dict[str, float] = dataclasses.field(default_factory=dict)
+  late: tuple[str, ...] = ()  # optimizers tuned and tested after the ablations
 
 
 # The optimizers compared: label -> (family, RunConfig overrides).
@@ -136,8 +136,9 @@ PRESETS = {
                             eval_size=360, track_layer="Dense_1"),
         grids={"sgd": (0.1,), "foof": (0.1,)}, seeds=1,
     ),
+    # K-FAC last on the CPU: its steps cost several times SGD's there.
     "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=3, resnet=_RESNET_CPU,
-                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2),
+                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2, late=("kfac",)),
     "full": Preset(cnn=_CNN_FULL, grids=GRIDS, seeds=5, resnet=_RESNET_FULL,
                    resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3),
 }
@@ -227,12 +228,14 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
   """The runs of ``stages``, in order; configs that need earlier results are
   resolved lazily (the generator reads the results written so far)."""
   base = preset.cnn
-  labels = tuple(OPTIMIZERS)
-  for stage in stages:
-    if stage in ("tune", "test"):
-      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, labels)
+  labels = tuple(l for l in OPTIMIZERS if l not in preset.late)
+  late = [s for s in ("tune", "test") if s in stages] if preset.late else []
+  for stage in list(stages) + [f"late_{s}" for s in late]:
+    if stage in ("tune", "test", "late_tune", "late_test"):
+      which = preset.late if stage.startswith("late_") else labels
+      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, which)
       for run in it:
-        if run.stage == stage:
+        if run.stage == stage.removeprefix("late_"):
           yield run
     elif stage == "ablate":
       for label in ABLATION_ORDER:

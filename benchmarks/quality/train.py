@@ -328,6 +328,25 @@ def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
 _COMPILED: dict[tuple, Any] = {}
 
 
+def _code_version() -> dict[str, str | None]:
+  """The commit and a hash of the library's sources as this process loaded them."""
+  import hashlib
+  import subprocess
+  root = pathlib.Path(nysact_optax.__file__).parent
+  digest = hashlib.sha256()
+  for f in sorted(root.glob("*.py")):
+    digest.update(f.read_bytes())
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = None
+  return {"git_commit": commit, "nysact_optax_sha256": digest.hexdigest()[:16]}
+
+
+CODE_VERSION = _code_version()
+
+
 class OptaxTrainer:
   """SGD, AdamW or NysAct: one jitted step with the peak lr as an argument."""
 
@@ -640,6 +659,7 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
                  "excluded_steps_s": {str(k): v for k, v in compile_steps.items()}},
       "param_count": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
       "machine": _common.machine_info(),
+      "code": CODE_VERSION,
   }
   if out is not None:
     _common.write_json(out, result)
