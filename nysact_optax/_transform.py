@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from nysact_optax import _nystrom, _sketch, _statistics, _tree
+from nysact_optax import _distributed, _nystrom, _sketch, _statistics, _tree
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "nysact", "scale_by_nysact"]
 
@@ -85,6 +85,14 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh, 
     )
 
 
+def statistics_sketch_key(layer_state: NysActLayerState, sketch_refresh: str) -> jax.Array:
+  """The key of the sketch the next statistics update of a layer uses."""
+  exact = layer_state.cov.shape[1] >= layer_state.cov.shape[0]
+  if sketch_refresh == "reference" and not exact:
+    return jax.random.fold_in(layer_state.sketch_key, 1)
+  return layer_state.sketch_key
+
+
 def _periodic(count, every, fn, operand):
   """``fn(operand)`` when ``count % every == 0``, else ``operand``; one compile."""
   if every == 1:
@@ -105,6 +113,7 @@ def scale_by_nysact(
     nystrom: str = "shifted",
     exclude: _tree.LayerFilter = (),
     input_axes: Mapping[str, int] | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -144,10 +153,17 @@ def scale_by_nysact(
       the input, where the default rule (all but the bias's axes, or all but
       the last without a bias) is wrong, e.g. a bias-free
       ``DenseGeneral(features=(heads, dim))``.
+    axis_name: under ``pmap``/``shard_map``, the mapped axis over which the
+      sketched statistics are averaged (``lax.pmean``) before they enter the
+      EMA, so every replica holds the same factors. Gradients are not
+      averaged here: ``pmean`` them yourself, as with any optax optimizer.
+      Not needed under ``jit`` with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    keyword ``activations`` from :func:`nysact_optax.capture_activations`.
+    keyword ``activations`` from :func:`nysact_optax.capture_activations`,
+    or instead ``statistics`` from :func:`nysact_optax.sketched_statistics`
+    (accumulated over micro-batches).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -205,7 +221,8 @@ def scale_by_nysact(
         key, layer.p, layer.rank, sketch, orthonormal=nystrom == "stable"
     )
 
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None,
+                statistics=None, **extra_args):
     del params, extra_args
     layers = layers_of(updates)
     if set(state.layers) != {layer.name for layer in layers}:
@@ -213,25 +230,32 @@ def scale_by_nysact(
           "the state's layers do not match the updates' layers: state has "
           f"{sorted(state.layers)}, updates have {[l.name for l in layers]}"
       )
-    inputs = _check_activations(layers, activations, exclude)
+    if statistics is None:
+      inputs = _check_activations(layers, activations, exclude)
+    else:
+      _check_statistics(layers, statistics)
 
-    def statistics(layer_states):
+    def update_statistics(layer_states):
       new = dict(layer_states)
       for layer in layers:
         with jax.named_scope(f"nysact/statistics/{layer.name}"):
           ls = layer_states[layer.name]
-          key = ls.sketch_key
-          if sketch_refresh == "reference" and not layer.exact:
-            key = jax.random.fold_in(key, 1)
-          y = _statistics.sketched_covariance(
-              inputs[layer.name], draw(layer, key), layer.has_bias
-          )
+          key = statistics_sketch_key(ls, sketch_refresh)
+          if statistics is None:
+            y = _statistics.sketched_covariance(
+                inputs[layer.name], draw(layer, key), layer.has_bias
+            )
+          else:
+            y = jnp.asarray(statistics[layer.name], jnp.float32)
+          y = _distributed.replicate(y)  # factors stay replicated on a mesh
+          if axis_name is not None:
+            y = lax.pmean(y, axis_name)
           cov = stat_decay * ls.cov + (1.0 - stat_decay) * y
           new[layer.name] = ls._replace(sketch_key=key, cov=cov)
       return new
 
     do_stats = state.count % cov_update_every == 0
-    layer_states = _periodic(state.count, cov_update_every, statistics, state.layers)
+    layer_states = _periodic(state.count, cov_update_every, update_statistics, state.layers)
     stat_count = state.stat_count + do_stats.astype(jnp.int32)
     correction = 1.0 - jnp.asarray(stat_decay, jnp.float32) ** stat_count
 
@@ -283,6 +307,26 @@ def scale_by_nysact(
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_statistics(layers, statistics):
+  """Precomputed statistics must cover exactly the layers, with ``(p, r)`` shapes."""
+  names = {layer.name for layer in layers}
+  if not isinstance(statistics, Mapping) or set(statistics) != names:
+    got = sorted(statistics) if isinstance(statistics, Mapping) else type(statistics).__name__
+    raise ValueError(
+        f"statistics must map every layer to its sketched covariance: expected "
+        f"layers {sorted(names)}, got {got}. Compute them with "
+        "nysact_optax.sketched_statistics(opt_state, activations)."
+    )
+  for layer in layers:
+    shape = tuple(jnp.shape(statistics[layer.name]))
+    if shape != (layer.p, layer.rank):
+      raise ValueError(
+          f"layer {layer.name!r}: statistics has shape {shape}, expected "
+          f"{(layer.p, layer.rank)} (p, rank). Compute them with "
+          "nysact_optax.sketched_statistics from this optimizer's state."
+      )
 
 
 def _check_activations(layers, activations, exclude):
@@ -344,6 +388,7 @@ def nysact(
     nystrom: str = "shifted",
     exclude: _tree.LayerFilter = (),
     input_axes: Mapping[str, int] | None = None,
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
 
@@ -359,7 +404,7 @@ def nysact(
     weight_decay: coefficient of ``params`` added to the preconditioned
       gradient.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
-    seed, sketch_refresh, nystrom, exclude, input_axes: see
+    seed, sketch_refresh, nystrom, exclude, input_axes, axis_name: see
       :func:`scale_by_nysact`.
 
   Returns:
@@ -387,7 +432,7 @@ def nysact(
           rank=rank, sketch=sketch, damping=damping, stat_decay=stat_decay,
           cov_update_every=cov_update_every, inv_update_every=inv_update_every,
           seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
-          exclude=exclude, input_axes=input_axes,
+          exclude=exclude, input_axes=input_axes, axis_name=axis_name,
       )
   ]
   if not (_is_concrete(weight_decay) and weight_decay == 0):

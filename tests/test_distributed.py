@@ -1,0 +1,200 @@
+"""pmap and sharded jit on 8 simulated CPU devices equal one device on the whole batch."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import nysact_optax
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py simulates them)"
+)
+
+BATCH, STEPS = 16, 8
+# Dense_0 (p = 65) gets a rank-20 Nystrom approximation; Conv_0 (p = 19) and
+# Dense_1 (p = 9) are exact. 8 steps = 2 inverse periods.
+KWARGS = dict(rank=20, damping=0.5, cov_update_every=2, inv_update_every=4)
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = nn.relu(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3)(x)
+
+
+MODEL = Net()
+APPLY = nysact_optax.capture_activations(MODEL.apply)
+TX = nysact_optax.nysact(0.1, weight_decay=1e-3, **KWARGS)
+
+
+def _data():
+  x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, 4, 4, 2))
+  y = jax.random.randint(jax.random.PRNGKey(1), (BATCH,), 0, 3)
+  params = MODEL.init(jax.random.PRNGKey(2), x)["params"]
+  return params, x, y
+
+
+def _grads(params, x, y):
+  def loss_fn(p):
+    logits, acts = APPLY({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), acts
+
+  (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, acts
+
+
+def _step(tx, params, state, x, y, axis_name=None):
+  grads, acts = _grads(params, x, y)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, state = tx.update(grads, state, params, activations=acts)
+  return optax.apply_updates(params, updates), state
+
+
+@functools.cache
+def _single_device_run():
+  params, x, y = _data()
+  state = TX.init(params)
+  step = jax.jit(functools.partial(_step, TX))
+  for _ in range(STEPS):
+    params, state = step(params, state, x, y)
+  return jax.device_get((params, state))
+
+
+def _assert_close(actual, expected, rtol=2e-5):
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(
+          np.asarray(a), np.asarray(e), rtol=rtol, atol=rtol * np.abs(e).max()),
+      actual, expected)
+
+
+def _assert_same_run(params, state, expected_params, expected_state):
+  """Parameters, statistics and eigenvalues agree; the bases are compared
+  through what they do (the parameters), since eigenvectors of (nearly)
+  repeated eigenvalues are only defined up to rotation."""
+  _assert_close(params, expected_params)
+  for name, layer in state.layers.items():
+    want = expected_state.layers[name]
+    _assert_close((layer.cov, layer.eigvals), (want.cov, want.eigvals))
+    np.testing.assert_array_equal(layer.sketch_key, want.sketch_key)
+  assert int(state.count) == int(expected_state.count) == STEPS
+
+
+def test_pmap_equals_single_device_on_the_whole_batch():
+  tx = nysact_optax.nysact(0.1, weight_decay=1e-3, axis_name="batch", **KWARGS)
+  params, x, y = _data()
+  n = 8
+  replicate = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n), t)
+  params_r, state_r = replicate(params), replicate(tx.init(params))
+  xs, ys = x.reshape(n, BATCH // n, *x.shape[1:]), y.reshape(n, BATCH // n)
+  step = jax.pmap(functools.partial(_step, tx, axis_name="batch"), axis_name="batch")
+  for _ in range(STEPS):
+    params_r, state_r = step(params_r, state_r, xs, ys)
+  params_r, state_r = jax.device_get((params_r, state_r))
+  for leaf in jax.tree.leaves((params_r, state_r)):  # every replica holds the same
+    for i in range(1, n):
+      np.testing.assert_array_equal(leaf[i], leaf[0])
+  expected_params, expected_state = _single_device_run()
+  first = lambda t: jax.tree.map(lambda a: a[0], t)
+  _assert_same_run(first(params_r), first(state_r[0]), expected_params, expected_state[0])
+  assert int(state_r[0].stat_count[0]) == STEPS // KWARGS["cov_update_every"]
+
+
+def _param_specs(params, model_axis, auto):
+  """Dense_0 column-parallel (output axis over ``model``); with Auto axes also
+  Conv_0 column-parallel and Dense_1 row-parallel (input axis over ``model``).
+  (With Explicit axes linen's Conv and Dense cannot say how to shard their
+  outputs for those two.)"""
+
+  def spec(path, leaf):
+    layer, name = (nysact_optax._tree.key_name(k) for k in path)
+    if model_axis is None or (layer != "Dense_0" and not auto):
+      return P()
+    if layer == "Dense_1":
+      return P("model", None) if name == "kernel" else P()
+    return P(*([None] * (leaf.ndim - 1)), "model")
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _specs(tree):
+  return jax.tree.map(lambda a: a.sharding.spec, tree)
+
+
+def _same_sharding(a, b):
+  return a.sharding.is_equivalent_to(b.sharding, a.ndim)
+
+
+@pytest.mark.parametrize(
+    "axis_type, model_axis",
+    [
+        (AxisType.Explicit, None),
+        (AxisType.Auto, None),
+        (AxisType.Explicit, "model"),
+        (AxisType.Auto, "model"),
+    ],
+    ids=["explicit-data", "auto-data", "explicit-data+model", "auto-data+model"],
+)
+def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type, model_axis):
+  params, x, y = _data()
+  if model_axis is None:
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  else:
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  with jax.set_mesh(mesh):
+    params = jax.tree.map(
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+        params, _param_specs(params, model_axis, axis_type == AxisType.Auto))
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    y = jax.device_put(y, NamedSharding(mesh, P("data")))
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    state = TX.init(params)
+    init_state = state
+    step = jax.jit(functools.partial(_step, TX), donate_argnums=())
+    for i in range(STEPS):
+      params, state = step(params, state, x, y)
+      # Steps 0-7 take every combination of the two lax.cond branches.
+      same = jax.tree.map(_same_sharding, state, init_state)
+      assert all(jax.tree.leaves(same)), (i, _specs(state[0].layers), _specs(init_state[0].layers))
+      kept = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim),
+                          params, param_shardings)
+      assert all(jax.tree.leaves(kept)), (i, _specs(params))
+    for layer in state[0].layers.values():  # the factors are replicated
+      for leaf in (layer.cov, layer.basis, layer.eigvals):
+        assert leaf.sharding.is_fully_replicated
+    if axis_type == AxisType.Explicit:  # the types, not only the placements
+      out_types = jax.eval_shape(step, params, state, x, y)
+      assert jax.tree.map(lambda t: t.sharding.spec, out_types[1][0].layers) == (
+          jax.tree.map(lambda a: jax.typeof(a).sharding.spec, init_state[0].layers))
+    if model_axis is not None:
+      assert params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+  expected_params, expected_state = _single_device_run()
+  _assert_same_run(jax.device_get(params), jax.device_get(state[0]),
+                   expected_params, expected_state[0])
+
+
+def test_conv_statistics_with_two_leading_axes_under_explicit_sharding():
+  """A conv input (k, batch, H, W, C) sharded on its first axis: the merge of
+  the leading axes keeps the sharded axis major, and the result is exact."""
+  from nysact_optax import _statistics
+
+  spec = nysact_optax.ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
+  xin = jax.random.normal(jax.random.PRNGKey(3), (8, 2, 5, 5, 3))
+  s = _statistics.Sketch(jax.random.normal(jax.random.PRNGKey(4), (28, 4)))
+  fn = jax.jit(lambda v: _statistics.sketched_covariance(
+      nysact_optax.LayerInputs([v], spec), s, has_bias=True))
+  expected = fn(xin)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    y = fn(jax.device_put(xin, NamedSharding(mesh, P("data"))))
+  assert y.sharding.is_fully_replicated
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
