@@ -36,6 +36,7 @@ APPLY = nysact_optax.capture_activations(MODEL.apply)
 TX = nysact_optax.nysact(0.1, weight_decay=1e-3, **KWARGS)
 
 
+@functools.cache  # one init for the whole module
 def _data():
   x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, 4, 4, 2))
   y = jax.random.randint(jax.random.PRNGKey(1), (BATCH,), 0, 3)
