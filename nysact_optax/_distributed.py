@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
-__all__ = ["contraction_out_sharding", "replicate"]
+__all__ = ["contraction_out_sharding", "replicate", "varying_like"]
 
 
 def _mesh_of(*operands: jax.Array):
@@ -68,3 +68,17 @@ def replicate(x: jax.Array) -> jax.Array:
       return jax.sharding.reshard(x, PartitionSpec())
     return x
   return jax.lax.with_sharding_constraint(x, PartitionSpec())
+
+
+def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """``x`` marked as varying over the manual axes ``like`` varies over.
+
+  Inside ``shard_map`` the transpose of an operation with respect to an
+  invariant (replicated) operand sums its cotangent over the devices. The
+  convolution statistics take ``A^T Z`` as a kernel-gradient: with an
+  invariant sketch kernel that gradient would be summed over every device
+  before ``lax.pmean``, so the sketch is made varying like the activations.
+  """
+  axes = tuple(sorted(getattr(jax.typeof(like), "vma", ())))
+  missing = tuple(a for a in axes if a not in getattr(jax.typeof(x), "vma", ()))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x

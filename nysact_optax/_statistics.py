@@ -117,6 +117,7 @@ def _conv_stats(x, spec, sketch, has_bias):
   kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
   kernel = _distributed.replicate(kernel)  # typed on the mesh, if any
+  kernel = _distributed.varying_like(kernel, x)  # per-device A^T Z in shard_map
 
   def conv(k):
     return lax.conv_general_dilated(

@@ -44,18 +44,21 @@ def _data():
   return params, x, y
 
 
-def _grads(params, x, y):
+def _grads(params, x, y, loss_axis=None):
   def loss_fn(p):
     logits, acts = APPLY({"params": p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), acts
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    if loss_axis is not None:  # shard_map: gradients of the mean over devices
+      loss = jax.lax.pmean(loss, loss_axis)
+    return loss, acts
 
   (_, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, acts
 
 
-def _step(tx, params, state, x, y, axis_name=None):
-  grads, acts = _grads(params, x, y)
-  if axis_name is not None:
+def _step(tx, params, state, x, y, axis_name=None, loss_axis=None):
+  grads, acts = _grads(params, x, y, loss_axis)
+  if axis_name is not None:  # pmap: average the per-device gradients
     grads = jax.lax.pmean(grads, axis_name)
   updates, state = tx.update(grads, state, params, activations=acts)
   return optax.apply_updates(params, updates), state
@@ -90,24 +93,38 @@ def _assert_same_run(params, state, expected_params, expected_state):
   assert int(state.count) == int(expected_state.count) == STEPS
 
 
-def test_pmap_equals_single_device_on_the_whole_batch():
+@pytest.mark.parametrize("mapper", ["pmap", "shard_map"])
+def test_mapped_equals_single_device_on_the_whole_batch(mapper):
+  """pmap, and shard_map whose autodiff checks replication (check_vma): the
+  statistics of each device's rows are averaged with lax.pmean."""
   tx = nysact_optax.nysact(0.1, weight_decay=1e-3, axis_name="batch", **KWARGS)
   params, x, y = _data()
   n = 8
-  replicate = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n), t)
-  params_r, state_r = replicate(params), replicate(tx.init(params))
-  xs, ys = x.reshape(n, BATCH // n, *x.shape[1:]), y.reshape(n, BATCH // n)
-  step = jax.pmap(functools.partial(_step, tx, axis_name="batch"), axis_name="batch")
+  if mapper == "pmap":
+    step = functools.partial(_step, tx, axis_name="batch")
+    replicate = lambda t: jax.tree.map(lambda a: jnp.stack([a] * n), t)
+    run, state = replicate(params), replicate(tx.init(params))
+    xs, ys = x.reshape(n, BATCH // n, *x.shape[1:]), y.reshape(n, BATCH // n)
+    step = jax.pmap(step, axis_name="batch")
+  else:
+    run, state, xs, ys = params, tx.init(params), x, y
+    # With check_vma, the gradient of replicated parameters is already summed
+    # over devices: average the loss, not the gradients.
+    step = functools.partial(_step, tx, loss_axis="batch")
+    mesh = jax.make_mesh((n,), ("batch",), axis_types=(AxisType.Explicit,))
+    step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
+                                 out_specs=(P(), P())))
   for _ in range(STEPS):
-    params_r, state_r = step(params_r, state_r, xs, ys)
-  params_r, state_r = jax.device_get((params_r, state_r))
-  for leaf in jax.tree.leaves((params_r, state_r)):  # every replica holds the same
-    for i in range(1, n):
-      np.testing.assert_array_equal(leaf[i], leaf[0])
+    run, state = step(run, state, xs, ys)
+  run, state = jax.device_get((run, state))
+  if mapper == "pmap":
+    for leaf in jax.tree.leaves((run, state)):  # every replica holds the same
+      for i in range(1, n):
+        np.testing.assert_array_equal(leaf[i], leaf[0])
+    run, state = jax.tree.map(lambda a: a[0], (run, state))
   expected_params, expected_state = _single_device_run()
-  first = lambda t: jax.tree.map(lambda a: a[0], t)
-  _assert_same_run(first(params_r), first(state_r[0]), expected_params, expected_state[0])
-  assert int(state_r[0].stat_count[0]) == STEPS // KWARGS["cov_update_every"]
+  _assert_same_run(run, state[0], expected_params, expected_state[0])
+  assert int(state[0].stat_count) == STEPS // KWARGS["cov_update_every"]
 
 
 def _param_specs(params, model_axis, auto):
