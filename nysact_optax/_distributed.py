@@ -22,9 +22,10 @@ Under ``pmap`` or ``shard_map`` the statistics are averaged explicitly with
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-__all__ = ["contraction_out_sharding", "replicate", "varying_like"]
+__all__ = ["contraction_out_sharding", "replicate", "sharded_axes_first", "varying_like"]
 
 
 def _mesh_of(*operands: jax.Array):
@@ -48,6 +49,23 @@ def contraction_out_sharding(*operands: jax.Array) -> PartitionSpec | None:
   if mesh is not None and mesh.explicit_axes and not mesh.manual_axes:
     return PartitionSpec()
   return None
+
+
+def sharded_axes_first(x: jax.Array, n: int) -> jax.Array:
+  """``x`` with its first ``n`` axes reordered so the explicitly sharded ones lead.
+
+  Merging leading axes into one batch axis is free when the sharded axis is
+  the major one; a sharded minor axis would make the merge a resharding (an
+  error under ``AxisType.Explicit``). Only for axes whose order does not
+  matter, such as the row axes of ``A^T A``.
+  """
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if not spec:
+    return x
+  order = sorted(range(n), key=lambda a: spec[a] is None)  # stable: sharded first
+  if order == list(range(n)):
+    return x
+  return jnp.transpose(x, order + list(range(n, x.ndim)))
 
 
 def replicate(x: jax.Array) -> jax.Array:

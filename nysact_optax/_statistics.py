@@ -83,7 +83,8 @@ def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, object]
   ``lax.conv_general_dilated``, exactly as ``flax.linen.Conv`` does.
   """
   nsp = len(spec.kernel_size)
-  if x.ndim != nsp + 2:  # several leading axes: merge them (the first stays major)
+  if x.ndim != nsp + 2:  # several leading axes: merge them, a sharded one major
+    x = _distributed.sharded_axes_first(x, x.ndim - nsp - 1)
     x = x.reshape((-1,) + x.shape[x.ndim - nsp - 1 :])
   padding = spec.padding
   if padding in ("CIRCULAR", "REFLECT"):
