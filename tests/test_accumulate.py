@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import nysact_optax
+from tests import _params
 
 K, MICRO, STEPS = 4, 4, 8
 PERIODS = dict(cov_update_every=2, inv_update_every=4)
@@ -29,9 +30,8 @@ APPLY = nysact_optax.capture_activations(MODEL.apply)
 
 @functools.cache  # one init for the whole module
 def _data():
-  x = jax.random.normal(jax.random.PRNGKey(0), (K * MICRO, 4, 4, 2))
-  y = jax.random.randint(jax.random.PRNGKey(1), (K * MICRO,), 0, 3)
-  return MODEL.init(jax.random.PRNGKey(2), x)["params"], x, y
+  x, y = _params.data((K * MICRO, 4, 4, 2))
+  return _params.init_params(MODEL, x), x, y
 
 
 def _grads(params, x, y):
@@ -68,15 +68,8 @@ def _accumulated_step(tx, config, params, state, x, y):
   return optax.apply_updates(params, updates), state
 
 
-CONFIGS = {
-    "defaults": dict(),
-    "subcolumns-fixed-stable": dict(sketch="subcolumns", sketch_refresh="fixed", nystrom="stable"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_micro_batches_equal_one_large_batch(name):
-  config = CONFIGS[name]
+def test_micro_batches_equal_one_large_batch():
+  config = {}  # the defaults; the other sketch options: the MultiSteps test
   # rank 6: Dense_0 (p = 65) is Nystrom, Conv_0 (p = 19) and Dense_1 (p = 8) too.
   tx = nysact_optax.nysact(0.1, weight_decay=1e-3, rank=6, damping=0.5, **PERIODS, **config)
   params, x, y = _data()
@@ -101,23 +94,28 @@ def test_micro_batches_equal_one_large_batch(name):
 
 def test_optax_multisteps_sees_only_the_last_micro_batch():
   """Why the recipe exists: MultiSteps hands the inner NysAct the activations
-  of the micro-step that emits the update, and drops the others."""
-  # Exact mode (rank >= p) keeps this control cheap: S = I, cov = A^T A / n.
-  tx = nysact_optax.scale_by_nysact(rank=100, stat_decay=0.5, cov_update_every=1,
-                                    inv_update_every=1)
+  of the micro-step that emits the update, and drops the others. Also: with
+  the other sketch options, sketched_statistics draws the sketch the update
+  draws (the state's cov is exactly (1 - stat_decay) times it)."""
+  config = dict(sketch="subcolumns", sketch_refresh="fixed", nystrom="stable")
+  tx = nysact_optax.scale_by_nysact(rank=6, stat_decay=0.5, cov_update_every=1,
+                                    inv_update_every=1, **config)
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   params, x, y = _data()
   state = multi.init(params)
   micro = [_grads(params, x[i * MICRO:(i + 1) * MICRO], y[i * MICRO:(i + 1) * MICRO])
            for i in range(2)]
-  stats = [nysact_optax.sketched_statistics(state.inner_opt_state, acts) for _, acts in micro]
+  stats = [nysact_optax.sketched_statistics(state.inner_opt_state, acts, **config)
+           for _, acts in micro]
   update = jax.jit(multi.update)
   for grads, acts in micro:
     _, state = update(grads, state, params, activations=acts)
-  cov = state.inner_opt_state.layers["Dense_0"].cov
-  np.testing.assert_allclose(cov, 0.5 * stats[1]["Dense_0"], rtol=1e-6, atol=1e-7)
-  mean = 0.5 * (stats[0]["Dense_0"] + stats[1]["Dense_0"])
-  assert not np.allclose(cov, 0.5 * mean, rtol=1e-2)
+  for layer in ("Conv_0", "Dense_0", "Dense_1"):
+    cov = state.inner_opt_state.layers[layer].cov
+    np.testing.assert_allclose(cov, 0.5 * stats[1][layer], rtol=1e-5,
+                               atol=1e-6 * np.abs(cov).max())
+    mean = 0.5 * (stats[0][layer] + stats[1][layer])
+    assert not np.allclose(cov, 0.5 * mean, rtol=1e-2)
 
 
 def test_statistics_only_on_statistics_steps():

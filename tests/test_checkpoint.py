@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nysact_optax
+from tests import _params
 
 pytest.importorskip("orbax.checkpoint")
 
@@ -37,9 +38,8 @@ class Net(nn.Module):
 
 def _setup(width=8, **kwargs):
   model = Net(width)
-  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 2))
-  y = jax.random.randint(jax.random.PRNGKey(1), (8,), 0, 3)
-  params = model.init(jax.random.PRNGKey(2), x)["params"]
+  x, y = _params.data((8, 4, 4, 2))
+  params = jax.device_put(_params.init_params(model, x))
   tx = nysact_optax.nysact(0.1, weight_decay=1e-3, **dict(KWARGS, **kwargs))
   return model, tx, params, x, y
 

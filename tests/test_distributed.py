@@ -12,6 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nysact_optax
+from tests import _params
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py simulates them)"
@@ -38,10 +39,8 @@ TX = nysact_optax.nysact(0.1, weight_decay=1e-3, **KWARGS)
 
 @functools.cache  # one init for the whole module
 def _data():
-  x = jax.random.normal(jax.random.PRNGKey(0), (BATCH, 4, 4, 2))
-  y = jax.random.randint(jax.random.PRNGKey(1), (BATCH,), 0, 3)
-  params = MODEL.init(jax.random.PRNGKey(2), x)["params"]
-  return params, x, y
+  x, y = _params.data((BATCH, 4, 4, 2))
+  return _params.init_params(MODEL, x), x, y
 
 
 def _grads(params, x, y, loss_axis=None):
@@ -127,19 +126,20 @@ def test_mapped_equals_single_device_on_the_whole_batch(mapper):
   assert int(state[0].stat_count) == STEPS // KWARGS["cov_update_every"]
 
 
-def _param_specs(params, model_axis, auto):
-  """Dense_0 column-parallel (output axis over ``model``); with Auto axes also
-  Conv_0 column-parallel and Dense_1 row-parallel (input axis over ``model``).
-  (With Explicit axes linen's Conv and Dense cannot say how to shard their
+def _param_specs(params, auto):
+  """Dense_0 column-parallel (kernel and bias over ``model`` on the output
+  axis); with Auto axes also Conv_0 column-parallel and Dense_1 row-parallel
+  (kernel over ``model`` on the input axis). Everything else replicated.
+  (With Explicit axes, linen's Conv and Dense cannot say how to shard their
   outputs for those two.)"""
 
   def spec(path, leaf):
     layer, name = (nysact_optax._tree.key_name(k) for k in path)
-    if model_axis is None or (layer != "Dense_0" and not auto):
-      return P()
-    if layer == "Dense_1":
-      return P("model", None) if name == "kernel" else P()
-    return P(*([None] * (leaf.ndim - 1)), "model")
+    if layer == "Dense_0" or (auto and layer == "Conv_0"):
+      return P(*([None] * (leaf.ndim - 1)), "model")
+    if auto and layer == "Dense_1" and name == "kernel":
+      return P("model", None)
+    return P()
 
   return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -152,32 +152,24 @@ def _same_sharding(a, b):
   return a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
 
-@pytest.mark.parametrize(
-    "axis_type, model_axis",
-    [
-        (AxisType.Explicit, None),
-        (AxisType.Auto, None),
-        (AxisType.Explicit, "model"),
-        (AxisType.Auto, "model"),
-    ],
-    ids=["explicit-data", "auto-data", "explicit-data+model", "auto-data+model"],
-)
-def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type, model_axis):
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
+  """The batch over "data" (4 devices), parameters replicated, except kernels
+  over "model" (2 devices) as `_param_specs` says. (Data parallelism over all
+  8 devices with every parameter replicated: tests/test_multiprocess.py.)"""
   params, x, y = _data()
-  if model_axis is None:
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
-  else:
-    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
   with jax.set_mesh(mesh):
     params = jax.tree.map(
         lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
-        params, _param_specs(params, model_axis, axis_type == AxisType.Auto))
+        params, _param_specs(params, axis_type == AxisType.Auto))
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     y = jax.device_put(y, NamedSharding(mesh, P("data")))
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     state = TX.init(params)
     init_state = state
-    step = jax.jit(functools.partial(_step, TX), donate_argnums=())
+    step = jax.jit(functools.partial(_step, TX))
     for i in range(STEPS):
       params, state = step(params, state, x, y)
       # Steps 0-7 take every combination of the two lax.cond branches.
@@ -193,8 +185,10 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type, model_a
       out_types = jax.eval_shape(step, params, state, x, y)
       assert jax.tree.map(lambda t: t.sharding.spec, out_types[1][0].layers) == (
           jax.tree.map(lambda a: jax.typeof(a).sharding.spec, init_state[0].layers))
-    if model_axis is not None:
-      assert params["Dense_0"]["kernel"].sharding.spec == P(None, "model")
+    full = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+    assert full(params["Dense_0"]["kernel"]) == (None, "model")
+    row_parallel = ("model", None) if axis_type == AxisType.Auto else (None, None)
+    assert full(params["Dense_1"]["kernel"]) == row_parallel
   expected_params, expected_state = _single_device_run()
   _assert_same_run(jax.device_get(params), jax.device_get(state[0]),
                    expected_params, expected_state[0])
@@ -207,8 +201,8 @@ def test_conv_statistics_with_two_leading_axes_under_explicit_sharding(spec):
   from nysact_optax import _statistics
 
   conv = nysact_optax.ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
-  xin = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 5, 5, 3))
-  s = _statistics.Sketch(jax.random.normal(jax.random.PRNGKey(4), (28, 4)))
+  xin, _ = _params.data((8, 8, 5, 5, 3))
+  s = _statistics.Sketch(_params.data((28, 4), seed=2)[0])
   fn = jax.jit(lambda v: _statistics.sketched_covariance(
       nysact_optax.LayerInputs([v], conv), s, has_bias=True))
   expected = fn(xin)
