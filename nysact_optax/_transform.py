@@ -232,6 +232,12 @@ def scale_by_nysact(
       )
     if statistics is None:
       inputs = _check_activations(layers, activations, exclude)
+    elif activations is not None:
+      raise ValueError(
+          "scale_by_nysact.update got both activations= and statistics=: pass "
+          "statistics= (from nysact_optax.sketched_statistics) when "
+          "accumulating micro-batches, activations= otherwise"
+      )
     else:
       _check_statistics(layers, statistics)
 

@@ -145,6 +145,8 @@ def test_errors_name_what_is_wrong():
   with pytest.raises(ValueError, match=r"layer 'Dense_0': statistics has shape "
                      r"\(65, 3\), expected \(65, 6\) \(p, rank\)"):
     tx.update(grads, state, params, statistics=dict(stats, Dense_0=stats["Dense_0"][:, :3]))
+  with pytest.raises(ValueError, match="got both activations= and statistics="):
+    tx.update(grads, state, params, activations=acts, statistics=stats)
   with pytest.raises(ValueError, match="exactly one ScaleByNysActState.*found 0"):
     nysact_optax.sketched_statistics(optax.sgd(0.1).init(params), acts)
   with pytest.raises(ValueError, match=r"no activations were captured for layers \['Conv_0'\]"):
