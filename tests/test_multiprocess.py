@@ -28,7 +28,6 @@ def train(process_index: int, process_count: int, distributed: bool = True) -> d
   on one device with ``distributed=False``."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   import optax
   from jax.sharding import AxisType, NamedSharding
   from jax.sharding import PartitionSpec as P
