@@ -85,7 +85,9 @@ def sketched_statistics(
   ``update(grads, opt_state, params, statistics=mean)``, gives the same
   result as ``activations=`` of one batch holding all ``k`` micro-batches.
   Pass the same ``sketch``, ``sketch_refresh``, ``nystrom`` and
-  ``cov_update_every`` as to the optimizer.
+  ``cov_update_every`` as to the optimizer. Layers stacked with
+  ``stack_axes`` and ``nn.Einsum`` layers whose bias is stored in another
+  order than the kernel's outputs are not supported on this path yet.
 
   Args:
     opt_state: the state of :func:`nysact_optax.nysact` or

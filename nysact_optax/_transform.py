@@ -382,6 +382,7 @@ def scale_by_nysact(
       )
     else:
       _check_statistics(layers, statistics)
+      inputs = {}
 
     # A layer whose new statistics are non-finite skips the update: its EMA is
     # rescaled by (1 - beta^(k+1)) / (1 - beta^k), which leaves the
@@ -462,7 +463,11 @@ def scale_by_nysact(
         ls = layer_states[layer.name]
         kernel = leaves[position[layer.kernel_path]]
         bias = leaves[position[layer.bias_path]] if layer.has_bias else None
-        bias_perm = getattr(inputs[layer.name].spec, "bias_perm", None)
+        # With statistics= (micro-batch accumulation) no specs arrive: einsum
+        # layers whose bias is stored in another order than the kernel's
+        # outputs are not supported there (documented in sketched_statistics).
+        entry = inputs.get(layer.name)
+        bias_perm = getattr(entry.spec, "bias_perm", None) if entry else None
         g = _to_matrix(layer, kernel, bias, bias_perm, dtype)
         pg = _over_stack(
             layer, lambda g, u, lam: _nystrom.precondition(g, u, lam, damping),
