@@ -1,7 +1,9 @@
 """NysAct for JAX and Optax: Nyström-approximated activation-covariance
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
+from nysact_optax._accumulate import find_nysact_state, sketched_statistics
 from nysact_optax._capture import capture_activations
+from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._transform import (
@@ -23,6 +25,10 @@ __all__ = [
     "ScaleByNysActState",
     "capture_activations",
     "diagnostics",
+    "find_nysact_state",
     "nysact",
+    "restore_checkpoint",
+    "save_checkpoint",
     "scale_by_nysact",
+    "sketched_statistics",
 ]

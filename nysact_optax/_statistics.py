@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nysact_optax import _distributed
 from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
 
 __all__ = ["Sketch", "conv_patches", "sketched_covariance"]
@@ -67,7 +68,9 @@ def _dense_stats(x, spec, sketch, has_bias, dtype):
   x = _dense_rows(x, spec).astype(dtype)
   z = _sketch_rows(x, sketch, has_bias)
   row_axes = tuple(range(x.ndim - 1))
-  y = jnp.tensordot(x, z, axes=(row_axes, row_axes))
+  # Contracts the row axes in place (they may be sharded over a batch axis).
+  y = jnp.tensordot(x, z, axes=(row_axes, row_axes),
+                    out_sharding=_distributed.contraction_out_sharding(x, z))
   if has_bias:
     y = jnp.concatenate([y, z.sum(row_axes)[None]], axis=0)
   return y, math.prod(x.shape[:-1])
@@ -80,7 +83,9 @@ def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, object]
   ``lax.conv_general_dilated``, exactly as ``flax.linen.Conv`` does.
   """
   nsp = len(spec.kernel_size)
-  x = x.reshape((-1,) + x.shape[x.ndim - nsp - 1 :])
+  if x.ndim != nsp + 2:  # several leading axes: merge them, a sharded one major
+    x = _distributed.sharded_axes_first(x, x.ndim - nsp - 1)
+    x = x.reshape((-1,) + x.shape[x.ndim - nsp - 1 :])
   padding = spec.padding
   if padding in ("CIRCULAR", "REFLECT"):
     dilated = [(k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.kernel_dilation)]
@@ -112,6 +117,8 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
   r = s.shape[1]
   kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
+  kernel = _distributed.replicate(kernel)  # typed on the mesh, if any
+  kernel = _distributed.varying_like(kernel, x)  # per-device A^T Z in shard_map
 
   def conv(k):
     return lax.conv_general_dilated(

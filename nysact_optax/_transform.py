@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from nysact_optax import _layers, _nystrom, _sketch, _statistics, _tree
+from nysact_optax import _distributed, _layers, _nystrom, _sketch, _statistics, _tree
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "nysact", "scale_by_nysact"]
 
@@ -157,6 +157,16 @@ def _validate(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
         "integer or a tuple of kernel axes, e.g. input_axes={'query': 1}")
 
 
+def statistics_sketch_key(layer_state: NysActLayerState, sketch_refresh: str) -> jax.Array:
+  """The key of the sketch the next statistics update of a layer uses."""
+  exact = layer_state.cov.shape[-1] >= layer_state.cov.shape[-2]
+  key = layer_state.sketch_key
+  if sketch_refresh == "reference" and not exact:
+    flat = key.reshape(-1, key.shape[-1])  # one key per stacked copy
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(flat).reshape(key.shape)
+  return key
+
+
 def _periodic(count, every, fn, operand):
   """``fn(operand)`` when ``count % every == 0``, else ``operand``; one compile."""
   if every == 1:
@@ -225,6 +235,7 @@ def scale_by_nysact(
     include: _tree.LayerFilter | None = None,
     stack_axes: Mapping[str, int] | None = None,
     stats_dtype: Any = "float32",
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -281,10 +292,17 @@ def scale_by_nysact(
       ``"float32"`` (default) or ``"float64"`` (needs ``jax_enable_x64``).
       Activations and gradients of any float dtype (bf16, fp16) are cast to
       it; updates come back in the gradient's dtype.
+    axis_name: under ``pmap``/``shard_map``, the mapped axis over which the
+      sketched statistics are averaged (``lax.pmean``) before they enter the
+      EMA, so every replica holds the same factors. Gradients are not
+      averaged here: ``pmean`` them yourself, as with any optax optimizer.
+      Not needed under ``jit`` with sharded arrays.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
-    keyword ``activations`` from :func:`nysact_optax.capture_activations`.
+    keyword ``activations`` from :func:`nysact_optax.capture_activations`,
+    or instead ``statistics`` from :func:`nysact_optax.sketched_statistics`
+    (accumulated over micro-batches).
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -349,11 +367,22 @@ def scale_by_nysact(
         key, layer.p, layer.rank, sketch, orthonormal=nystrom == "stable", dtype=dtype
     )
 
-  def update_fn(updates, state, params=None, *, activations=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None,
+                statistics=None, **extra_args):
     del params, extra_args
     layers = layers_of(updates)
     _check_state(layers, state)
-    inputs = _check_activations(layers, activations, include, exclude)
+    if statistics is None:
+      inputs = _check_activations(layers, activations, include, exclude)
+    elif activations is not None:
+      raise ValueError(
+          "scale_by_nysact.update got both activations= and statistics=: pass "
+          "statistics= (from nysact_optax.sketched_statistics) when "
+          "accumulating micro-batches, activations= otherwise"
+      )
+    else:
+      _check_statistics(layers, statistics)
+      inputs = {}
 
     # A layer whose new statistics are non-finite skips the update: its EMA is
     # rescaled by (1 - beta^(k+1)) / (1 - beta^k), which leaves the
@@ -367,21 +396,28 @@ def scale_by_nysact(
         1.0,
     )
 
-    def statistics(layer_states):
+    def update_statistics(layer_states):
       new = dict(layer_states)
       for layer in layers:
         with jax.named_scope(f"nysact/statistics/{layer.name}"):
           ls = layer_states[layer.name]
+          if statistics is None:
 
-          def one(key, layer_inputs, layer=layer):
-            if sketch_refresh == "reference" and not layer.exact:
-              key = jax.random.fold_in(key, 1)
-            y = _statistics.sketched_covariance(
-                layer_inputs, draw(layer, key), layer.has_bias, dtype
-            )
-            return key, y
+            def one(key, layer_inputs, layer=layer):
+              if sketch_refresh == "reference" and not layer.exact:
+                key = jax.random.fold_in(key, 1)
+              y = _statistics.sketched_covariance(
+                  layer_inputs, draw(layer, key), layer.has_bias, dtype
+              )
+              return key, y
 
-          key, y = _over_stack(layer, one, ls.sketch_key, inputs[layer.name])
+            key, y = _over_stack(layer, one, ls.sketch_key, inputs[layer.name])
+          else:
+            key = statistics_sketch_key(ls, sketch_refresh)
+            y = jnp.asarray(statistics[layer.name], dtype)
+          y = _distributed.replicate(y)  # factors stay replicated on a mesh
+          if axis_name is not None:
+            y = lax.pmean(y, axis_name)
           cov = (stat_decay * ls.cov + (1.0 - stat_decay) * y).astype(dtype)
           ok = jnp.isfinite(cov).all((-2, -1))  # per stacked copy
           new[layer.name] = ls._replace(
@@ -392,7 +428,7 @@ def scale_by_nysact(
       return new
 
     do_stats = state.count % cov_update_every == 0
-    layer_states = _periodic(state.count, cov_update_every, statistics, state.layers)
+    layer_states = _periodic(state.count, cov_update_every, update_statistics, state.layers)
     stat_count = state.stat_count + do_stats.astype(jnp.int32)
     correction = 1.0 - jnp.asarray(stat_decay, dtype) ** stat_count
 
@@ -427,7 +463,11 @@ def scale_by_nysact(
         ls = layer_states[layer.name]
         kernel = leaves[position[layer.kernel_path]]
         bias = leaves[position[layer.bias_path]] if layer.has_bias else None
-        bias_perm = getattr(inputs[layer.name].spec, "bias_perm", None)
+        # With statistics= (micro-batch accumulation) no specs arrive: einsum
+        # layers whose bias is stored in another order than the kernel's
+        # outputs are not supported there (documented in sketched_statistics).
+        entry = inputs.get(layer.name)
+        bias_perm = getattr(entry.spec, "bias_perm", None) if entry else None
         g = _to_matrix(layer, kernel, bias, bias_perm, dtype)
         pg = _over_stack(
             layer, lambda g, u, lam: _nystrom.precondition(g, u, lam, damping),
@@ -473,6 +513,26 @@ def _check_state(layers, state):
 
 def _axes_hint(axes: tuple[int, ...]) -> int | tuple[int, ...]:
   return len(axes) if axes == tuple(range(len(axes))) else axes
+
+
+def _check_statistics(layers, statistics):
+  """Precomputed statistics must cover exactly the layers, with ``(p, r)`` shapes."""
+  names = {layer.name for layer in layers}
+  if not isinstance(statistics, Mapping) or set(statistics) != names:
+    got = sorted(statistics) if isinstance(statistics, Mapping) else type(statistics).__name__
+    raise ValueError(
+        f"statistics must map every layer to its sketched covariance: expected "
+        f"layers {sorted(names)}, got {got}. Compute them with "
+        "nysact_optax.sketched_statistics(opt_state, activations)."
+    )
+  for layer in layers:
+    shape = tuple(jnp.shape(statistics[layer.name]))
+    if shape != layer.stack_shape + (layer.p, layer.rank):
+      raise ValueError(
+          f"layer {layer.name!r}: statistics has shape {shape}, expected "
+          f"{layer.stack_shape + (layer.p, layer.rank)} (p, rank). Compute them with "
+          "nysact_optax.sketched_statistics from this optimizer's state."
+      )
 
 
 def _check_activations(layers, activations, include, exclude):
@@ -600,6 +660,7 @@ def nysact(
     include: _tree.LayerFilter | None = None,
     stack_axes: Mapping[str, int] | None = None,
     stats_dtype: Any = "float32",
+    axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
 
@@ -616,7 +677,7 @@ def nysact(
       gradient.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
     seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
-    stats_dtype: see :func:`scale_by_nysact`.
+    stats_dtype, axis_name: see :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -644,7 +705,7 @@ def nysact(
           cov_update_every=cov_update_every, inv_update_every=inv_update_every,
           seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
           exclude=exclude, input_axes=input_axes, include=include,
-          stack_axes=stack_axes, stats_dtype=stats_dtype,
+          stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
       )
   ]
   if not (_is_concrete(weight_decay) and weight_decay == 0):
