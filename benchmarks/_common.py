@@ -65,8 +65,25 @@ def machine_info() -> dict[str, Any]:
           for name in ("jax", "jaxlib", "flax", "optax", "kfac-jax", "numpy", "nysact-optax")
       },
       "load_average_at_start": None if load is None else [round(x, 2) for x in load],
+      "code": code_state(),
       "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
+
+
+def code_state() -> dict[str, Any]:
+  """The repository commit the benchmark ran on, and whether the library
+  (``nysact_optax/``) had uncommitted changes at that moment."""
+  import subprocess
+  root = pathlib.Path(__file__).resolve().parent.parent
+  def git(*a):
+    try:
+      return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,
+                            check=True, timeout=20).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+      return None
+  status = git("status", "--porcelain", "--", "nysact_optax")
+  return {"commit": git("rev-parse", "HEAD"),
+          "nysact_optax_uncommitted_changes": None if status is None else bool(status)}
 
 
 def load_average() -> list[float] | None:

@@ -129,7 +129,8 @@ def _exact_ops(p: int, n: int, o: int):
   }
 
 
-def time_op(fn, make_args, *, repeats: int, once_above: float) -> dict[str, Any]:
+def time_op(fn, make_args, *, repeats: int, once_above: float,
+            min_time: float = 0.5) -> dict[str, Any]:
   args = make_args()
   jax.block_until_ready(args)
   t0 = time.perf_counter()
@@ -140,7 +141,7 @@ def time_op(fn, make_args, *, repeats: int, once_above: float) -> dict[str, Any]
   if first > once_above:
     times = [first]
   else:
-    times = _common.time_fn(run, repeats=repeats, min_time=0.3, max_repeats=50)
+    times = _common.time_fn(run, repeats=repeats, min_time=min_time, max_repeats=100)
   del args
   return {"min_s": min(times), "median_s": _common.median(times), "runs": len(times),
           "first_run_s": first, "compile_s": compile_s}
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out-features", type=int, default=512, help="o, layer outputs")
   parser.add_argument("--sketch", choices=("gaussian", "subcolumns"), default="gaussian")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--min-time", type=float, default=0.5,
+                      help="repeat each op until this many seconds (up to 100 runs; best is kept)")
   parser.add_argument("--once-above", type=float, default=2.0,
                       help="time once when a run takes longer than this (s)")
   parser.add_argument("--max-eigh-p", type=int, default=4096)
@@ -196,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       fn, make = _exact_ops(p, args.rows, args.out_features)[op]
     else:
       fn, make = _ops(p, r, args.rows, args.out_features, args.sketch)[op]
-    res = time_op(fn, make, repeats=args.repeats, once_above=args.once_above)
+    res = time_op(fn, make, repeats=args.repeats, once_above=args.once_above,
+                  min_time=args.min_time)
     rows.append({"op": op, "rank": r, "p": p, **res})
 
   fits = {}
