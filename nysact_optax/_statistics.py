@@ -4,7 +4,10 @@ For a dense layer ``A`` is the (flattened) input; for a convolution ``A`` is
 the im2col patch matrix, which is never built: ``A S`` is a convolution of the
 input with ``S`` reshaped as a kernel of ``r`` output channels and ``A^T Z``
 is that convolution's kernel-gradient for the output cotangent ``Z``
-(design note, section 4). With a bias, a constant 1 is appended to each row of
+(design note, section 4), written as a canonical convolution of the
+transposed input with ``Z`` as its kernel: XLA:CPU emits the kernel-gradient
+form as a naive loop inside ``lax.cond``, where the optimizer runs the
+statistics (10-70x slower, ``python -m benchmarks.conv_stats``). With a bias, a constant 1 is appended to each row of
 ``A``; its column needs only sums.
 
 Grouped convolutions (``feature_group_count = G``, depthwise included) share
@@ -108,8 +111,30 @@ def _conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
   )
 
 
+_CANONICAL = {
+    1: ("NHC", "HIO", "NHC"),
+    2: ("NHWC", "HWIO", "NHWC"),
+    3: ("NDHWC", "DHWIO", "NDHWC"),
+}
+
+
+def _conv_pads(x: jax.Array, spec: ConvSpec, padding) -> list[tuple[int, int]]:
+  """Explicit ``(low, high)`` pads of the spatial axes, as lax computes them."""
+  if not isinstance(padding, str):
+    return [tuple(p) for p in padding]
+  dilated = [(k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.kernel_dilation)]
+  return [tuple(p) for p in lax.padtype_to_pads(
+      x.shape[1:-1], dilated, spec.strides, padding)]
+
+
+def _explicitly_sharded(x: jax.Array) -> bool:
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return bool(spec) and any(entry is not None for entry in spec)
+
+
 def _conv_stats(x, spec, sketch, has_bias, dtype):
   x, padding = prepare_conv_input(x.astype(dtype), spec)
+  nsp = len(spec.kernel_size)
   groups = spec.feature_group_count
   cg = x.shape[-1] // groups
   p_in = math.prod(spec.kernel_size) * cg
@@ -119,21 +144,51 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
   kernel = _distributed.replicate(kernel)  # typed on the mesh, if any
   kernel = _distributed.varying_like(kernel, x)  # per-device A^T Z in shard_map
+  dnums = _conv_dimension_numbers(x.ndim)
+  if _explicitly_sharded(x):
+    # Under explicit sharding, the kernel-gradient of the convolution carries
+    # the sharding rules; the canonical form below would transpose the
+    # sharded batch axis into a feature axis.
+    def conv(k):
+      return lax.conv_general_dilated(
+          x, k, spec.strides, padding, lhs_dilation=spec.input_dilation,
+          rhs_dilation=spec.kernel_dilation, dimension_numbers=dnums,
+          feature_group_count=groups)
 
-  def conv(k):
-    return lax.conv_general_dilated(
-        x, k, spec.strides, padding,
-        lhs_dilation=spec.input_dilation,
-        rhs_dilation=spec.kernel_dilation,
-        dimension_numbers=_conv_dimension_numbers(x.ndim),
-        feature_group_count=groups,
-    )
-
-  z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
-  if has_bias:
-    z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
-  (y,) = conv_vjp(z)  # A^T Z, kernel-shaped
-  y = y.reshape(p_in, groups, r).sum(1)
+    z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
+    if has_bias:
+      z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
+    (y,) = conv_vjp(z)  # A^T Z, kernel-shaped
+    y = y.reshape(p_in, groups, r).sum(1)
+  else:
+    # Input dilation and padding applied once, explicitly, so both products
+    # below are plain strided convolutions.
+    pads = _conv_pads(x, spec, padding)
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [
+        (lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)] + [(0, 0, 0)])
+    z = lax.conv_general_dilated(
+        xp, kernel, spec.strides, "VALID", rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=dnums, feature_group_count=groups)  # A S: (b, *out, G*r)
+    if has_bias:
+      z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
+    # A^T Z as a canonical convolution (the kernel-gradient transposed by
+    # hand): the channels of a group act as the batch, the (group, batch)
+    # pairs as the contracted features, Z as the kernel with rhs dilation
+    # = strides. XLA:CPU lowers the kernel-gradient form to a naive loop
+    # inside ``lax.cond`` (where the optimizer runs it), 10-80x slower.
+    b, sp = xp.shape[0], xp.shape[1:-1]
+    xt = xp.reshape((b,) + sp + (groups, cg))
+    xt = jnp.transpose(xt, (nsp + 2, *range(1, nsp + 1), nsp + 1, 0))  # (cg, *sp, G, b)
+    xt = xt.reshape((cg,) + sp + (groups * b,))
+    zt = z.reshape(z.shape[:-1] + (groups, r))
+    zt = jnp.moveaxis(zt, (0, nsp + 1), (-2, -3))  # (*out, G, b, r)
+    zt = zt.reshape(zt.shape[:nsp] + (groups * b, r))
+    y = lax.conv_general_dilated(
+        xt, zt, spec.kernel_dilation, "VALID", rhs_dilation=spec.strides,
+        dimension_numbers=lax.conv_dimension_numbers(
+            xt.shape, zt.shape, _CANONICAL[nsp]))  # (cg, >= k..., r)
+    y = y[(slice(None),) + tuple(slice(0, k) for k in spec.kernel_size)]
+    y = jnp.moveaxis(y, 0, -2).reshape(p_in, r)  # kernel order (*k, cg)
   if has_bias:
     zsum = z.sum(tuple(range(z.ndim - 1))).reshape(groups, r).sum(0)
     y = jnp.concatenate([y, zsum[None]], axis=0)

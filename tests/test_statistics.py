@@ -85,3 +85,18 @@ def test_bf16_inputs_are_accumulated_in_float32():
   assert y.dtype == jnp.float32
   a = np.asarray(x.astype(jnp.float32), np.float64)
   np.testing.assert_allclose(y, a.T @ a / 64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 1), (-1, 2))])
+def test_conv_statistics_with_input_dilation_equal_patch_formula(padding):
+  """Input (lhs) dilation and negative explicit pads (lax takes no string
+  padding with input dilation): A^T A S against the patch matrix that lax
+  builds for the same convolution."""
+  spec = ConvSpec((3, 2), (2, 1), padding, (2, 3), (1, 2), 1)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 5, 4, 3))
+  a = np.asarray(conv_patches(x, spec), np.float64)
+  a = _reference.with_bias_column(a)
+  s = draw_sketch(jax.random.PRNGKey(4), a.shape[1], 5, "gaussian")
+  ours = jax.jit(sketched_covariance, static_argnums=2)(LayerInputs([x], spec), s, True)
+  expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
