@@ -7,9 +7,7 @@ and captured activations of one batch fixed:
   pays), for scale;
 * ``update``: ``scale_by_nysact(...).update`` alone, jitted, at step counts
   1 (plain: apply only), 5 (statistics + apply) and 50 (statistics +
-  inverse refresh + apply), as the library is and, with
-  ``_proposed_fixes.patched_conv_stats``, with the conv statistics written as
-  a canonical convolution;
+  inverse refresh + apply);
 * ``layers``: each layer's sketched statistics alone, at the top level of a
   jitted function and inside a taken ``lax.cond`` branch (where the optimizer
   runs them);
@@ -35,7 +33,7 @@ from tqdm.auto import tqdm
 
 import nysact_optax
 from nysact_optax import _sketch, _statistics
-from benchmarks import _common, _proposed_fixes, step_time
+from benchmarks import _common, step_time
 
 
 def _time(compiled, *args, repeats: int) -> float:
@@ -71,14 +69,11 @@ def profile_model(name: str, batch: int, configs: Sequence[dict], repeats: int,
                          "configs": []}
   for cfg in configs:
     entry: dict[str, Any] = {"config": cfg}
-    for variant in ("library", "patched_conv_stats"):
-      ctx = (_proposed_fixes.patched_conv_stats() if variant == "patched_conv_stats"
-             else _nullcontext())
-      with ctx:
-        tx = nysact_optax.scale_by_nysact(**cfg)
-        state = tx.init(task.params)
-        f = jax.jit(lambda g, s, a: tx.update(g, s, None, activations=a))
-        compiled = f.lower(grads, state, acts).compile()
+    for variant in ("library",):
+      tx = nysact_optax.scale_by_nysact(**cfg)
+      state = tx.init(task.params)
+      f = jax.jit(lambda g, s, a: tx.update(g, s, None, activations=a))
+      compiled = f.lower(grads, state, acts).compile()
       times = {}
       for count, phase in ((1, "plain"), (5, "statistics"), (50, "inverse")):
         s2 = state._replace(count=jnp.asarray(count, jnp.int32))
@@ -114,14 +109,6 @@ def profile_model(name: str, batch: int, configs: Sequence[dict], repeats: int,
   return res
 
 
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *exc):
-    return False
-
-
 def _params_at(params, path: str):
   node = params
   for part in path.split("/"):
@@ -134,9 +121,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--models", default="cnn,resnet20,transformer")
   parser.add_argument("--configs", default="gaussian:10,subcolumns:50",
                       help="sketch:rank pairs")
-  parser.add_argument("--batch-cnn", type=int, default=32)
-  parser.add_argument("--batch-resnet20", type=int, default=16)
-  parser.add_argument("--batch-transformer", type=int, default=4)
+  parser.add_argument("--batch-cnn", type=int, default=128)
+  parser.add_argument("--batch-resnet20", type=int, default=64)
+  parser.add_argument("--batch-transformer", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--data", choices=("real", "synthetic"), default="real")
   parser.add_argument("--blas-threads", type=int, default=1,
@@ -172,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\n{m}: batch {tuple(res['batch_shape'])}, fwd+bwd {1e3 * res['fwd_bwd_s']:.1f} ms")
     for e in res["configs"]:
       cfg = e["config"]
-      for variant in ("library", "patched_conv_stats"):
+      for variant in ("library",):
         v = e[variant]
         u = v["update_s"]
         print(f"  {cfg['sketch']}:{cfg['rank']:<3} {variant:<19} update ms: plain "

@@ -62,11 +62,19 @@ def step_time_md(r: dict[str, Any]) -> str:
 
 
 def targets_md(r: dict[str, Any]) -> str:
-  out = ["| target | variant | measured | limit | |", "|---|---|---:|---:|---|"]
+  out = ["| target | variant | measured | limit | | notes |", "|---|---|---:|---:|---|---|"]
   for t in r.get("targets", []):
     value = "-" if t["value"] is None else f"{t['value']:.3f}"
+    notes = []
+    if t.get("per_round"):
+      notes.append("rounds " + ", ".join(f"{x:.2f}" for x in t["per_round"]))
+    if t.get("ratio_of_fastest_blocks"):
+      notes.append(f"fastest/fastest {t['ratio_of_fastest_blocks']:.3f}")
+    if t.get("geometric_mean_speedup"):
+      notes.append(f"geometric mean {t['geometric_mean_speedup']:.2f}, worst at "
+                   f"{t['worst_config']['channels']} ch {t['worst_config']['size']}x{t['worst_config']['size']}")
     out.append(f"| {t['target']} | {t.get('variant', '')} | {value} | {t['limit']} | "
-               f"{'pass' if t['pass'] else '**miss**'} |")
+               f"{'pass' if t['pass'] else '**miss**'} | {'; '.join(notes)} |")
   return "\n".join(out)
 
 
@@ -100,23 +108,19 @@ def conv_md(r: dict[str, Any]) -> str:
          f"{s['kernel']}x{s['kernel']} SAME stride 1; best-of-runs ms, XLA temp MiB.", "",
          "| C | HxW | p | im2col (conv_patches) ms | im2col (slices) ms | patch-free ms "
          "| speedup vs faster im2col | temp MiB im2col (slices) | temp MiB patch-free "
-         "| in lax.cond: im2col best / patch-free ms | proposal (canonical conv) ms: top / in cond |",
-         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+         "| in lax.cond: im2col best / patch-free ms |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
   for x in r["rows"]:
     mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"
     cond = "-"
     if "patch_free_in_cond" in x:
       best = min(x["im2col_in_cond"]["min_s"], x["im2col_slices_in_cond"]["min_s"])
       cond = f"{_ms(best)} / {_ms(x['patch_free_in_cond']['min_s'])}"
-    shifts = "-"
-    if "canonical_proposed" in x:
-      shifts = _ms(x["canonical_proposed"]["min_s"]) + " / " + (
-          _ms(x["canonical_proposed_in_cond"]["min_s"]) if "canonical_proposed_in_cond" in x else "-")
     out.append(
         f"| {x['channels']} | {x['size']}x{x['size']} | {x['p']} | {_ms(x['im2col']['min_s'])} | "
         f"{_ms(x['im2col_slices']['min_s'])} | {_ms(x['patch_free']['min_s'])} | "
         f"{x['speedup']:.2f} | {mb(x['im2col_slices'].get('temp_bytes'))} | "
-        f"{mb(x['patch_free'].get('temp_bytes'))} | {cond} | {shifts} |")
+        f"{mb(x['patch_free'].get('temp_bytes'))} | {cond} |")
   return "\n".join(out)
 
 
@@ -128,7 +132,7 @@ def profile_md(r: dict[str, Any]) -> str:
   for m, res in r["models"].items():
     for e in res["configs"]:
       cfg = f"{e['config']['sketch']} r={e['config']['rank']}"
-      for variant in ("library", "patched_conv_stats"):
+      for variant in [v for v in ("library", "patched_conv_stats") if v in e]:
         v = e[variant]
         u = v["update_s"]
         naive = len(e["naive_loop_convs"]) if variant == "library" else "-"

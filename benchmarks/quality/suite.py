@@ -6,9 +6,11 @@ Stages, in priority order (each reads what the earlier ones wrote):
    set, one seed, over its learning-rate grid (same grid size for all).
 2. ``test``: every optimizer at its best validation learning rate, several
    seeds, on the test set.
-3. ``ablate``: NysAct on the validation split, one seed, at the default's
-   tuned learning rate, one design choice changed at a time: rank, sketch,
-   sketch refresh, Nyström variant, damping, statistics/inverse periods.
+3. ``ablate``: NysAct on the validation split, at the default's tuned
+   learning rate, one design choice changed at a time: rank, sketch, sketch
+   refresh, Nyström variant, damping, statistics/inverse periods; seed 0 of
+   each first, then more seeds (``Preset.ablation_seeds``) of the choices
+   that set the defaults.
    The preconditioner's error against the exact damped inverse is tracked.
 4. ``best``: the best ablation setting on the test set, several seeds.
 5. ``lm``: the character transformer on the KJV Bible, SGD/AdamW/NysAct,
@@ -68,6 +70,7 @@ class Preset:
   lm_grids: dict[str, tuple[float, ...]] | None = None
   lm_seeds: int = 3
   late: tuple[str, ...] = ()  # optimizers tuned and tested after the ablations
+  ablation_seeds: int = 1  # seeds of each ablation on the validation split
 
 
 # The optimizers compared: label -> (family, RunConfig overrides).
@@ -95,6 +98,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fixed": {"nysact": (("sketch_refresh", "fixed"),)},
     "stable": {"nysact": (("nystrom", "stable"),)},
     "fixed_stable": {"nysact": (("nystrom", "stable"), ("sketch_refresh", "fixed"))},
+    "stable_subcolumns": {"nysact": (("nystrom", "stable"), ("sketch", "subcolumns"))},
     "damping0.1": {"damping": 0.1},
     "damping10": {"damping": 10.0},
     "periods1_10": {"nysact": (("cov_update_every", 1), ("inv_update_every", 10))},
@@ -104,7 +108,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 ABLATION_ORDER = (
     "rank10", "fixed", "stable", "subcolumns", "rank1", "rank5", "rank20", "rank50",
     "damping0.1", "damping10", "periods1_10", "periods10_100", "fixed_stable",
+    "stable_subcolumns",
 )
+# The choices that set the library's defaults: run with more seeds first.
+ABLATION_KEY = ("rank10", "stable", "fixed", "subcolumns", "fixed_stable", "stable_subcolumns")
 
 _CNN_CPU = train.RunConfig(
     task="fmnist_cnn", steps=300, batch_size=64, eval_every=75, eval_size=1000,
@@ -138,9 +145,11 @@ PRESETS = {
     ),
     # K-FAC last on the CPU: its steps cost several times SGD's there.
     "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=3, resnet=_RESNET_CPU,
-                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2, late=("kfac",)),
+                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=2, late=("kfac",),
+                  ablation_seeds=3),
     "full": Preset(cnn=_CNN_FULL, grids=GRIDS, seeds=5, resnet=_RESNET_FULL,
-                   resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3),
+                   resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3,
+                   ablation_seeds=3),
 }
 
 
@@ -198,12 +207,16 @@ def best_lr(root: pathlib.Path, stage: str, task: str, label: str,
 
 
 def best_ablation(root: pathlib.Path, task: str) -> str | None:
-  """The best ablation setting, once every ablation has finished."""
+  """The best ablation setting (highest mean score over its finished seeds),
+  once seed 0 of every ablation has finished."""
   runs = [r for r in load_runs(root, "ablate") if r["_name"].startswith(task + "__")]
-  if {r["_name"].split("__")[1] for r in runs} < set(ABLATION_ORDER):
+  if {r["_name"].split("__")[1] for r in runs if r["_name"].endswith("__s0")} < set(
+      ABLATION_ORDER):
     return None
-  best = max(runs, key=score)
-  return best["_name"].split("__")[1]
+  by_label: dict[str, list[float]] = {}
+  for r in runs:
+    by_label.setdefault(r["_name"].split("__")[1], []).append(score(r))
+  return max(by_label, key=lambda k: sum(by_label[k]) / len(by_label[k]))
 
 
 def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -> Iterator[Run]:
@@ -238,16 +251,23 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
         if run.stage == stage.removeprefix("late_"):
           yield run
     elif stage == "ablate":
-      for label in ABLATION_ORDER:
+      # Seed 0 of every ablation first, then more seeds of the design choices
+      # that set the defaults (ABLATION_KEY), then of the rest.
+      order = [(label, 0) for label in ABLATION_ORDER]
+      order += [(label, seed) for seed in range(1, preset.ablation_seeds)
+                for label in ABLATION_KEY]
+      order += [(label, seed) for seed in range(1, preset.ablation_seeds)
+                for label in ABLATION_ORDER if label not in ABLATION_KEY]
+      for label, seed in order:
         lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
         over = dict(ABLATIONS.get(label, {}))
         cfg = None
         if lr is not None:
-          cfg = _cfg(base, "nysact", lr=lr, split="val", seed=0, **over)
+          cfg = _cfg(base, "nysact", lr=lr, split="val", seed=seed, **over)
         copy = None
-        if label == "rank10" and lr is not None:
+        if label == "rank10" and seed == 0 and lr is not None:
           copy = root / "tune" / f"{base.task}__nysact__lr{_fmt(lr)}__s0.json"
-        yield Run("ablate", f"{base.task}__{label}__s0", cfg, copy)
+        yield Run("ablate", f"{base.task}__{label}__s{seed}", cfg, copy)
     elif stage == "best":
       choice = best_ablation(root, base.task)
       lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
