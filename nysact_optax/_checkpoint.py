@@ -138,6 +138,24 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any) -> Any:
 
   Raises:
     ValueError: if the checkpoint does not fit ``target``.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, nysact_optax
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2))}}
+    >>> tx = nysact_optax.nysact(0.1, rank=2)
+    >>> path = tempfile.mkdtemp() + "/step_0"
+    >>> nysact_optax.save_checkpoint(path, {"params": params, "opt_state": tx.init(params)})
+    >>> target = {"params": params, "opt_state": tx.init(params)}  # e.g. a fresh state
+    >>> back = nysact_optax.restore_checkpoint(path, target)
+    >>> back["opt_state"][0].layers["dense"].basis.shape
+    (3, 2)
+    >>> other_rank = nysact_optax.nysact(0.1, rank=1).init(params)
+    >>> nysact_optax.restore_checkpoint(path, {"params": params, "opt_state": other_rank})
+    Traceback (most recent call last):
+    ...
+    ValueError: the checkpoint at ... does not fit the target state:
+      - layer 'dense': cov has shape (3, 2) in the checkpoint but (3, 1) in the target ...
+    ...
   """
   ocp = _orbax()
   directory = os.path.abspath(directory)

@@ -33,6 +33,13 @@ class LayerDiagnostics(NamedTuple):
     eig_max: largest Nyström eigenvalue ``lam``.
     condition_number: of ``P``: ``(eig_max + damping) / (eig_min + damping)``
       in exact mode (``r = p``), ``(eig_max + damping) / damping`` otherwise.
+
+  Examples:
+    >>> import jax.numpy as jnp, nysact_optax
+    >>> state = nysact_optax.nysact(0.1, rank=2).init({"dense": {"kernel": jnp.ones((4, 3))}})
+    >>> d = nysact_optax.diagnostics(state, damping=1.0)["dense"]  # before any update
+    >>> float(d.eig_max), float(d.condition_number)  # P = I / damping
+    (0.0, 1.0)
   """
 
   failures: jax.Array

@@ -27,6 +27,11 @@ class DenseSpec:
 
   Attributes:
     axis: the contracted input axes (negative or non-negative).
+
+  Examples:
+    >>> spec = DenseSpec(axis=(-2, -1))  # e.g. DenseGeneral(axis=(-2, -1))
+    >>> spec.input_width((7, 3, 4)), spec.kernel_input_axes
+    (12, (0, 1))
   """
 
   axis: tuple[int, ...] = (-1,)
@@ -50,6 +55,12 @@ class ConvSpec:
 
   ``padding`` is ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
   ``'CAUSAL'`` or a tuple of ``(low, high)`` pairs.
+
+  Examples:
+    >>> spec = ConvSpec(kernel_size=(3, 3), strides=(1, 1), padding="SAME",
+    ...                 input_dilation=(1, 1), kernel_dilation=(1, 1))
+    >>> spec.input_width((16, 28, 28, 8))  # p = 3 * 3 * c_in (+1 with a bias)
+    72
   """
 
   kernel_size: tuple[int, ...]
@@ -208,6 +219,16 @@ class LayerInputs:
     spec: how those inputs meet the kernel.
     kernel_shape: the kernel's shape as the module saw it (without stack
       axes), or ``None`` when unknown; used to check the parameter tree.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, nysact_optax
+    >>> model = nn.Sequential([nn.Conv(4, (3, 3)), nn.Dense(2)])
+    >>> variables = model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 1)))
+    >>> _, acts = nysact_optax.capture_activations(model.apply)(variables, jnp.ones((5, 8, 8, 1)))
+    >>> acts["layers_0"].inputs[0].shape, acts["layers_0"].kernel_shape
+    ((5, 8, 8, 1), (3, 3, 1, 4))
+    >>> acts["layers_1"].spec
+    DenseSpec(axis=(-1,))
   """
 
   def __init__(

@@ -39,6 +39,14 @@ class NysActLayerState(NamedTuple):
     stat_skips: how many statistics updates were skipped because the layer's
       new statistics were non-finite (non-finite activations, or overflow);
       the bias-corrected covariance and the sketch were left as they were.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, nysact_optax
+    >>> tx = nysact_optax.scale_by_nysact(rank=2)
+    >>> state = tx.init({"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}})
+    >>> jax.tree.map(jnp.shape, state.layers["dense"])  # p = 4 inputs + 1 for the bias
+    NysActLayerState(sketch_key=(2,), cov=(5, 2), basis=(5, 2), eigvals=(2,),
+                     failures=(), stat_skips=())
   """
 
   sketch_key: jax.Array
@@ -58,6 +66,15 @@ class ScaleByNysActState(NamedTuple):
       correction ``1 - stat_decay^k`` (int32).
     layers: per-layer :class:`NysActLayerState`, keyed by layer path
       (e.g. ``"Block_0/Conv_1"``).
+
+  Examples:
+    >>> import jax.numpy as jnp, nysact_optax
+    >>> state = nysact_optax.scale_by_nysact().init({"dense": {"kernel": jnp.ones((4, 3))}})
+    >>> int(state.count), int(state.stat_count), list(state.layers)
+    (0, 0, ['dense'])
+    >>> opt_state = nysact_optax.nysact(0.1).init({"dense": {"kernel": jnp.ones((4, 3))}})
+    >>> type(nysact_optax.find_nysact_state(opt_state)).__name__  # inside the chain
+    'ScaleByNysActState'
   """
 
   count: jax.Array
