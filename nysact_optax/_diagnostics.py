@@ -28,8 +28,11 @@ class LayerDiagnostics(NamedTuple):
     stat_skips: statistics updates skipped because the new statistics were
       non-finite (non-finite or overflowing activations).
     eig_min: smallest Nyström eigenvalue ``lam`` (of ``U diag(lam) U^T``, the
-      approximate covariance; for ``nystrom="shifted"`` it approximates the
-      damped covariance ``A + damping I``). Zero before the first refresh.
+      approximate covariance). With ``nystrom="shifted"`` the eigenvalues
+      usually come out below the covariance's, often clipped to 0 when
+      ``damping`` is comparable to them (then ``P = I / damping`` in those
+      directions).
+      Zero before the first refresh.
     eig_max: largest Nyström eigenvalue ``lam``.
     condition_number: of ``P``: ``(eig_max + damping) / (eig_min + damping)``
       in exact mode (``r = p``), ``(eig_max + damping) / damping`` otherwise.

@@ -63,9 +63,11 @@ def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax
   ``C_rho = C_hat + rho S``, ``W = S^T C_rho``, shifted by
   ``|lambda_min(W)| + rho`` (plus ``10 r eps ||W||``, so that the Cholesky
   factor exists when ``rho`` is below ``W``'s round-off) before its Cholesky
-  factor. ``U diag(lam) U^T`` approximates the damped covariance
-  ``A + rho I``, so the preconditioner damps it once more, as the reference
-  does.
+  factor. ``U diag(lam) U^T`` is meant to approximate the damped covariance
+  ``A + rho I`` (the preconditioner damps it once more, as the reference
+  does), but the shift is added to ``W`` only, not to ``C_rho``, and then
+  subtracted from ``sigma^2``: the eigenvalues come out below the
+  covariance's, clipped to 0 when ``rho`` is comparable to them.
 
   Args:
     c_hat: bias-corrected sketched covariance ``A S`` (p x r).
