@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test
+.PHONY: train test bench
+
+B ?= report
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,3 +18,11 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	touch $@
+
+# make bench B=step_time ARGS="--models cnn": one benchmark (default: the report)
+bench: $(VENV)/.bench-installed
+	$(PY) -m benchmarks.$(B) $(ARGS)

@@ -159,6 +159,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   root = pathlib.Path(args.results)
   for fname, fn in (("step_time.json", step_time_md), ("step_time.json", targets_md),
+                    ("step_time_nysact.json", step_time_md), ("step_time_nysact.json", targets_md),
                     ("scaling.json", scaling_md), ("scaling.json", targets_md),
                     ("conv_stats.json", conv_md), ("conv_stats.json", targets_md),
                     ("profile_update.json", profile_md)):
