@@ -75,7 +75,7 @@ def sketched_statistics(
     *,
     sketch: str = "gaussian",
     sketch_refresh: str = "reference",
-    nystrom: str = "shifted",
+    nystrom: str = "stable",
     cov_update_every: int = 1,
 ) -> dict[str, jax.Array]:
   """The sketched covariance ``A^T A S / n`` of one micro-batch, per layer.
