@@ -164,24 +164,46 @@ def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list
   return out
 
 
+def _finite(xs):
+  return [x for x in xs if x is not None and math.isfinite(x)]
+
+
+def _by_label(runs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+  """Runs grouped by ablation label, in ``suite.ABLATION_ORDER``."""
+  order = {k: i for i, k in enumerate(suite.ABLATION_ORDER)}
+  by = collections.defaultdict(list)
+  for r in runs:
+    by[_label(r["_name"])].append(r)
+  return sorted(by.items(), key=lambda kv: order.get(kv[0], 99))
+
+
+def _nystrom_of(r: dict[str, Any]) -> str:
+  return dict(r["config"].get("nysact") or ()).get("nystrom", "shifted")
+
+
 def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
   lines = [
-      "| setting | val accuracy % | ms/step | P error rel. Frobenius (last / mean) | "
-      "rel. on top-10 eigvecs (last / mean) | refresh failures |",
-      "|---|---|---|---|---|---|",
+      "| setting | Nyström | seeds | val accuracy % (mean ± sd) | per seed | ms/step "
+      "| P error rel. Frobenius (last, mean over seeds) | rel. on top-10 eigvecs (last) "
+      "| refresh failures |",
+      "|---|---|---|---|---|---|---|---|---|",
   ]
-  order = {k: i for i, k in enumerate(suite.ABLATION_ORDER)}
-  for r in sorted(runs, key=lambda r: order.get(_label(r["_name"]), 99)):
-    err = r.get("preconditioner_error") or []
-    if err:
-      fro = f"{err[-1]['rel_fro']:.3f} / {np.mean([e['rel_fro'] for e in err]):.3f}"
-      top = f"{err[-1]['rel_top10']:.3f} / {np.mean([e['rel_top10'] for e in err]):.3f}"
-    else:
-      fro = top = "n/a"
-    fails = sum((r.get("nysact_refresh_failures") or {}).values())
-    acc = _pct(r["final"]["eval_accuracy"]) + (" (diverged)" if r["final"]["diverged"] else "")
-    lines.append(f"| {_label(r['_name'])} | {acc} | "
-                 f"{1e3 * r['timing']['train_s_per_step']:.0f} | {fro} | {top} | {fails} |")
+  for label, rs in _by_label(runs):
+    rs = sorted(rs, key=lambda r: r["config"]["seed"])
+    accs = [r["final"]["eval_accuracy"] for r in rs]
+    m, sd = _mean_std(accs)
+    per_seed = ", ".join(_pct(a) + ("*" if r["final"]["diverged"] else "") for a, r in zip(accs, rs))
+    last = [(r.get("preconditioner_error") or [None])[-1] for r in rs]
+    fro = _finite([e.get("rel_fro") for e in last if e])
+    top = _finite([e.get("rel_top10") for e in last if e])
+    fails = sum(sum((r.get("nysact_refresh_failures") or {}).values()) for r in rs)
+    ms = _mean_std([r["timing"]["train_s_per_step"] for r in rs])[0]
+    lines.append(
+        f"| {label} | {_nystrom_of(rs[0])} | {len(rs)} | {_pct(m)} ± {_pct(sd)} | {per_seed} | "
+        f"{1e3 * ms:.0f} | {f'{np.mean(fro):.3f}' if fro else 'n/a'} | "
+        f"{f'{np.mean(top):.3f}' if top else 'n/a'} | {fails} |")
+  lines.append("")
+  lines.append("(* diverged: the loss became non-finite.)")
   return lines
 
 
@@ -229,27 +251,34 @@ def plot_ablations(runs: list[dict[str, Any]], path: pathlib.Path, title: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  order = {k: i for i, k in enumerate(suite.ABLATION_ORDER)}
-  runs = sorted(runs, key=lambda r: order.get(_label(r["_name"]), 99))
+  groups = [(k, rs) for k, rs in _by_label(runs)
+            if not any(r["final"]["diverged"] for r in rs)]
   fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-  names = [_label(r["_name"]) for r in runs]
-  accs = [100 * r["final"]["eval_accuracy"] for r in runs]
-  colors = ["#d62728" if n == "rank10" else "#1f77b4" for n in names]
-  axes[0].bar(names, accs, color=colors)
-  if accs:
-    axes[0].set_ylim(min(accs) - 1, max(accs) + 0.5)
+  names = [k for k, _ in groups]
+  stats = [_mean_std([r["final"]["eval_accuracy"] for r in rs]) for _, rs in groups]
+  means = [100 * m for m, _ in stats]
+  sds = [100 * s for _, s in stats]
+  colors = ["#d62728" if n == "rank10" else "#2ca02c" if n == suite.DEFAULT_ABLATION
+            else "#1f77b4" for n in names]
+  axes[0].bar(names, means, yerr=sds, color=colors, capsize=3)
+  for i, (_, rs) in enumerate(groups):
+    axes[0].plot([i] * len(rs), [100 * r["final"]["eval_accuracy"] for r in rs], "k.", ms=4)
+  if means:
+    axes[0].set_ylim(min(means) - 3, max(means) + 2)
   axes[0].set_ylabel("validation accuracy %")
-  axes[0].set_title("final accuracy (red: default)")
+  axes[0].set_title("mean ± sd over seeds (dots: seeds; red: protocol baseline, "
+                    "green: new default)", fontsize=9)
   axes[0].tick_params(axis="x", rotation=60)
-  for r, n in zip(runs, names):
-    err = r.get("preconditioner_error") or []
+  for n, rs in groups:
+    err = next((r.get("preconditioner_error") for r in rs if r["config"]["seed"] == 0), None)
+    err = [e for e in (err or []) if e.get("rel_top10") is not None]
     if err:
       axes[1].plot([e["step"] for e in err], [e["rel_top10"] for e in err], marker="o",
                    ms=3, label=n)
   axes[1].set_yscale("log")
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("||(P - P_exact) V10|| / ||P_exact V10||")
-  axes[1].set_title("preconditioner error on the covariance's top-10 eigenvectors")
+  axes[1].set_title("preconditioner error on the covariance's top-10 eigenvectors (seed 0)")
   axes[1].legend(fontsize=7, ncol=2)
   axes[1].grid(alpha=0.3)
   fig.suptitle(title, fontsize=10)
@@ -305,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       target_lines += targets(stats, lm, title)
   abl = suite.load_runs(root, "ablate")
   if abl:
-    md += ["## Ablations (Fashion-MNIST CNN, validation split, seed 0, NysAct's tuned lr)", "",
+    md += ["## Ablations (Fashion-MNIST CNN, validation split, NysAct's tuned lr)", "",
            _describe(abl), "",
            "P error: the factors in the optimizer state against the exact damped inverse "
            "(C + rho I)^-1 of the same (exact) EMA statistics at the last inverse refresh, "
@@ -314,14 +343,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     png = out / "ablations_cnn.png"
     plot_ablations(abl, png, "NysAct ablations on the Fashion-MNIST CNN")
     md += [f"![ablations]({png.name})", ""]
-    summary["ablations"] = {_label(r["_name"]): {
-        "val_accuracy": r["final"]["eval_accuracy"],
-        "ms_per_step": 1e3 * r["timing"]["train_s_per_step"],
-        "preconditioner_error": r.get("preconditioner_error")} for r in abl}
+    summary["ablations"] = {label: {
+        "nystrom": _nystrom_of(rs[0]),
+        "seeds": [r["config"]["seed"] for r in rs],
+        "val_accuracy": [r["final"]["eval_accuracy"] for r in rs],
+        "diverged": [bool(r["final"]["diverged"]) for r in rs],
+        "ms_per_step": [1e3 * r["timing"]["train_s_per_step"] for r in rs]}
+        for label, rs in _by_label(abl)}
   best = suite.load_runs(root, "best")
   if best:
     lines, stats = test_table(best)
-    md += ["## Best ablation setting on the test set", "", *lines, ""]
+    md += ["## The best ablation setting and the new default on the test set", "", *lines, ""]
     summary["best"] = stats
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
   (out / "summary.md").write_text("\n".join(md) + "\n")

@@ -511,6 +511,16 @@ class ErrorTracker:
   def error(self, layer_state) -> dict[str, float] | None:
     if self.snapshot is None:
       return None
+    try:
+      return self._error(layer_state)
+    except np.linalg.LinAlgError:  # non-finite statistics after a divergence
+      return {"rel_fro": float("nan"), "rel_op": float("nan"), "rel_top10": float("nan"),
+              "p": int(self.snapshot.shape[0]), "cov_top_eig": float("nan"),
+              "cov_trace": float("nan"), "failed": True}
+
+  def _error(self, layer_state) -> dict[str, float]:
+    if not np.all(np.isfinite(self.snapshot)):
+      raise np.linalg.LinAlgError("non-finite exact statistics")
     c = 0.5 * (self.snapshot + self.snapshot.T)
     lam, v = np.linalg.eigh(c)
     lam = np.maximum(lam, 0.0)
@@ -519,6 +529,8 @@ class ErrorTracker:
     mu = np.asarray(layer_state.eigvals, np.float64)
     p_nys = np.asarray(_nystrom.dense_preconditioner(u, mu, self.rho), np.float64)
     diff = p_nys - p_exact
+    if not np.all(np.isfinite(diff)):
+      raise np.linalg.LinAlgError("non-finite preconditioner")
     # Error on the directions that carry the statistics: P applied to C's top
     # eigenvectors (where preconditioning differs from plain SGD).
     top = v[:, ::-1][:, : min(10, len(lam))]
