@@ -25,7 +25,7 @@ step).
 
 Usage (from the repository root)::
 
-  python -m benchmarks.step_time                       # everything, ~50 min on 2 cores
+  python -m benchmarks.step_time                       # everything, ~60 min on 2 cores
   python -m benchmarks.step_time --models cnn --rounds 2 --optimizers sgd,nysact_g10
 """
 
