@@ -179,7 +179,8 @@ BASELINE_NYSTROM = "shifted"
 def _cfg(base: train.RunConfig, label: str, **kw) -> train.RunConfig:
   family, over = OPTIMIZERS[label]
   cfg = dataclasses.replace(base, optimizer=family, **{**over, **kw})
-  if family == "nysact" and "nystrom" not in dict(cfg.nysact):
+  if family == "nysact" and label != "foof" and "nystrom" not in dict(cfg.nysact):
+    # (FOOF is exact mode: no Nyström factorisation to pin.)
     cfg = dataclasses.replace(cfg, nysact=cfg.nysact + (("nystrom", BASELINE_NYSTROM),))
   return cfg
 
