@@ -22,18 +22,12 @@ from flax.core import scope as flax_scope
 from flax.linen import linear as flax_linear
 
 from nysact_optax._layers import (
-    ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported,
+    DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported, conv_spec_of,
 )
 
 __all__ = ["capture_activations", "COLLECTION"]
 
 COLLECTION = "nysact_inputs"
-
-
-def _tuple(x, n: int) -> tuple[int, ...]:
-  if x is None:
-    x = 1
-  return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
 
 
 def _spec_of(module: nn.Module, call_args=(), call_kwargs=None) -> LayerSpec | None:
@@ -54,19 +48,7 @@ def _spec_of(module: nn.Module, call_args=(), call_kwargs=None) -> LayerSpec | N
       )
     return DenseSpec(tuple(flax_linear._canonicalize_tuple(module.axis)))
   if isinstance(module, nn.Conv):
-    ks = _tuple(module.kernel_size, 1 if isinstance(module.kernel_size, int) else len(module.kernel_size))
-    n = len(ks)
-    padding = flax_linear.canonicalize_padding(module.padding, n)
-    if not isinstance(padding, str):
-      padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return ConvSpec(
-        kernel_size=ks,
-        strides=_tuple(module.strides, n),
-        padding=padding,
-        input_dilation=_tuple(module.input_dilation, n),
-        kernel_dilation=_tuple(module.kernel_dilation, n),
-        feature_group_count=int(module.feature_group_count),
-    )
+    return conv_spec_of(module)
   return None
 
 

@@ -26,10 +26,9 @@ from typing import Any
 
 import jax
 from flax import nnx
-from flax.linen import linear as linen_linear
 
 from nysact_optax._layers import (
-    ConvSpec, DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported,
+    DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported, conv_spec_of,
 )
 
 __all__ = ["capture_nnx", "is_nnx"]
@@ -48,12 +47,6 @@ def is_nnx(fn: Any) -> bool:
   )
 
 
-def _tuple(x, n: int) -> tuple[int, ...]:
-  if x is None:
-    x = 1
-  return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
-
-
 def _spec_of(layer: nnx.Module, einsum_str: str | None) -> LayerSpec:
   """The spec of one covered NNX layer, read off its attributes."""
   if isinstance(layer, nnx.Einsum):
@@ -68,20 +61,7 @@ def _spec_of(layer: nnx.Module, einsum_str: str | None) -> LayerSpec:
     return DenseSpec(tuple(int(a) for a in layer.axis))
   if isinstance(layer, nnx.Linear):
     return DenseSpec((-1,))
-  # nnx.Conv: the same options and canonicalisation as flax.linen.Conv.
-  ks = tuple(int(k) for k in layer.kernel_size)
-  n = len(ks)
-  padding = linen_linear.canonicalize_padding(layer.padding, n)
-  if not isinstance(padding, str):
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return ConvSpec(
-      kernel_size=ks,
-      strides=_tuple(layer.strides, n),
-      padding=padding,
-      input_dilation=_tuple(layer.input_dilation, n),
-      kernel_dilation=_tuple(layer.kernel_dilation, n),
-      feature_group_count=int(layer.feature_group_count),
-  )
+  return conv_spec_of(layer)  # nnx.Conv: the same options as flax.linen.Conv
 
 
 def _ours(layer: nnx.Module) -> bool:

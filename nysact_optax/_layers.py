@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+from flax.linen import linear as flax_linear
 
 __all__ = ["ConvSpec", "DenseSpec", "EinsumSpec", "LayerInputs", "LayerSpec"]
 
@@ -251,3 +252,32 @@ class LayerInputs:
   def __repr__(self) -> str:
     shapes = ", ".join(str(getattr(x, "shape", "?")) for x in self.inputs)
     return f"LayerInputs(inputs=[{shapes}], spec={self.spec})"
+
+
+def int_tuple(x: Any, n: int) -> tuple[int, ...]:
+  """``x`` (an int, ``None`` meaning 1, or a sequence) as ``n`` ints."""
+  if x is None:
+    x = 1
+  return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
+
+
+def conv_spec_of(conv: Any) -> ConvSpec:
+  """The :class:`ConvSpec` of a ``flax.linen.Conv`` or ``flax.nnx.Conv``.
+
+  Both keep the same options under the same names; they are canonicalised as
+  flax does before calling ``lax.conv_general_dilated``.
+  """
+  ks = conv.kernel_size
+  ks = int_tuple(ks, 1 if isinstance(ks, int) else len(ks))
+  n = len(ks)
+  padding = flax_linear.canonicalize_padding(conv.padding, n)
+  if not isinstance(padding, str):
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return ConvSpec(
+      kernel_size=ks,
+      strides=int_tuple(conv.strides, n),
+      padding=padding,
+      input_dilation=int_tuple(conv.input_dilation, n),
+      kernel_dilation=int_tuple(conv.kernel_dilation, n),
+      feature_group_count=int(conv.feature_group_count),
+  )
