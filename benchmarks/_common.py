@@ -184,3 +184,28 @@ def limit_blas_threads(n: int) -> list[dict[str, Any]]:
     _BLAS_LIMITER = threadpoolctl.threadpool_limits(n, user_api="blas")
   keep = ("user_api", "internal_api", "num_threads", "version")
   return [{k: lib.get(k) for k in keep} for lib in threadpoolctl.threadpool_info()]
+
+
+def results_header(benchmark: str, args: Any, blas: Any, method: str) -> dict[str, Any]:
+  """The fields every benchmark's JSON starts with: what ran, where, and how."""
+  return {
+      "benchmark": benchmark,
+      "command": command_line(),
+      "machine": {**machine_info(), "blas": blas},
+      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
+      "method": method,
+  }
+
+
+def write_results(args: Any, results: dict[str, Any],
+                  plot: Callable[[dict[str, Any], str], None] | None = None) -> pathlib.Path:
+  """Writes ``results`` to ``args.out`` and, given ``plot``, the PNG beside it
+  (or to ``args.plot``); prints what it wrote."""
+  out = write_json(args.out, results)
+  if plot is None:
+    print(f"wrote {out}")
+    return out
+  png = getattr(args, "plot", None) or str(out.with_suffix(".png"))
+  plot(results, png)
+  print(f"wrote {out} and {png}")
+  return out

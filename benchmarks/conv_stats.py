@@ -221,21 +221,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   targets = evaluate_targets(rows, args.kernel)
   results = {
-      "benchmark": "conv_stats",
-      "command": _common.command_line(),
-      "machine": {**_common.machine_info(), "blas": blas},
-      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-      "method": ("best-of-N wall time of AOT-compiled jitted functions (compile "
-                 "excluded); memory = compiled.memory_analysis().temp_size_in_bytes"),
+      **_common.results_header(
+          "conv_stats", args, blas,
+          "best-of-N wall time of AOT-compiled jitted functions (compile "
+          "excluded); memory = compiled.memory_analysis().temp_size_in_bytes"),
       "rows": rows,
       "targets": targets,
       "wall_s": time.perf_counter() - t_start,
       "load_average_at_end": _common.load_average(),
   }
-  out = _common.write_json(args.out, results)
-  png = args.plot or str(out.with_suffix(".png"))
-  plot(results, png)
-  print(f"wrote {out} and {png}")
+  _common.write_results(args, results, plot)
   print("times in ms (best of runs), XLA temp memory in MiB; speedup = faster im2col / patch-free")
   print(f"{'C':>5}{'HxW':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
         f"{'MiB patches':>12}{'slices':>8}{'free':>7}{'rel.diff':>10}")

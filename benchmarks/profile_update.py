@@ -138,13 +138,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   batch = {"cnn": args.batch_cnn, "resnet20": args.batch_resnet20,
            "transformer": args.batch_transformer}
   results: dict[str, Any] = {
-      "benchmark": "profile_update",
-      "command": _common.command_line(),
-      "machine": {**_common.machine_info(), "blas": blas},
-      "settings": {k: v for k, v in vars(args).items() if k != "out"},
-      "method": ("best-of-N wall time of AOT-compiled functions on fixed gradients "
-                 "and activations; amortised update = (40 plain + 9 statistics + "
-                 "1 inverse) / 50"),
+      **_common.results_header(
+          "profile_update", args, blas,
+          "best-of-N wall time of AOT-compiled functions on fixed gradients "
+          "and activations; amortised update = (40 plain + 9 statistics + "
+          "1 inverse) / 50"),
       "models": {},
   }
   t0 = time.perf_counter()
@@ -153,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["models"][m] = profile_model(m, batch[m], configs, args.repeats, args.data)
   results["wall_s"] = time.perf_counter() - t0
   results["load_average_at_end"] = _common.load_average()
-  out = _common.write_json(args.out, results)
-  print(f"wrote {out}")
+  _common.write_results(args, results)
   for m, res in results["models"].items():
     print(f"\n{m}: batch {tuple(res['batch_shape'])}, fwd+bwd {1e3 * res['fwd_bwd_s']:.1f} ms")
     for e in res["configs"]:

@@ -224,22 +224,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       targets.append({"target": f"{name}: fitted exponent in p <= 1.2 (worst of the fits)",
                       "value": worst, "limit": 1.2, "pass": worst <= 1.2})
   results = {
-      "benchmark": "scaling",
-      "command": _common.command_line(),
-      "machine": {**_common.machine_info(), "blas": blas},
-      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-      "method": ("one dense layer; best-of-N wall time of an AOT-compiled jitted "
-                 "function on ready inputs (compile excluded); fits on min_s"),
+      **_common.results_header(
+          "scaling", args, blas,
+          "one dense layer; best-of-N wall time of an AOT-compiled jitted "
+          "function on ready inputs (compile excluded); fits on min_s"),
       "rows": rows,
       "fits": fits,
       "targets": targets,
       "wall_s": time.perf_counter() - t_start,
       "load_average_at_end": _common.load_average(),
   }
-  out = _common.write_json(args.out, results)
-  png = args.plot or str(out.with_suffix(".png"))
-  plot(results, png)
-  print(f"wrote {out} and {png}")
+  _common.write_results(args, results, plot)
   print(f"{'op':<28}{'fit all':>9}{'fit p>=' + str(args.fit_from):>13}")
   for name, f in fits.items():
     vals = [f"{v['exponent']:.2f}" if v else "-" for v in f.values()]

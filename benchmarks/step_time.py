@@ -768,11 +768,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            "transformer": args.batch_transformer}
 
   results: dict[str, Any] = {
-      "benchmark": "step_time",
-      "command": _common.command_line(),
-      "machine": {**_common.machine_info(), "blas": blas},
-      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-      "method": (
+      **_common.results_header("step_time", args, blas, (
           "one process; per model, every optimizer is built and warmed up, then "
           f"{args.rounds} rounds in a shuffled order of one block of {args.steps} "
           "steps each (timed from a ready state to block_until_ready; amortised "
@@ -781,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"would exceed --max-block-s={args.max_block_s:g} s are timed by sampled "
           "phases instead (see each optimizer's 'timing'), in the first "
           f"{args.sampled_rounds} round(s) only."
-      ),
+      )),
       "models": {},
   }
   total = len(model_names) * len(names) * (1 + args.rounds + args.phase_blocks)
@@ -794,10 +790,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   results["wall_s"] = time.perf_counter() - t_start
   results["load_average_at_end"] = _common.load_average()
   results["targets"] = evaluate_targets(results["models"])
-  out = _common.write_json(args.out, results)
-  png = args.plot or str(out.with_suffix(".png"))
-  plot(results, png)
-  print(f"wrote {out} and {png}")
+  _common.write_results(args, results, plot)
   for model, res in results["models"].items():
     print(f"\n{model}: {res['description']}; batch {tuple(res['batch_shape'])}, "
           f"{res['param_count']:,} params")
