@@ -74,3 +74,21 @@ def reference_preconditioner(c_hat, s, rho, solve_with_l=True):
   u, sigma, _ = np.linalg.svd(b, full_matrices=False)
   lam = np.maximum(sigma**2 - shift, 0.0)
   return u @ np.diag(1.0 / (lam + rho)) @ u.T + (np.eye(p) - u @ u.T) / rho
+
+
+def conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
+  """Rows ``x -> A`` (im2col) of a conv as flax pads it (CAUSAL, CIRCULAR too)."""
+  n = len(kernel)
+  strides, dilation = strides or (1,) * n, dilation or (1,) * n
+
+  def rows(x):
+    pad = padding
+    if padding == "CAUSAL":
+      pad = [((kernel[0] - 1) * dilation[0], 0)]
+    if padding == "CIRCULAR":
+      eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+      x = np.pad(x, [(0, 0)] + [((e - 1) // 2, e // 2) for e in eff] + [(0, 0)], mode="wrap")
+      pad = "VALID"
+    return im2col(x, kernel, strides, pad, dilation, groups)
+
+  return rows

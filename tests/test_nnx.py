@@ -33,18 +33,6 @@ def _dense_rows(x_axes):
   return rows
 
 
-def _conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
-  n = len(kernel)
-  strides, dilation = strides or (1,) * n, dilation or (1,) * n
-
-  def rows(x):
-    pad = padding
-    if padding == "CAUSAL":
-      pad = [((kernel[0] - 1) * dilation[0], 0)]
-    return _reference.im2col(x, kernel, strides, pad, dilation, groups)
-  return rows
-
-
 # name: (constructor, input shape, rows, kernel input axes, bias permutation)
 CASES = {
     "linear": (lambda r: nnx.Linear(4, 5, rngs=r, **INIT), (6, 4), _dense_rows((-1,)), (0,), None),
@@ -56,17 +44,17 @@ CASES = {
                    (3, 2, 3), _dense_rows((-2, -1)), (0, 1), None),
     "general_axis1": (lambda r: nnx.LinearGeneral((2, 3), 2, axis=(1, -1), rngs=r, **INIT),
                       (3, 2, 4, 3), _dense_rows((1, -1)), (0, 1), None),
-    "conv": (lambda r: nnx.Conv(3, 4, (3, 3), rngs=r, **INIT), (2, 5, 6, 3), _conv_rows((3, 3)),
+    "conv": (lambda r: nnx.Conv(3, 4, (3, 3), rngs=r, **INIT), (2, 5, 6, 3), _reference.conv_rows((3, 3)),
              (0, 1, 2), None),
     "conv_strided": (
         lambda r: nnx.Conv(2, 4, (3, 2), strides=2, kernel_dilation=(2, 1), padding="VALID",
                            use_bias=False, rngs=r, **INIT),
-        (2, 9, 6, 2), _conv_rows((3, 2), (2, 2), "VALID", (2, 1)), (0, 1, 2), None),
+        (2, 9, 6, 2), _reference.conv_rows((3, 2), (2, 2), "VALID", (2, 1)), (0, 1, 2), None),
     "conv_groups": (lambda r: nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=r, **INIT),
-                    (2, 5, 5, 4), _conv_rows((3, 3), groups=2), (0, 1, 2), None),
+                    (2, 5, 5, 4), _reference.conv_rows((3, 3), groups=2), (0, 1, 2), None),
     "conv_causal": (
         lambda r: nnx.Conv(2, 3, (3,), padding="CAUSAL", kernel_dilation=2, rngs=r, **INIT),
-        (2, 9, 2), _conv_rows((3,), padding="CAUSAL", dilation=(2,)), (0, 1), None),
+        (2, 9, 2), _reference.conv_rows((3,), padding="CAUSAL", dilation=(2,)), (0, 1), None),
     # kernel (heads, d, head_dim): the contracted axis is not leading; bias in
     # output order (head_dim, heads) is transposed against the kernel's (heads, head_dim).
     "einsum": (lambda r: nnx.Einsum("btd,ndh->bthn", (2, 4, 3), (3, 2), rngs=r, **INIT),

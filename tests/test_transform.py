@@ -27,23 +27,6 @@ class Single(nn.Module):
     return [layer(x) for _ in range(self.calls)]
 
 
-def _conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
-  n = len(kernel)
-  strides, dilation = strides or (1,) * n, dilation or (1,) * n
-
-  def rows(x):
-    pad = padding
-    if padding == "CAUSAL":
-      pad = [((kernel[0] - 1) * dilation[0], 0)]
-    if padding == "CIRCULAR":
-      eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-      x = np.pad(x, [(0, 0)] + [((e - 1) // 2, e // 2) for e in eff] + [(0, 0)], mode="wrap")
-      pad = "VALID"
-    return _reference.im2col(x, kernel, strides, pad, dilation, groups)
-
-  return rows
-
-
 def _dense_rows(axes):
   def rows(x):
     x = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
@@ -60,23 +43,23 @@ CASES = {
     "dense_general_out": (P(nn.DenseGeneral, 3, axis=(-2, -1)), (4, 5, 2, 3), _dense_rows((-2, -1))),
     "dense_general_heads": (P(nn.DenseGeneral, (2, 3)), (4, 5, 4), _dense_rows((-1,))),
     "dense_general_axis1": (P(nn.DenseGeneral, 2, axis=(1, -1)), (3, 2, 4, 3), _dense_rows((1, -1))),
-    "conv2d_same": (P(nn.Conv, 4, (3, 3)), (2, 5, 6, 3), _conv_rows((3, 3))),
+    "conv2d_same": (P(nn.Conv, 4, (3, 3)), (2, 5, 6, 3), _reference.conv_rows((3, 3))),
     "conv2d_strided_dilated": (
         P(nn.Conv, 4, (3, 2), strides=2, kernel_dilation=(2, 1), padding="VALID", use_bias=False),
-        (2, 9, 6, 2), _conv_rows((3, 2), (2, 2), "VALID", (2, 1))),
+        (2, 9, 6, 2), _reference.conv_rows((3, 2), (2, 2), "VALID", (2, 1))),
     "conv2d_explicit_pad": (
         P(nn.Conv, 3, (2, 3), padding=((1, 2), (0, 1)), strides=(1, 2)),
-        (2, 5, 6, 2), _conv_rows((2, 3), (1, 2), ((1, 2), (0, 1)))),
+        (2, 5, 6, 2), _reference.conv_rows((2, 3), (1, 2), ((1, 2), (0, 1)))),
     "conv2d_groups": (P(nn.Conv, 6, (3, 3), feature_group_count=2), (2, 5, 5, 4),
-                      _conv_rows((3, 3), groups=2)),
+                      _reference.conv_rows((3, 3), groups=2)),
     "conv2d_depthwise": (P(nn.Conv, 4, (3, 3), feature_group_count=4, strides=2),
-                         (2, 6, 6, 4), _conv_rows((3, 3), (2, 2), groups=4)),
+                         (2, 6, 6, 4), _reference.conv_rows((3, 3), (2, 2), groups=4)),
     "conv2d_circular": (P(nn.Conv, 3, (3, 3), padding="CIRCULAR"), (1, 4, 5, 2),
-                        _conv_rows((3, 3), padding="CIRCULAR")),
+                        _reference.conv_rows((3, 3), padding="CIRCULAR")),
     "conv1d_causal": (P(nn.Conv, 3, (3,), padding="CAUSAL", kernel_dilation=2), (2, 9, 2),
-                      _conv_rows((3,), padding="CAUSAL", dilation=(2,))),
+                      _reference.conv_rows((3,), padding="CAUSAL", dilation=(2,))),
     "conv3d": (P(nn.Conv, 2, (2, 2, 2), padding="VALID"), (1, 3, 4, 3, 2),
-               _conv_rows((2, 2, 2), padding="VALID")),
+               _reference.conv_rows((2, 2, 2), padding="VALID")),
 }
 
 
