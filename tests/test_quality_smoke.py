@@ -79,3 +79,50 @@ def test_fashion_mnist_run_writes_json(tmp_path):
   assert saved["final"]["eval_examples"] == 100 and len(saved["curve"]) == 2
   assert saved["data"].startswith("Fashion-MNIST, 256 train / 100 test")
   assert result["param_count"] == saved["param_count"] > 0
+
+
+def _fake_run(root, stage, name, lr, damping, acc):
+  path = root / stage / f"{name}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({
+      "config": {"lr": lr, "damping": damping}, "metric": "accuracy",
+      "final": {"eval_accuracy": acc, "diverged": False}}))
+
+
+def test_kfac_damping_is_tuned_at_its_best_learning_rate(tmp_path):
+  preset = suite.Preset(cnn=train.RunConfig(task="digits", steps=2), grids={"kfac": (0.01, 0.1)},
+                        seeds=2)
+
+  def planned():
+    return {r.name: r.cfg for r in suite.plan(preset, ["tune", "test"], tmp_path)}
+
+  first = planned()
+  assert first["digits__kfac__lr?__d0.01__s0"] is None  # waits for the lr grid
+  assert first["digits__kfac__s0"] is None
+  _fake_run(tmp_path, "tune", "digits__kfac__lr0.01__s0", 0.01, 0.1, 0.7)
+  _fake_run(tmp_path, "tune", "digits__kfac__lr0.1__s0", 0.1, 0.1, 0.8)
+  second = planned()
+  damped = [second[f"digits__kfac__lr0.1__d{d:g}__s0"] for d in suite.KFAC_DAMPINGS]
+  assert [(c.lr, c.damping, c.split) for c in damped] == [
+      (0.1, d, "val") for d in suite.KFAC_DAMPINGS]
+  assert second["digits__kfac__s0"] is None  # waits for the damping runs
+  for d, acc in zip(suite.KFAC_DAMPINGS, (0.85, 0.6)):
+    _fake_run(tmp_path, "tune", f"digits__kfac__lr0.1__d{d:g}__s0", 0.1, d, acc)
+  test = [planned()[f"digits__kfac__s{s}"] for s in range(2)]
+  best_damping = suite.KFAC_DAMPINGS[0]  # 0.85 beats 0.8 (train.DAMPING) and 0.6
+  assert [(c.lr, c.damping, c.split, c.seed) for c in test] == [
+      (0.1, best_damping, "test", s) for s in range(2)]
+
+
+def test_only_the_cnn_tuning_and_ablations_pin_the_old_nystrom_variant(tmp_path):
+  preset = suite.PRESETS["cpu"]
+  for lr in preset.grids["nysact"]:
+    _fake_run(tmp_path, "tune", f"fmnist_cnn__nysact__lr{lr:g}__s0", lr, 1.0, 0.5 + lr)
+  runs = {f"{r.stage}/{r.name}": r.cfg for r in suite.plan(preset, ["tune", "test", "ablate"],
+                                                          tmp_path)}
+  nystrom = lambda name: dict(runs[name].nysact).get("nystrom")  # noqa: E731
+  assert nystrom("tune/fmnist_cnn__nysact__lr0.1__s0") == suite.BASELINE_NYSTROM
+  assert nystrom("ablate/fmnist_cnn__rank5__s0") == suite.BASELINE_NYSTROM
+  assert nystrom("ablate/fmnist_cnn__stable__s0") == "stable"
+  assert nystrom("test/fmnist_cnn__nysact__s0") is None  # the library's default
+  assert runs["test/fmnist_cnn__nysact__s0"].lr == 0.3  # the best fake tuning run

@@ -24,10 +24,12 @@ import numpy as np
 
 from benchmarks.quality import suite
 
-LABELS = ("sgd", "adamw", "kfac", "nysact", "foof")
+LABELS = ("sgd", "adamw", "kfac", "nysact", "nysact-fixed_stable", "nysact-shifted", "foof")
 NAMES = {
     "sgd": "SGD-momentum", "adamw": "AdamW", "kfac": "K-FAC (kfac-jax)",
     "nysact": "NysAct (default)", "foof": "NysAct exact (FOOF)",
+    "nysact-fixed_stable": "NysAct, best ablation (fixed sketch)",
+    "nysact-shifted": "NysAct, shifted Nyström (old default)",
 }
 
 
@@ -58,19 +60,28 @@ def _value(r: dict[str, Any]) -> float:
 def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
   by = collections.defaultdict(dict)
   for r in runs:
-    by[_label(r["_name"])][r["config"]["lr"]] = r
+    # K-FAC's damping runs (``__d<damping>``) are told apart by damping.
+    damping = r["config"].get("damping") if "__d" in r["_name"] else None
+    by[_label(r["_name"])][(r["config"]["lr"], damping or 0.0)] = r
   metric = "validation bits/char" if lm else "validation accuracy %"
   lines = [f"| optimizer | learning rate: {metric} | chosen |", "|---|---|---|"]
   for label in [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]:
     cells = []
-    for lr in sorted(by[label]):
-      r = by[label][lr]
+    for key in sorted(by[label]):
+      r = by[label][key]
       v = _value(r)
       s = (f"{v:.3f}" if lm else _pct(v)) + (" (diverged)" if r["final"]["diverged"] else "")
-      cells.append(f"{lr:g}: {s}")
+      cells.append(f"{_lr(r, key[1] != 0.0)}: {s}")
     best = max(by[label].values(), key=suite.score)
-    lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | {best['config']['lr']:g} |")
+    lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | "
+                 f"{_lr(best, label == 'kfac')} |")
   return lines
+
+
+def _lr(r: dict[str, Any], damping: bool) -> str:
+  """The run's learning rate, with its damping when that was tuned (K-FAC)."""
+  lr = f"{r['config']['lr']:g}"
+  return f"{lr} (damping {r['config']['damping']:g})" if damping else lr
 
 
 def _time_to(curve: list[dict[str, Any]], target: float, lm: bool) -> float | None:
@@ -91,7 +102,7 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
     curve_final = [(r["curve"][-1]["eval_loss"] / math.log(2)) if lm else r["curve"][-1]["eval_accuracy"]
                    for r in rs if r["curve"]]
     stats[label] = {
-        "n": len(rs), "lr": rs[0]["config"]["lr"],
+        "n": len(rs), "lr": rs[0]["config"]["lr"], "damping": rs[0]["config"].get("damping"),
         "seeds": sorted(r["config"]["seed"] for r in rs),
         "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "values": vals,
         "curve_final_mean": _mean_std(curve_final)[0],
@@ -122,7 +133,8 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
       val += f" ({s['diverged']} diverged)"
     tt = s["time_to_sgd_final_s"]
     lines.append(
-        f"| {NAMES.get(label, label)} | {s['lr']:g} | {s['n']} | {val} | {s['train_s']:.0f} | "
+        f"| {NAMES.get(label, label)} | {_lr(by[label][0], label == 'kfac')} | {s['n']} | "
+        f"{val} | {s['train_s']:.0f} | "
         f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
   return lines, stats
 
@@ -318,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for title, tune_stage, test_stage, key, lm in sections:
     tune = suite.load_runs(root, tune_stage)
     test = suite.load_runs(root, test_stage)
+    if key == "cnn":  # the best ablation and the old default beside the others
+      test += suite.load_runs(root, "best")
     if not tune and not test:
       continue
     md += [f"## {title}", "", _describe(test or tune), ""]
@@ -350,11 +364,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "diverged": [bool(r["final"]["diverged"]) for r in rs],
         "ms_per_step": [1e3 * r["timing"]["train_s_per_step"] for r in rs]}
         for label, rs in _by_label(abl)}
-  best = suite.load_runs(root, "best")
-  if best:
-    lines, stats = test_table(best)
-    md += ["## The best ablation setting and the new default on the test set", "", *lines, ""]
-    summary["best"] = stats
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
   (out / "summary.md").write_text("\n".join(md) + "\n")
   (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
