@@ -90,8 +90,8 @@ def _fake_run(root, stage, name, lr, damping, acc):
 
 
 def test_kfac_damping_is_tuned_at_its_best_learning_rate(tmp_path):
-  preset = suite.Preset(cnn=train.RunConfig(task="digits", steps=2), grids={"kfac": (0.01, 0.1)},
-                        seeds=2)
+  preset = suite.Preset(cnn=train.RunConfig(task="digits", steps=2),
+                        grids={"kfac": (0.01, 0.1, 1.0)}, seeds=2)
 
   def planned():
     return {r.name: r.cfg for r in suite.plan(preset, ["tune", "test"], tmp_path)}
@@ -101,6 +101,7 @@ def test_kfac_damping_is_tuned_at_its_best_learning_rate(tmp_path):
   assert first["digits__kfac__s0"] is None
   _fake_run(tmp_path, "tune", "digits__kfac__lr0.01__s0", 0.01, 0.1, 0.7)
   _fake_run(tmp_path, "tune", "digits__kfac__lr0.1__s0", 0.1, 0.1, 0.8)
+  _fake_run(tmp_path, "tune", "digits__kfac__lr1__s0", 1.0, 0.1, 0.1)
   second = planned()
   damped = [second[f"digits__kfac__lr0.1__d{d:g}__s0"] for d in suite.KFAC_DAMPINGS]
   assert [(c.lr, c.damping, c.split) for c in damped] == [
@@ -114,15 +115,42 @@ def test_kfac_damping_is_tuned_at_its_best_learning_rate(tmp_path):
       (0.1, best_damping, "test", s) for s in range(2)]
 
 
-def test_only_the_cnn_tuning_and_ablations_pin_the_old_nystrom_variant(tmp_path):
+def test_ablations_change_one_thing_of_their_base(tmp_path):
   preset = suite.PRESETS["cpu"]
-  for lr in preset.grids["nysact"]:
-    _fake_run(tmp_path, "tune", f"fmnist_cnn__nysact__lr{lr:g}__s0", lr, 1.0, 0.5 + lr)
+  base = suite.ABLATION_BASE
+  for lr, acc in zip(preset.grids[base], (0.5, 0.7, 0.6)):
+    _fake_run(tmp_path, "tune", f"fmnist_cnn__{base}__lr{lr:g}__s0", lr, 1.0, acc)
   runs = {f"{r.stage}/{r.name}": r.cfg for r in suite.plan(preset, ["tune", "test", "ablate"],
                                                           tmp_path)}
-  nystrom = lambda name: dict(runs[name].nysact).get("nystrom")  # noqa: E731
-  assert nystrom("tune/fmnist_cnn__nysact__lr0.1__s0") == suite.BASELINE_NYSTROM
-  assert nystrom("ablate/fmnist_cnn__rank5__s0") == suite.BASELINE_NYSTROM
-  assert nystrom("ablate/fmnist_cnn__stable__s0") == "stable"
-  assert nystrom("test/fmnist_cnn__nysact__s0") is None  # the library's default
-  assert runs["test/fmnist_cnn__nysact__s0"].lr == 0.3  # the best fake tuning run
+  nysact = lambda name: dict(runs[name].nysact)  # noqa: E731
+  assert nysact(f"tune/fmnist_cnn__{base}__lr0.1__s0") == {"nystrom": "shifted"}
+  assert nysact("ablate/fmnist_cnn__rank5__s0") == {"rank": 5, "nystrom": "shifted"}
+  assert nysact("ablate/fmnist_cnn__fixed_stable__s0") == {
+      "nystrom": "stable", "sketch_refresh": "fixed"}
+  assert runs["ablate/fmnist_cnn__damping10__s0"].damping == 10.0
+  assert {c.lr for n, c in runs.items() if n.startswith("ablate/")} == {0.1}  # base's best
+  assert nysact("tune/fmnist_cnn__nysact__lr0.1__s0") == {}  # the library's default
+  assert runs["test/fmnist_cnn__nysact__s0"] is None  # its own tuning has not run
+
+
+def test_a_grid_grows_past_the_edge_where_its_best_is(tmp_path):
+  def grid():
+    return suite.lr_grid(tmp_path, "tune", "t", "adamw", (3e-4, 1e-3, 3e-3))
+
+  assert grid() == ([3e-4, 1e-3, 3e-3], False)
+  for lr, acc in ((3e-4, 0.5), (1e-3, 0.6), (3e-3, 0.7)):
+    _fake_run(tmp_path, "tune", f"t__adamw__lr{lr:g}__s0", lr, None, acc)
+  assert grid() == ([3e-4, 1e-3, 3e-3, 0.01], False)  # best at the top edge
+  _fake_run(tmp_path, "tune", "t__adamw__lr0.01__s0", 0.01, None, 0.8)
+  assert grid() == ([3e-4, 1e-3, 3e-3, 0.01, 0.03], False)
+  _fake_run(tmp_path, "tune", "t__adamw__lr0.03__s0", 0.03, None, 0.9)
+  assert grid() == ([3e-4, 1e-3, 3e-3, 0.01, 0.03], True)  # at most two more
+  assert suite.best_lr(tmp_path, "tune", "t", "adamw", (3e-4, 1e-3, 3e-3)) == 0.03
+  # a best at the bottom edge grows the grid downwards; an interior best stops it
+  for lr, acc in ((0.03, 0.7), (0.1, 0.6), (0.3, 0.1)):
+    _fake_run(tmp_path, "tune", f"t__sgd__lr{lr:g}__s0", lr, None, acc)
+  assert suite.lr_grid(tmp_path, "tune", "t", "sgd", (0.03, 0.1, 0.3)) == (
+      [0.01, 0.03, 0.1, 0.3], False)
+  _fake_run(tmp_path, "tune", "t__sgd__lr0.01__s0", 0.01, None, 0.65)
+  assert suite.lr_grid(tmp_path, "tune", "t", "sgd", (0.03, 0.1, 0.3)) == (
+      [0.01, 0.03, 0.1, 0.3], True)

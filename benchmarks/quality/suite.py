@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import pathlib
 import signal
@@ -84,21 +85,23 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {}),
     "adamw": ("adamw", {}),
     "kfac": ("kfac", {}),
-    "nysact": ("nysact", {}),
+    "nysact": ("nysact", {}),  # the library's defaults (nystrom="stable")
+    # The default before the ablations: the baseline they change one thing of.
+    "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),)}),
     "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
 }
 
 GRIDS = {
     "sgd": (0.03, 0.1, 0.3),
-    # One point more than the others: the best of (3e-4, 1e-3, 3e-3) was the
-    # top edge, so 1e-2 was added (the tuning favours the baseline, not us).
-    "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
+    "adamw": (3e-4, 1e-3, 3e-3),
     "kfac": (0.01, 0.03, 0.1),
     "nysact": (0.03, 0.1, 0.3),
+    "nysact-shifted": (0.03, 0.1, 0.3),
     "foof": (0.03, 0.1, 0.3),
 }
 
-# Ablations: label -> RunConfig overrides (the default NysAct is the baseline).
+# Ablations: label -> RunConfig overrides of ABLATION_BASE at its tuned lr.
+ABLATION_BASE = "nysact-shifted"
 ABLATIONS: dict[str, dict[str, Any]] = {
     **{f"rank{r}": {"nysact": (("rank", r),)} for r in (1, 5, 20, 50)},
     "rank10": {},  # the default: a copy of its tuning run
@@ -120,10 +123,6 @@ ABLATION_ORDER = (
 )
 # The ablation equal to the library's current defaults ("nysact" in ``test``).
 DEFAULT_ABLATION = "stable"
-# Tested in ``best`` beside the best ablation: the default before the
-# ablations (the tuning and ablation baseline).
-REFERENCE_ABLATIONS = ("shifted",)
-ABLATIONS["shifted"] = {"nysact": (("nystrom", "shifted"),)}  # not ablated: the baseline
 # The choices that set the library's defaults: run with more seeds first.
 ABLATION_KEY = ("rank10", "stable", "fixed", "subcolumns", "fixed_stable", "stable_subcolumns")
 
@@ -183,20 +182,13 @@ def _fmt(lr: float) -> str:
   return f"{lr:g}"
 
 
-# The Nyström variant of NysAct's tuning and ablation runs on the CNN unless
-# the ablation says otherwise: the library's default when the protocol
-# started. (The default is now "stable", chosen from these ablations; the
-# test runs, ResNet-20 and the language model use the library's default.)
-BASELINE_NYSTROM = "shifted"
-
-
-def _cfg(base: train.RunConfig, label: str, *, pin: bool = False, **kw) -> train.RunConfig:
+def _cfg(base: train.RunConfig, label: str, **kw) -> train.RunConfig:
+  """``label``'s config on ``base`` with ``kw``; NysAct keyword arguments in
+  ``kw`` are merged with the label's (``kw`` wins)."""
   family, over = OPTIMIZERS[label]
-  cfg = dataclasses.replace(base, optimizer=family, **{**over, **kw})
-  if pin and family == "nysact" and label != "foof" and "nystrom" not in dict(cfg.nysact):
-    # (FOOF is exact mode: no Nyström factorisation to pin.)
-    cfg = dataclasses.replace(cfg, nysact=cfg.nysact + (("nystrom", BASELINE_NYSTROM),))
-  return cfg
+  nysact = tuple(kw.pop("nysact", ()))
+  nysact += tuple(kv for kv in over.get("nysact", ()) if kv[0] not in dict(nysact))
+  return dataclasses.replace(base, optimizer=family, **{**over, **kw, "nysact": nysact})
 
 
 def load_runs(root: pathlib.Path, stage: str) -> list[dict[str, Any]]:
@@ -221,16 +213,55 @@ def score(result: dict[str, Any]) -> float:
   return f.get("eval_accuracy") or float("-inf")
 
 
+# A grid whose best learning rate is at its edge grows past that edge (1, 3,
+# 10, 30, ... steps), at most this many times, for every optimizer alike.
+MAX_GRID_EXTENSIONS = 2
+
+
+def _half_decade(lr: float, up: bool) -> float:
+  """The next value of the 1-3-10 ladder above (or below) ``lr``."""
+  k = math.floor(math.log10(lr) + 1e-9)
+  ladder = [m * 10.0**e for e in (k - 1, k, k + 1) for m in (1, 3)]
+  nxt = [v for v in ladder if (v > lr * 1.01 if up else v < lr / 1.01)]
+  return float(f"{(min(nxt) if up else max(nxt)):.3g}")
+
+
+def lr_grid(root: pathlib.Path, stage: str, task: str, label: str,
+            grid: Sequence[float]) -> tuple[list[float], bool]:
+  """The learning rates to tune ``label`` on and whether they have all
+  finished: ``grid``, extended past an edge while the best finished run is
+  there (up to :data:`MAX_GRID_EXTENSIONS` values)."""
+  prefix = f"{task}__{label}__lr"
+  runs = [r for r in load_runs(root, stage)
+          if r["_name"].startswith(prefix) and "__d" not in r["_name"]]
+  by_lr = {_fmt(r["config"]["lr"]): r for r in runs}
+  lrs = sorted(grid)
+  while True:
+    if not all(_fmt(lr) in by_lr for lr in lrs):
+      return lrs, False
+    best = max(lrs, key=lambda lr: score(by_lr[_fmt(lr)]))
+    if len(lrs) - len(grid) >= MAX_GRID_EXTENSIONS or len(lrs) < 2:
+      return lrs, True
+    if best == lrs[-1]:
+      lrs.append(_half_decade(best, up=True))
+    elif best == lrs[0]:
+      lrs.insert(0, _half_decade(best, up=False))
+    else:
+      return lrs, True
+
+
 def best_run(root: pathlib.Path, stage: str, task: str, label: str,
              grid: Sequence[float]) -> dict[str, Any] | None:
   """The config of the best tuning run of ``label`` on ``task`` (its ``lr``
-  and ``damping``), once every learning rate of ``grid`` has finished (else
-  ``None``). Runs with a ``__d<damping>`` suffix (K-FAC) compete too."""
-  prefix = f"{task}__{label}__lr"
-  runs = [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)]
-  if {_fmt(r["config"]["lr"]) for r in runs if "__d" not in r["_name"]} < {
-      _fmt(lr) for lr in grid}:
+  and ``damping``), once every learning rate of its :func:`lr_grid` has
+  finished (else ``None``). Runs with a ``__d<damping>`` suffix (K-FAC)
+  compete too."""
+  lrs, complete = lr_grid(root, stage, task, label, grid)
+  if not complete:
     return None
+  prefix = f"{task}__{label}__lr"
+  runs = [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)
+          and ("__d" in r["_name"] or _fmt(r["config"]["lr"]) in {_fmt(lr) for lr in lrs})]
   return max(runs, key=score)["config"]
 
 
@@ -254,8 +285,7 @@ def best_ablation(root: pathlib.Path, task: str) -> str | None:
   return max(by_label, key=lambda k: sum(by_label[k]) / len(by_label[k]))
 
 
-def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels,
-               pin: bool = False) -> Iterator[Run]:
+def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -> Iterator[Run]:
   task = preset_cfg.task
   lrs = {label: grids[label] for label in labels if label in grids}
   # Interleave labels so that a cut-off leaves every optimizer tuned alike.
@@ -264,7 +294,12 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels,
       if i < len(grid):
         lr = grid[i]
         yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
-                  _cfg(preset_cfg, label, pin=pin, lr=lr, split="val", seed=0))
+                  _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+  for label, grid in lrs.items():  # past the grid's edge, where the best is
+    for lr in lr_grid(root, stage_tune, task, label, grid)[0]:
+      if lr not in grid:
+        yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
+                  _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
   if "kfac" in lrs:  # K-FAC's damping, at its best learning rate
     lr = best_lr(root, stage_tune, task, "kfac", lrs["kfac"])
     for damping in KFAC_DAMPINGS:
@@ -295,8 +330,7 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
   for stage in list(stages) + [f"late_{s}" for s in late]:
     if stage in ("tune", "test", "late_tune", "late_test"):
       which = preset.late if stage.startswith("late_") else labels
-      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, which,
-                      pin=True)
+      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, which)
       for run in it:
         if run.stage == stage.removeprefix("late_"):
           yield run
@@ -309,26 +343,25 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       order += [(label, seed) for seed in range(1, preset.ablation_seeds)
                 for label in ABLATION_ORDER if label not in ABLATION_KEY]
       for label, seed in order:
-        lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
+        lr = best_lr(root, "tune", base.task, ABLATION_BASE, preset.grids[ABLATION_BASE])
         over = dict(ABLATIONS.get(label, {}))
         cfg = None
         if lr is not None:
-          cfg = _cfg(base, "nysact", pin=True, lr=lr, split="val", seed=seed, **over)
+          cfg = _cfg(base, ABLATION_BASE, lr=lr, split="val", seed=seed, **over)
         copy = None
         if label == "rank10" and seed == 0 and lr is not None:
-          copy = root / "tune" / f"{base.task}__nysact__lr{_fmt(lr)}__s0.json"
+          copy = root / "tune" / f"{base.task}__{ABLATION_BASE}__lr{_fmt(lr)}__s0.json"
         yield Run("ablate", f"{base.task}__{label}__s{seed}", cfg, copy)
     elif stage == "best":
-      # The best ablation setting and the tuning baseline (the default before
-      # the ablations) on the test set; the library's default (nystrom=
-      # "stable", set from the ablations) is "nysact" in ``test``.
+      # The best ablation setting on the test set, at the ablations' lr (the
+      # library's default, set from the ablations, is "nysact" in ``test``).
       best = best_ablation(root, base.task)
-      lr = best_lr(root, "tune", base.task, "nysact", preset.grids["nysact"])
-      for choice in dict.fromkeys([best, *REFERENCE_ABLATIONS]):
+      lr = best_lr(root, "tune", base.task, ABLATION_BASE, preset.grids[ABLATION_BASE])
+      for choice in [best]:
         for seed in range(preset.seeds):
           cfg = None
           if choice is not None and lr is not None:
-            cfg = _cfg(base, "nysact", lr=lr, split="test", seed=seed,
+            cfg = _cfg(base, ABLATION_BASE, lr=lr, split="test", seed=seed,
                        **ABLATIONS.get(choice, {}))
           yield Run("best", f"{base.task}__nysact-{choice}__s{seed}", cfg)
     elif stage == "lm" and preset.lm is not None:
