@@ -103,14 +103,14 @@ def test_kfac_damping_is_tuned_at_its_best_learning_rate(tmp_path):
   _fake_run(tmp_path, "tune", "digits__kfac__lr0.1__s0", 0.1, 0.1, 0.8)
   _fake_run(tmp_path, "tune", "digits__kfac__lr1__s0", 1.0, 0.1, 0.1)
   second = planned()
-  damped = [second[f"digits__kfac__lr0.1__d{d:g}__s0"] for d in suite.KFAC_DAMPINGS]
+  damped = [second[f"digits__kfac__lr0.1__d{d:g}__s0"] for d in suite.DAMPING_GRIDS["kfac"]]
   assert [(c.lr, c.damping, c.split) for c in damped] == [
-      (0.1, d, "val") for d in suite.KFAC_DAMPINGS]
+      (0.1, d, "val") for d in suite.DAMPING_GRIDS["kfac"]]
   assert second["digits__kfac__s0"] is None  # waits for the damping runs
-  for d, acc in zip(suite.KFAC_DAMPINGS, (0.85, 0.6)):
+  for d, acc in zip(suite.DAMPING_GRIDS["kfac"], (0.85, 0.6)):
     _fake_run(tmp_path, "tune", f"digits__kfac__lr0.1__d{d:g}__s0", 0.1, d, acc)
   test = [planned()[f"digits__kfac__s{s}"] for s in range(2)]
-  best_damping = suite.KFAC_DAMPINGS[0]  # 0.85 beats 0.8 (train.DAMPING) and 0.6
+  best_damping = suite.DAMPING_GRIDS["kfac"][0]  # 0.85 beats 0.8 (train.DAMPING) and 0.6
   assert [(c.lr, c.damping, c.split, c.seed) for c in test] == [
       (0.1, best_damping, "test", s) for s in range(2)]
 

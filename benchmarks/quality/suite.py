@@ -76,9 +76,9 @@ class Preset:
   ablation_seeds: int = 1  # seeds of each ablation on the validation split
 
 
-# K-FAC's fixed damping is tuned too: these values are tried at its best
-# learning rate (at train.DAMPING["kfac"]) on the validation split.
-KFAC_DAMPINGS = (0.01, 1.0)
+# The damping of K-FAC and NysAct is tuned too: at the best learning rate of
+# the grid (run at train.DAMPING), a tenth and ten times that damping.
+DAMPING_GRIDS = {"kfac": (0.01, 1.0), "nysact": (0.1, 10.0)}
 
 # The optimizers compared: label -> (family, RunConfig overrides).
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -300,23 +300,23 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
       if lr not in grid:
         yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
                   _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
-  if "kfac" in lrs:  # K-FAC's damping, at its best learning rate
-    lr = best_lr(root, stage_tune, task, "kfac", lrs["kfac"])
-    for damping in KFAC_DAMPINGS:
-      name = f"{task}__kfac__lr{'?' if lr is None else _fmt(lr)}__d{_fmt(damping)}__s0"
+  for label in (l for l in DAMPING_GRIDS if l in lrs):  # damping, at the best lr
+    lr = best_lr(root, stage_tune, task, label, lrs[label])
+    for damping in DAMPING_GRIDS[label]:
+      name = f"{task}__{label}__lr{'?' if lr is None else _fmt(lr)}__d{_fmt(damping)}__s0"
       yield Run(stage_tune, name, None if lr is None else _cfg(
-          preset_cfg, "kfac", lr=lr, damping=damping, split="val", seed=0))
+          preset_cfg, label, lr=lr, damping=damping, split="val", seed=0))
   for seed in range(seeds):
     for label in lrs:
       best = best_run(root, stage_tune, task, label, lrs[label])
-      if label == "kfac" and best is not None and not all(
-          (root / stage_tune / f"{task}__kfac__lr{_fmt(best['lr'])}__d{_fmt(d)}__s0.json"
-           ).exists() for d in KFAC_DAMPINGS):
+      if label in DAMPING_GRIDS and best is not None and not all(
+          (root / stage_tune / f"{task}__{label}__lr{_fmt(best['lr'])}__d{_fmt(d)}__s0.json"
+           ).exists() for d in DAMPING_GRIDS[label]):
         best = None  # its damping runs have not finished
       name = f"{task}__{label}__s{seed}"
       cfg = None
       if best is not None:
-        over = {"damping": best["damping"]} if label == "kfac" else {}
+        over = {"damping": best["damping"]} if label in DAMPING_GRIDS else {}
         cfg = _cfg(preset_cfg, label, lr=best["lr"], split="test", seed=seed, **over)
       yield Run(stage_test, name, cfg)
 

@@ -60,7 +60,7 @@ def _value(r: dict[str, Any]) -> float:
 def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
   by = collections.defaultdict(dict)
   for r in runs:
-    # K-FAC's damping runs (``__d<damping>``) are told apart by damping.
+    # The damping runs (``__d<damping>``) are told apart by damping.
     damping = r["config"].get("damping") if "__d" in r["_name"] else None
     by[_label(r["_name"])][(r["config"]["lr"], damping or 0.0)] = r
   metric = "validation bits/char" if lm else "validation accuracy %"
@@ -74,12 +74,12 @@ def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
       cells.append(f"{_lr(r, key[1] != 0.0)}: {s}")
     best = max(by[label].values(), key=suite.score)
     lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | "
-                 f"{_lr(best, label == 'kfac')} |")
+                 f"{_lr(best, label in suite.DAMPING_GRIDS)} |")
   return lines
 
 
 def _lr(r: dict[str, Any], damping: bool) -> str:
-  """The run's learning rate, with its damping when that was tuned (K-FAC)."""
+  """The run's learning rate, with its damping when that was tuned."""
   lr = f"{r['config']['lr']:g}"
   return f"{lr} (damping {r['config']['damping']:g})" if damping else lr
 
@@ -133,7 +133,7 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
       val += f" ({s['diverged']} diverged)"
     tt = s["time_to_sgd_final_s"]
     lines.append(
-        f"| {NAMES.get(label, label)} | {_lr(by[label][0], label == 'kfac')} | {s['n']} | "
+        f"| {NAMES.get(label, label)} | {_lr(by[label][0], label in suite.DAMPING_GRIDS)} | {s['n']} | "
         f"{val} | {s['train_s']:.0f} | "
         f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
   return lines, stats
