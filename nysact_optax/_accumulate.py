@@ -74,7 +74,7 @@ def sketched_statistics(
     activations: Mapping[str, Any],
     *,
     sketch: str = "gaussian",
-    sketch_refresh: str = "reference",
+    sketch_refresh: str = "fixed",
     nystrom: str = "stable",
     cov_update_every: int = 1,
 ) -> dict[str, jax.Array]:

@@ -235,7 +235,7 @@ INPUT_AXES = (
         (dict(sketch="rademacher"),
          "sketch must be one of ('gaussian', 'subcolumns'), got sketch='rademacher'"),
         (dict(sketch_refresh="never"),
-         "sketch_refresh must be one of ('reference', 'fixed'), got sketch_refresh='never'"),
+         "sketch_refresh must be one of ('fixed', 'reference'), got sketch_refresh='never'"),
         (dict(nystrom="svd"), "nystrom must be one of ('shifted', 'stable'), got nystrom='svd'"),
         (dict(seed=1.5), "seed must be an integer, got seed=1.5"),
         (dict(exclude="Conv"), f"{EXCLUDE}, got exclude='Conv'"),

@@ -123,14 +123,26 @@ def test_ablations_change_one_thing_of_their_base(tmp_path):
   runs = {f"{r.stage}/{r.name}": r.cfg for r in suite.plan(preset, ["tune", "test", "ablate"],
                                                           tmp_path)}
   nysact = lambda name: dict(runs[name].nysact)  # noqa: E731
-  assert nysact(f"tune/fmnist_cnn__{base}__lr0.1__s0") == {"nystrom": "shifted"}
-  assert nysact("ablate/fmnist_cnn__rank5__s0") == {"rank": 5, "nystrom": "shifted"}
+  shifted = {"nystrom": "shifted", "sketch_refresh": "reference"}
+  assert nysact(f"tune/fmnist_cnn__{base}__lr0.1__s0") == shifted
+  assert nysact("ablate/fmnist_cnn__rank5__s0") == {"rank": 5, **shifted}
   assert nysact("ablate/fmnist_cnn__fixed_stable__s0") == {
       "nystrom": "stable", "sketch_refresh": "fixed"}
   assert runs["ablate/fmnist_cnn__damping10__s0"].damping == 10.0
   assert {c.lr for n, c in runs.items() if n.startswith("ablate/")} == {0.1}  # base's best
-  assert nysact("tune/fmnist_cnn__nysact__lr0.1__s0") == {}  # the library's default
-  assert runs["test/fmnist_cnn__nysact__s0"] is None  # its own tuning has not run
+  assert nysact("tune/fmnist_cnn__nysact-reference__lr0.1__s0") == {
+      "sketch_refresh": "reference"}
+  assert "tune/fmnist_cnn__nysact__lr0.1__s0" not in runs  # tuned as nysact-reference
+  assert runs["test/fmnist_cnn__nysact__s0"] is None  # whose tuning has not run
+  for lr, acc in zip(preset.grids["nysact-reference"], (0.5, 0.6, 0.7)):
+    _fake_run(tmp_path, "tune", f"fmnist_cnn__nysact-reference__lr{lr:g}__s0", lr, 1.0, acc)
+  # 0.3 is the grid's edge: the grid grows to 1.0, which does worse
+  _fake_run(tmp_path, "tune", "fmnist_cnn__nysact-reference__lr1__s0", 1.0, 1.0, 0.1)
+  for d in suite.DAMPING_GRIDS["nysact-reference"]:
+    _fake_run(tmp_path, "tune", f"fmnist_cnn__nysact-reference__lr0.3__d{d:g}__s0", 0.3, d, 0.2)
+  test = {r.name: r.cfg for r in suite.plan(preset, ["test"], tmp_path)}
+  cfg = test["fmnist_cnn__nysact__s0"]  # the library's default, at the tuned lr and damping
+  assert (dict(cfg.nysact), cfg.lr, cfg.damping, cfg.split) == ({}, 0.3, 1.0, "test")
 
 
 def test_a_grid_grows_past_the_edge_where_its_best_is(tmp_path):

@@ -42,7 +42,8 @@ LAYERS = {
 }
 # name: (rank, sketch, nystrom, sketch_refresh, cov_every, inv_every, layers)
 CONFIGS = {
-    "default": (3, "gaussian", "stable", "reference", 1, 1, tuple(LAYERS)),
+    "default": (3, "gaussian", "stable", "fixed", 1, 1, tuple(LAYERS)),
+    "reference": (3, "gaussian", "stable", "reference", 1, 1, ("dense", "small", "conv")),
     "shifted": (3, "gaussian", "shifted", "reference", 1, 1, ("dense", "small", "conv")),
     "stable_fixed": (3, "subcolumns", "stable", "fixed", 2, 4, ("dense", "small")),
     "rank1": (1, "gaussian", "shifted", "reference", 1, 1, ("dense", "small")),

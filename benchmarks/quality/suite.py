@@ -78,16 +78,24 @@ class Preset:
 
 # The damping of K-FAC and NysAct is tuned too: at the best learning rate of
 # the grid (run at train.DAMPING), a tenth and ten times that damping.
-DAMPING_GRIDS = {"kfac": (0.01, 1.0), "nysact": (0.1, 10.0)}
+DAMPING_GRIDS = {"kfac": (0.01, 1.0), "nysact-reference": (0.1, 10.0)}
+# Tested at the learning rate and damping tuned for another label: NysAct's
+# default took sketch_refresh="fixed" from the ablations after its tuning ran
+# with "reference" (as the ablations take the tuned lr of their base).
+TUNED_AS = {"nysact": "nysact-reference"}
 
 # The optimizers compared: label -> (family, RunConfig overrides).
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {}),
     "adamw": ("adamw", {}),
     "kfac": ("kfac", {}),
-    "nysact": ("nysact", {}),  # the library's defaults (nystrom="stable")
-    # The default before the ablations: the baseline they change one thing of.
-    "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),)}),
+    # The library's defaults (nystrom="stable", sketch_refresh="fixed").
+    "nysact": ("nysact", {}),
+    # The defaults while the study ran, before the last ablation result.
+    "nysact-reference": ("nysact", {"nysact": (("sketch_refresh", "reference"),)}),
+    # The paper's method, the defaults before the ablations: their base.
+    "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),
+                                            ("sketch_refresh", "reference"))}),
     "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
 }
 
@@ -95,7 +103,7 @@ GRIDS = {
     "sgd": (0.03, 0.1, 0.3),
     "adamw": (3e-4, 1e-3, 3e-3),
     "kfac": (0.01, 0.03, 0.1),
-    "nysact": (0.03, 0.1, 0.3),
+    "nysact-reference": (0.03, 0.1, 0.3),
     "nysact-shifted": (0.03, 0.1, 0.3),
     "foof": (0.03, 0.1, 0.3),
 }
@@ -148,7 +156,8 @@ _LM_FULL = train.RunConfig(
     task="char_lm", steps=5000, batch_size=32, eval_every=500, eval_size=256,
     model=(("num_layers", 4), ("width", 256), ("context", 128)), augment=False,
 )  # 5000 x 32 x 128 = 20.5M tokens
-LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2), "nysact": (0.1, 0.3, 1.0)}
+LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2),
+            "nysact-reference": (0.1, 0.3, 1.0), "foof": (0.1, 0.3, 1.0)}
 
 PRESETS = {
     "smoke": Preset(
@@ -287,7 +296,8 @@ def best_ablation(root: pathlib.Path, task: str) -> str | None:
 
 def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -> Iterator[Run]:
   task = preset_cfg.task
-  lrs = {label: grids[label] for label in labels if label in grids}
+  tuned = list(dict.fromkeys(TUNED_AS.get(label, label) for label in labels))
+  lrs = {label: grids[label] for label in tuned if label in grids}
   # Interleave labels so that a cut-off leaves every optimizer tuned alike.
   for i in range(max(len(v) for v in lrs.values())):
     for label, grid in lrs.items():
@@ -307,16 +317,19 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
       yield Run(stage_tune, name, None if lr is None else _cfg(
           preset_cfg, label, lr=lr, damping=damping, split="val", seed=0))
   for seed in range(seeds):
-    for label in lrs:
-      best = best_run(root, stage_tune, task, label, lrs[label])
-      if label in DAMPING_GRIDS and best is not None and not all(
-          (root / stage_tune / f"{task}__{label}__lr{_fmt(best['lr'])}__d{_fmt(d)}__s0.json"
-           ).exists() for d in DAMPING_GRIDS[label]):
+    for label in labels:
+      as_ = TUNED_AS.get(label, label)
+      if as_ not in lrs:
+        continue
+      best = best_run(root, stage_tune, task, as_, lrs[as_])
+      if as_ in DAMPING_GRIDS and best is not None and not all(
+          (root / stage_tune / f"{task}__{as_}__lr{_fmt(best['lr'])}__d{_fmt(d)}__s0.json"
+           ).exists() for d in DAMPING_GRIDS[as_]):
         best = None  # its damping runs have not finished
       name = f"{task}__{label}__s{seed}"
       cfg = None
       if best is not None:
-        over = {"damping": best["damping"]} if label in DAMPING_GRIDS else {}
+        over = {"damping": best["damping"]} if as_ in DAMPING_GRIDS else {}
         cfg = _cfg(preset_cfg, label, lr=best["lr"], split="test", seed=seed, **over)
       yield Run(stage_test, name, cfg)
 
@@ -366,7 +379,7 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
           yield Run("best", f"{base.task}__nysact-{choice}__s{seed}", cfg)
     elif stage == "lm" and preset.lm is not None:
       yield from _tune_test(preset.lm, preset.lm_grids, preset.lm_seeds, "lm_tune",
-                            "lm_test", root, ("sgd", "adamw", "nysact"))
+                            "lm_test", root, ("sgd", "adamw", "nysact", "nysact-reference", "foof"))
     elif stage == "resnet" and preset.resnet is not None:
       yield from _tune_test(preset.resnet, preset.grids, preset.resnet_seeds,
                             "resnet_tune", "resnet_test", root, preset.resnet_optimizers)
