@@ -136,7 +136,7 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
       val += f" ({s['diverged']} diverged)"
     tt = s["time_to_sgd_final_s"]
     lines.append(
-        f"| {NAMES.get(label, label)} | {_lr(by[label][0], label in suite.DAMPING_GRIDS)} | {s['n']} | "
+        f"| {NAMES.get(label, label)} | {_lr(by[label][0], suite.TUNED_AS.get(label, label) in suite.DAMPING_GRIDS)} | {s['n']} | "
         f"{val} | {s['train_s']:.0f} | "
         f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
   return lines, stats
@@ -160,12 +160,6 @@ def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list
       ok = ny["mean"] >= o["mean"]
       out.append(f"- {model}: NysAct {100 * ny['mean']:.2f}% {rule} {100 * o['mean']:.2f}%: "
                  f"{'MET' if ok else 'NOT MET'} ({100 * (ny['mean'] - o['mean']):+.2f} points)")
-  best = stats.get("nysact-fixed_stable")
-  if best:
-    others = ", ".join(f"{NAMES[k]} {100 * stats[k]['mean']:.2f}%"
-                       for k in ("sgd", "adamw", "kfac") if k in stats)
-    out.append(f"- {model}: (the best ablation setting, {NAMES['nysact-fixed_stable']}: "
-               f"{100 * best['mean']:.2f}% over {best['n']} seeds; {others})")
   sgd = stats.get("sgd")
   if sgd:
     gap = 100 * (ny["mean"] - sgd["mean"])
