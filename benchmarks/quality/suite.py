@@ -71,7 +71,6 @@ class Preset:
   lm: train.RunConfig | None = None
   lm_grids: dict[str, tuple[float, ...]] | None = None
   lm_seeds: int = 3
-  late: tuple[str, ...] = ()  # optimizers tuned and tested after the ablations
   resnet_optimizers: tuple[str, ...] = ("sgd", "adamw", "kfac", "nysact", "foof")
   ablation_seeds: int = 1  # seeds of each ablation on the validation split
 
@@ -235,15 +234,21 @@ def _half_decade(lr: float, up: bool) -> float:
   return float(f"{(min(nxt) if up else max(nxt)):.3g}")
 
 
-def lr_grid(root: pathlib.Path, stage: str, task: str, label: str,
-            grid: Sequence[float]) -> tuple[list[float], bool]:
-  """The learning rates to tune ``label`` on and whether they have all
-  finished: ``grid``, extended past an edge while the best finished run is
-  there (up to :data:`MAX_GRID_EXTENSIONS` values)."""
+def tune_name(task: str, label: str, lr: float | None, damping: float | None = None) -> str:
+  """The name of a tuning run (``lr`` ``None``: not known yet)."""
+  d = "" if damping is None else f"__d{_fmt(damping)}"
+  return f"{task}__{label}__lr{'?' if lr is None else _fmt(lr)}{d}__s0"
+
+
+def _tuning_runs(root: pathlib.Path, stage: str, task: str, label: str) -> list[dict[str, Any]]:
+  """The finished tuning runs of ``label`` on ``task``, damping runs included."""
   prefix = f"{task}__{label}__lr"
-  runs = [r for r in load_runs(root, stage)
-          if r["_name"].startswith(prefix) and "__d" not in r["_name"]]
-  by_lr = {_fmt(r["config"]["lr"]): r for r in runs}
+  return [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)]
+
+
+def _grid(runs: list[dict[str, Any]], grid: Sequence[float]) -> tuple[list[float], bool]:
+  """:func:`lr_grid` of the tuning runs ``runs``."""
+  by_lr = {_fmt(r["config"]["lr"]): r for r in runs if "__d" not in r["_name"]}
   lrs = sorted(grid)
   while True:
     if not all(_fmt(lr) in by_lr for lr in lrs):
@@ -259,26 +264,49 @@ def lr_grid(root: pathlib.Path, stage: str, task: str, label: str,
       return lrs, True
 
 
-def best_run(root: pathlib.Path, stage: str, task: str, label: str,
-             grid: Sequence[float]) -> dict[str, Any] | None:
-  """The config of the best tuning run of ``label`` on ``task`` (its ``lr``
-  and ``damping``), once every learning rate of its :func:`lr_grid` has
-  finished (else ``None``). Runs with a ``__d<damping>`` suffix (K-FAC)
-  compete too."""
-  lrs, complete = lr_grid(root, stage, task, label, grid)
+def lr_grid(root: pathlib.Path, stage: str, task: str, label: str,
+            grid: Sequence[float]) -> tuple[list[float], bool]:
+  """The learning rates to tune ``label`` on and whether they have all
+  finished: ``grid``, extended past an edge while the best finished run is
+  there (up to :data:`MAX_GRID_EXTENSIONS` values)."""
+  return _grid(_tuning_runs(root, stage, task, label), grid)
+
+
+def _best_of_grid(runs: list[dict[str, Any]], grid: Sequence[float]) -> dict[str, Any] | None:
+  """The best run of the learning-rate grid (damping runs aside), once it
+  has finished."""
+  lrs, complete = _grid(runs, grid)
   if not complete:
     return None
-  prefix = f"{task}__{label}__lr"
-  runs = [r for r in load_runs(root, stage) if r["_name"].startswith(prefix)
-          and ("__d" in r["_name"] or _fmt(r["config"]["lr"]) in {_fmt(lr) for lr in lrs})]
-  return max(runs, key=score)["config"]
+  done = {_fmt(lr) for lr in lrs}
+  return max((r for r in runs if "__d" not in r["_name"] and _fmt(r["config"]["lr"]) in done),
+             key=score)
 
 
 def best_lr(root: pathlib.Path, stage: str, task: str, label: str,
             grid: Sequence[float]) -> float | None:
-  """The learning rate of :func:`best_run` (``None`` until it is known)."""
-  cfg = best_run(root, stage, task, label, grid)
-  return None if cfg is None else cfg["lr"]
+  """The learning rate of the best run of ``label``'s :func:`lr_grid`, once
+  that has finished (else ``None``); its damping runs use it."""
+  best = _best_of_grid(_tuning_runs(root, stage, task, label), grid)
+  return None if best is None else best["config"]["lr"]
+
+
+def best_run(root: pathlib.Path, stage: str, task: str, label: str,
+             grid: Sequence[float]) -> dict[str, Any] | None:
+  """The config of the best tuning run of ``label`` on ``task`` (its ``lr``
+  and ``damping``), once its :func:`lr_grid` and, for the labels of
+  :data:`DAMPING_GRIDS`, the damping runs at the grid's best learning rate
+  have finished (else ``None``)."""
+  runs = _tuning_runs(root, stage, task, label)
+  best = _best_of_grid(runs, grid)
+  if best is None:
+    return None
+  lr = best["config"]["lr"]
+  names = {tune_name(task, label, lr, d) for d in DAMPING_GRIDS.get(label, ())}
+  damped = [r for r in runs if r["_name"] in names]
+  if len(damped) < len(names):
+    return None  # its damping runs have not finished
+  return max([best, *damped], key=score)["config"]
 
 
 def best_ablation(root: pathlib.Path, task: str) -> str | None:
@@ -298,54 +326,47 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
   task = preset_cfg.task
   tuned = list(dict.fromkeys(TUNED_AS.get(label, label) for label in labels))
   lrs = {label: grids[label] for label in tuned if label in grids}
+
+  def tune_run(label, lr):
+    return Run(stage_tune, tune_name(task, label, lr),
+               _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+
   # Interleave labels so that a cut-off leaves every optimizer tuned alike.
   for i in range(max(len(v) for v in lrs.values())):
     for label, grid in lrs.items():
       if i < len(grid):
-        lr = grid[i]
-        yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
-                  _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+        yield tune_run(label, grid[i])
   for label, grid in lrs.items():  # past the grid's edge, where the best is
     for lr in lr_grid(root, stage_tune, task, label, grid)[0]:
       if lr not in grid:
-        yield Run(stage_tune, f"{task}__{label}__lr{_fmt(lr)}__s0",
-                  _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+        yield tune_run(label, lr)
   for label in (l for l in DAMPING_GRIDS if l in lrs):  # damping, at the best lr
     lr = best_lr(root, stage_tune, task, label, lrs[label])
     for damping in DAMPING_GRIDS[label]:
-      name = f"{task}__{label}__lr{'?' if lr is None else _fmt(lr)}__d{_fmt(damping)}__s0"
-      yield Run(stage_tune, name, None if lr is None else _cfg(
+      yield Run(stage_tune, tune_name(task, label, lr, damping), None if lr is None else _cfg(
           preset_cfg, label, lr=lr, damping=damping, split="val", seed=0))
+  tested = [label for label in labels if TUNED_AS.get(label, label) in lrs]
+  best = {label: best_run(root, stage_tune, task, TUNED_AS.get(label, label),
+                          lrs[TUNED_AS.get(label, label)]) for label in tested}
   for seed in range(seeds):
-    for label in labels:
-      as_ = TUNED_AS.get(label, label)
-      if as_ not in lrs:
-        continue
-      best = best_run(root, stage_tune, task, as_, lrs[as_])
-      if as_ in DAMPING_GRIDS and best is not None and not all(
-          (root / stage_tune / f"{task}__{as_}__lr{_fmt(best['lr'])}__d{_fmt(d)}__s0.json"
-           ).exists() for d in DAMPING_GRIDS[as_]):
-        best = None  # its damping runs have not finished
-      name = f"{task}__{label}__s{seed}"
+    for label in tested:
       cfg = None
-      if best is not None:
-        over = {"damping": best["damping"]} if as_ in DAMPING_GRIDS else {}
-        cfg = _cfg(preset_cfg, label, lr=best["lr"], split="test", seed=seed, **over)
-      yield Run(stage_test, name, cfg)
+      if best[label] is not None:
+        over = {"damping": best[label]["damping"]} if TUNED_AS.get(
+            label, label) in DAMPING_GRIDS else {}
+        cfg = _cfg(preset_cfg, label, lr=best[label]["lr"], split="test", seed=seed, **over)
+      yield Run(stage_test, f"{task}__{label}__s{seed}", cfg)
 
 
 def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[Run]:
   """The runs of ``stages``, in order; configs that need earlier results are
   resolved lazily (the generator reads the results written so far)."""
   base = preset.cnn
-  labels = tuple(l for l in OPTIMIZERS if l not in preset.late)
-  late = [s for s in ("tune", "test") if s in stages] if preset.late else []
-  for stage in list(stages) + [f"late_{s}" for s in late]:
-    if stage in ("tune", "test", "late_tune", "late_test"):
-      which = preset.late if stage.startswith("late_") else labels
-      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, which)
+  for stage in stages:
+    if stage in ("tune", "test"):
+      it = _tune_test(base, preset.grids, preset.seeds, "tune", "test", root, tuple(OPTIMIZERS))
       for run in it:
-        if run.stage == stage.removeprefix("late_"):
+        if run.stage == stage:
           yield run
     elif stage == "ablate":
       # Seed 0 of every ablation first, then more seeds of the design choices
@@ -363,7 +384,7 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
           cfg = _cfg(base, ABLATION_BASE, lr=lr, split="val", seed=seed, **over)
         copy = None
         if label == "rank10" and seed == 0 and lr is not None:
-          copy = root / "tune" / f"{base.task}__{ABLATION_BASE}__lr{_fmt(lr)}__s0.json"
+          copy = root / "tune" / f"{tune_name(base.task, ABLATION_BASE, lr)}.json"
         yield Run("ablate", f"{base.task}__{label}__s{seed}", cfg, copy)
     elif stage == "best":
       # The best ablation setting on the test set, at the ablations' lr (the

@@ -135,9 +135,9 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
     if s["diverged"]:
       val += f" ({s['diverged']} diverged)"
     tt = s["time_to_sgd_final_s"]
+    lr = _lr(by[label][0], suite.TUNED_AS.get(label, label) in suite.DAMPING_GRIDS)
     lines.append(
-        f"| {NAMES.get(label, label)} | {_lr(by[label][0], suite.TUNED_AS.get(label, label) in suite.DAMPING_GRIDS)} | {s['n']} | "
-        f"{val} | {s['train_s']:.0f} | "
+        f"| {NAMES.get(label, label)} | {lr} | {s['n']} | {val} | {s['train_s']:.0f} | "
         f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
   return lines, stats
 
@@ -342,10 +342,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if tune:
       md += ["Learning-rate tuning (validation split carved from the training set, seed 0):",
              "", *tune_table(tune, lm), ""]
-      md += ["NysAct (default) is tested at the learning rate and damping tuned for "
-             "`nysact-reference` (the defaults while the tuning ran; the ablations then "
-             "moved `sketch_refresh` to `\"fixed\"`)." if "nysact" in suite.TUNED_AS else "",
-             ""]
+      tested = {_label(r["_name"]) for r in test}
+      md += [f"{NAMES.get(label, label)} is tested at the learning rate and damping tuned "
+             f"for `{as_}`, the defaults while its tuning ran (`suite.TUNED_AS`)."
+             for label, as_ in suite.TUNED_AS.items() if label in tested] + [""]
       if key == "cnn":
         md += ["The ablations below change one thing of the shifted-Nyström variant (the "
                "paper's method, the defaults before them) at its tuned learning rate.", ""]
