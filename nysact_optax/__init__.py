@@ -6,12 +6,8 @@ from nysact_optax._capture import capture_activations
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
-from nysact_optax._transform import (
-    NysActLayerState,
-    ScaleByNysActState,
-    nysact,
-    scale_by_nysact,
-)
+from nysact_optax._alias import nysact
+from nysact_optax._transform import NysActLayerState, ScaleByNysActState, scale_by_nysact
 
 __version__ = "0.1.0"
 
