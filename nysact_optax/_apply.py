@@ -8,7 +8,7 @@ decides both). The preconditioner
   ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``
 
 is applied in factored form, ``O(p r o)``; no ``p x p`` array is formed unless
-``U`` itself is square (exact mode, where ``P = U diag(1 / (lam + rho)) U^T``).
+``U`` itself is square (exact mode).
 """
 
 from __future__ import annotations
@@ -58,13 +58,11 @@ def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array 
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
 
 
-def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool = False) -> jax.Array:
+def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
   """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
 
-  ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``; in exact mode
-  (``U`` square) ``P g = U ((1/(lam + rho)) * (U^T g))``, which stays
-  positive definite however ``lam / rho`` compares with the round-off of
-  ``U``'s orthogonality.
+  ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``: with the zero
+  basis of a fresh state, ``P = I / rho``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -73,7 +71,5 @@ def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool
     Array([0.5, 1. , 1. ], dtype=float32)
   """
   ug = jnp.matmul(u.T, g, precision=_HIGHEST)
-  if exact:
-    return jnp.matmul(u, ug / (lam + rho)[:, None], precision=_HIGHEST)
   coeff = 1.0 / (lam + rho) - 1.0 / rho
   return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho

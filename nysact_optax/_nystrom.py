@@ -58,7 +58,11 @@ def _factor_from_cholesky(y: jax.Array, w: jax.Array, shift: jax.Array):
   keep = lam > 0
   scale = jnp.where(keep, jax.lax.rsqrt(jnp.maximum(sigma2, 1e-30)), 0.0)
   u = jnp.matmul(b, v, precision=_HIGHEST) * scale[None, :]
-  return _orthonormal(u, keep), lam
+  u = _orthonormal(u, keep)
+  # Non-finite statistics or a failed Cholesky must not hide behind the
+  # dropped (zeroed) columns: the caller then keeps the previous factors.
+  finite = jnp.isfinite(b).all() & jnp.isfinite(sigma2).all()
+  return jnp.where(finite, u, jnp.nan), lam
 
 
 def _orthonormal(u: jax.Array, keep: jax.Array) -> jax.Array:
@@ -148,6 +152,13 @@ def nystrom_stable(c_hat: jax.Array, s: jax.Array, rho=None) -> tuple[jax.Array,
 
 
 def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eigendecomposition of the full covariance (exact mode, ``rank >= p``)."""
+  """Eigendecomposition of the full covariance (exact mode, ``rank >= p``).
+
+  ``U`` is orthonormalised like the Nyström bases (``U^T U <= I``), so ``P``
+  stays positive definite at any ``lam / rho``.
+  """
   lam, u = jnp.linalg.eigh(_sym(c_hat))
-  return u, jnp.maximum(lam, 0.0)  # clip the round-off negatives of a PSD matrix
+  finite = jnp.isfinite(lam).all() & jnp.isfinite(u).all()
+  u = _orthonormal(jnp.where(finite, u, 0.0), jnp.ones(lam.shape, bool))
+  lam = jnp.where(finite, jnp.maximum(lam, 0.0), jnp.nan)  # clip round-off negatives
+  return jnp.where(finite, u, jnp.nan), lam

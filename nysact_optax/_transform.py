@@ -124,8 +124,7 @@ def _precondition_all(updates, layers, layer_states, damping, dtype):
       bias = leaves[position[layer.bias_path]] if layer.has_bias else None
       g = _apply.to_matrix(layer, kernel, bias, dtype)
       pg = _tree.over_stack(
-          layer, lambda g, u, lam, scale, layer=layer: _apply.precondition(
-              g, u, lam, damping * scale, exact=layer.exact),
+          layer, lambda g, u, lam, scale: _apply.precondition(g, u, lam, damping * scale),
           g, ls.basis, ls.eigvals, ls.damping_scale)
       kernel, bias = _apply.from_matrix(layer, pg, kernel, bias)
       leaves[position[layer.kernel_path]] = kernel

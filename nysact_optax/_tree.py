@@ -24,8 +24,8 @@ import jax
 from nysact_optax._layers import LayerInputs
 
 __all__ = [
-    "Layer", "activation_table", "find_layers", "key_name", "over_stack", "path_name",
-    "selected",
+    "ATTENTION_PROJECTIONS", "Layer", "activation_table", "default_input_axes",
+    "find_layers", "key_name", "over_stack", "path_name", "selected",
 ]
 
 LayerFilter = Sequence[str] | Callable[[str], bool]
@@ -154,6 +154,51 @@ def over_stack(layer: Layer, fn, *args):
   return jax.tree.map(lambda a: a.reshape(layer.stack_shape + a.shape[1:]), out)
 
 
+# flax's attention modules (linen MultiHeadDotProductAttention, nnx
+# MultiHeadAttention) name their input projections so; each is a DenseGeneral
+# / LinearGeneral from the model width to (heads, head_dim).
+ATTENTION_PROJECTIONS = ("query", "key", "value")
+
+
+def default_input_axes(name: str, kernel_dims: tuple[int, ...],
+                       bias_dims: tuple[int, ...] | None) -> tuple[int, ...]:
+  """The kernel axes that meet the input, as far as the shapes tell.
+
+  With a bias, the output axes are the kernel axes whose sizes are the
+  bias's (the trailing ones when they fit, as flax lays out ``Dense`` and
+  ``DenseGeneral``; otherwise the one set of axes that fits, as for an
+  ``Einsum`` like ``"btd,ndh->bthn"``). Without one: the leading axis of
+  flax's attention projections (``query``/``key``/``value``, kernel
+  ``(d, heads, head_dim)``), else every axis but the last. The captured
+  layer spec is checked against this at every update; where it differs the
+  error gives the ``input_axes=`` to pass.
+
+  Examples:
+    >>> default_input_axes("Dense_0", (8, 4), (4,))
+    (0,)
+    >>> default_input_axes("einsum", (2, 4, 3), (3, 2))  # kernel (heads, d, head_dim)
+    (1,)
+    >>> default_input_axes("attention/query", (16, 2, 8), None)
+    (0,)
+    >>> default_input_axes("attention/out", (2, 8, 16), None)
+    (0, 1)
+  """
+  ndim = len(kernel_dims)
+  if bias_dims is None:
+    if ndim >= 3 and name.rsplit("/", 1)[-1] in ATTENTION_PROJECTIONS:
+      return (0,)
+    return tuple(range(ndim - 1))
+  n_out = max(min(len(bias_dims), ndim - 1), 1)
+  trailing = tuple(range(ndim - n_out))
+  if len(bias_dims) != n_out or sorted(kernel_dims[ndim - n_out:]) == sorted(bias_dims):
+    return trailing
+  fits = [out for out in itertools.combinations(range(ndim), n_out)
+          if sorted(kernel_dims[a] for a in out) == sorted(bias_dims)]
+  if len(fits) != 1:
+    return trailing  # no one layout fits: the update's check names the fix
+  return tuple(a for a in range(ndim) if a not in fits[0])
+
+
 def _bias_perm(out_dims: tuple[int, ...], bias_dims: tuple[int, ...]):
   """``(perm, ambiguous)`` taking the bias's axes to the kernel's output order."""
   if len(bias_dims) != len(out_dims) or len(out_dims) > 6:
@@ -227,9 +272,7 @@ def find_layers(
   The leading ``stack_axes[name]`` kernel axes (regex search on the name;
   default 0) index stacked copies of the layer. Of the remaining axes, those
   that meet the input are ``input_axes[name]`` (an int ``n``: the leading
-  ``n``; a tuple: those axes) or by default all axes but the bias's
-  (``DenseGeneral`` with ``features=(heads, dim)``), or all but the last when
-  there is no bias (``Dense``, ``Conv``).
+  ``n``; a tuple: those axes) or by default :func:`default_input_axes`.
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   by_path = {tuple(path): leaf for path, leaf in leaves}
@@ -258,8 +301,9 @@ def find_layers(
     ndim = leaf.ndim - stack
     axes = _lookup(input_axes, name)
     if axes is None:
-      n_out = by_path[bias_path].ndim - stack if bias_path is not None else 1
-      axes = ndim - max(n_out, 1)
+      bias_dims = (None if bias_path is None
+                   else tuple(by_path[bias_path].shape[stack:]))
+      axes = default_input_axes(name, tuple(leaf.shape[stack:]), bias_dims)
     if isinstance(axes, numbers.Integral):
       if not 1 <= axes < ndim:
         raise ValueError(

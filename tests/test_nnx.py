@@ -103,8 +103,7 @@ def test_exact_mode_equals_dense_damped_inverse_for_every_nnx_layer():
   grads = _random_like(params, 7)
   tx = nysact_optax.scale_by_nysact(
       rank=10**6, damping=RHO, stat_decay=0.0, cov_update_every=1, inv_update_every=1,
-      input_axes={"^einsum$": (1,)},
-  )
+  )  # no input_axes: the einsum's input axis (1,) is read off its bias's shape
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), activations=acts)
   for name, (_, _, rows, k_in, bias_perm) in CASES.items():
     a = rows(np.asarray(xs[name], np.float64))

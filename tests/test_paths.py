@@ -51,7 +51,7 @@ def _nnx():
   xs["linear_again"] = nnx_zoo._normal((3, 4), 99)
   _, acts = nysact_optax.capture_activations(model)(xs)
   params = nnx.pure(nnx.state(model, nnx.Param))
-  return params, acts, dict(input_axes={"^einsum$": (1,)})
+  return params, acts, {}
 
 
 def _both_paths(setup, dtype, sketch, rank, steps=2):
@@ -80,12 +80,13 @@ def test_statistics_path_equals_activations_path(setup, sketch, rank):
       a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), s2.layers, s1.layers)
 
 
-@pytest.mark.parametrize("sketch", ["gaussian", "subcolumns"])
-def test_statistics_path_in_float64(sketch):
+@pytest.mark.parametrize("setup, sketch", [(_linen, "gaussian"), (_linen, "subcolumns"),
+                                           (_nnx, "gaussian")], ids=["linen", "linen-sub", "nnx"])
+def test_statistics_path_in_float64(setup, sketch):
   """It drew a float32 sketch while the refresh drew a float64 one (200 % off)."""
   with jax.enable_x64(True):
-    want, got, s1, _ = _both_paths(_linen, "float64", sketch, 2)
-  assert s1.layers["head"].cov.dtype == jnp.float64
+    want, got, s1, _ = _both_paths(setup, "float64", sketch, 2)
+  assert all(ls.cov.dtype == jnp.float64 for ls in s1.layers.values())
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-10, atol=1e-10 * np.abs(b).max()), got, want)
 

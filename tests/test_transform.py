@@ -96,6 +96,8 @@ def test_exact_mode_equals_dense_damped_inverse(case, calls):
 
 
 def test_bias_free_multi_axis_kernel_needs_input_axes():
+  """Any bias-free DenseGeneral with features=(2, 3), but flax's attention
+  projections (query, key, value), whose layout is flax's convention."""
   module = Single(P(nn.DenseGeneral, (2, 3), use_bias=False))
   x = jnp.ones((4, 5))
   params = module.init(jax.random.PRNGKey(0), x)["params"]
@@ -283,3 +285,22 @@ def test_bad_hyperparameters_raise(kwargs, message):
     nysact_optax.scale_by_nysact(**kwargs)
   with pytest.raises(ValueError, match=message):
     nysact_optax.nysact(0.1, **kwargs)
+
+
+def test_flax_attention_without_bias_needs_no_input_axes():
+  """lm1b's pattern: nn.MultiHeadDotProductAttention(use_bias=False); its
+  query/key/value kernels are (d, heads, head_dim), out is (heads, head_dim, d)."""
+  module = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6, use_bias=False)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 4)), jnp.float32)
+  params = module.init(jax.random.PRNGKey(0), x)["params"]
+  _, acts = nysact_optax.capture_activations(module.apply)({"params": params}, x)
+  tx = nysact_optax.scale_by_nysact(rank=10**6, damping=RHO, stat_decay=0.0)
+  state = tx.init(params)
+  widths = {name: ls.cov.shape[0] for name, ls in state.layers.items()}
+  assert widths == {"query": 4, "key": 4, "value": 4, "out": 6}
+  updates, _ = tx.update(params, state, activations=acts)
+  rows = np.asarray(x, np.float64).reshape(-1, 4)
+  g = np.asarray(params["query"]["kernel"], np.float64).reshape(4, -1)
+  expected = _reference.damped_inverse(rows, RHO) @ g
+  np.testing.assert_allclose(np.asarray(updates["query"]["kernel"]).reshape(4, -1), expected,
+                             rtol=2e-4, atol=2e-4 * np.abs(expected).max())
