@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 __all__ = ["contraction_out_sharding", "replicate", "sharded_axes_first", "varying_like"]
 
 
 def _mesh_of(*operands: jax.Array):
-  """The mesh in context (``jax.set_mesh``) or of the operands' types, or ``None``."""
+  """The mesh in context (``jax.set_mesh``) or of the operands' types, or ``None``.
+
+  Under ``jit`` with ``NamedSharding`` in/out shardings but no ``set_mesh``
+  there is no mesh in context, only the (abstract) mesh of the operands'
+  types: the helpers below therefore always spell shardings as
+  ``NamedSharding(mesh, ...)``, never as a bare ``PartitionSpec`` (which
+  needs a mesh in context).
+  """
   mesh = jax.sharding.get_abstract_mesh()
   for x in operands:
     if not mesh.empty:
@@ -38,7 +45,11 @@ def _mesh_of(*operands: jax.Array):
   return None if mesh.empty else mesh
 
 
-def contraction_out_sharding(*operands: jax.Array) -> PartitionSpec | None:
+def _replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def contraction_out_sharding(*operands: jax.Array) -> NamedSharding | None:
   """``out_sharding`` for a contraction whose result is to be replicated.
 
   With ``AxisType.Explicit`` axes a contraction over an axis sharded on both
@@ -47,7 +58,7 @@ def contraction_out_sharding(*operands: jax.Array) -> PartitionSpec | None:
   """
   mesh = _mesh_of(*operands)
   if mesh is not None and mesh.explicit_axes and not mesh.manual_axes:
-    return PartitionSpec()
+    return _replicated(mesh)
   return None
 
 
@@ -83,9 +94,9 @@ def replicate(x: jax.Array) -> jax.Array:
   if mesh.explicit_axes:
     sharding = jax.typeof(x).sharding
     if sharding.mesh.empty or any(entry is not None for entry in sharding.spec):
-      return jax.sharding.reshard(x, PartitionSpec())
+      return jax.sharding.reshard(x, _replicated(mesh))
     return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec())
+  return jax.lax.with_sharding_constraint(x, _replicated(mesh))
 
 
 def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
