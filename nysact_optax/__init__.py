@@ -7,6 +7,7 @@ from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._alias import nysact
+from nysact_optax._train_state import TrainState
 from nysact_optax._transform import NysActLayerState, ScaleByNysActState, scale_by_nysact
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "LayerInputs",
     "NysActLayerState",
     "ScaleByNysActState",
+    "TrainState",
     "capture_activations",
     "diagnostics",
     "find_nysact_state",
