@@ -40,7 +40,7 @@ from nysact_optax import demo
 # the unpacking of value_and_grad) besides the README's three changes.
 THREADING = 2
 INPUT_AXES_XFAIL = pytest.mark.xfail(
-    strict=True, reason="input-axes inference (issue 16 item 3)")
+    strict=True, raises=ValueError, reason="input-axes inference (issue 16 item 3)")
 
 
 def _edit(source: str, edits: dict[str, tuple[str, str]]) -> str:
