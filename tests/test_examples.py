@@ -23,6 +23,8 @@ a changed model).
 
 import difflib
 import functools
+import pathlib
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -488,3 +490,58 @@ def test_linen_resnet_with_batch_norm_under_pmap():
                          variables["batch_stats"]["BatchNorm_0"]["mean"])
   layers = _layers(jax.tree.map(lambda a: a[0], state.opt_state))
   assert "Dense_0" in layers and "ResNetBlock_1/Conv_2" in layers and len(layers) == 7
+
+
+# --------------------------------------------------------------------------
+# The README's TrainState and nnx.capture forms run as written
+
+
+def _readme_block(after: str) -> str:
+  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  return re.search(r"```python\n(.*?)```", text.split(after, 1)[1], re.S).group(1)
+
+
+def test_readme_train_state_block_trains():
+  data = _digits()
+  model = demo.DigitsCNN()
+  params = model.init(jax.random.PRNGKey(0), data.x_train[:1])["params"]
+  ns = {"jax": jax, "optax": optax, "nysact_optax": nysact_optax, "model": model, "params": params}
+  exec(compile(_readme_block("**With flax's `TrainState`**"), "README.md", "exec"), ns)
+  state, losses = ns["state"], []
+  for i in range(40):
+    idx = np.arange(i * 32, (i + 1) * 32) % len(data.x_train)
+    state, loss = ns["train_step"](state, data.x_train[idx], data.y_train[idx])
+    losses.append(float(loss))
+  _assert_trains(np.asarray(losses), 0.5)
+  assert int(state.step) == 40
+
+
+@pytest.mark.filterwarnings("error")
+def test_readme_nnx_capture_block_runs():
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(8, 16, rngs=rngs)
+      self.out = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+      h = nnx.relu(self.hidden(x))
+      self.sow(nnx.Intermediate, "features", h)
+      return self.out(h)
+
+  x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32)
+  ns = {"nnx": nnx, "optax": optax, "nysact_optax": nysact_optax, "x": x, "y": y}
+  code = _readme_block("**With `nnx.capture`**")
+  exec(compile(code, "README.md", "exec"), ns)
+  model = MLP(nnx.Rngs(0))
+  (_, (intermediates, acts)), grads = nnx.value_and_grad(ns["loss_fn"], has_aux=True)(model)
+  assert intermediates["features"].get_value()[0].shape == (32, 16)
+  assert sorted(acts) == ["hidden", "out"]
+  np.testing.assert_array_equal(acts["hidden"].inputs[0], x)
+  # The other order, from the block's comment, gives the same activations.
+  ns["model"] = model
+  exec(re.search(r"# or: (.*)\n", code).group(1), ns)
+  np.testing.assert_array_equal(ns["acts"]["out"].inputs[0], intermediates["features"].get_value()[0])
+  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=4), wrt=nnx.Param)
+  optimizer.update(model, grads, activations=acts)
+  assert int(optimizer.step[...]) == 1
