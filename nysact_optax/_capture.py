@@ -53,11 +53,19 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   when the transform lists ``"nysact_inputs"`` in ``variable_axes`` beside
   ``"params"`` (same axis, 0); their inputs then carry the stack axis first.
 
-  Given an ``nnx.Module`` (or a bound method of one), returns a function with
-  the model's call signature; see :func:`nysact_optax._capture_nnx.capture_nnx`.
+  Given an ``nnx.Module`` (or a bound method of one, or what ``nnx.capture``
+  returns for either), returns a function with the model's call signature;
+  see :func:`nysact_optax._capture_nnx.capture_nnx`. With flax's
+  ``TrainState``, use :class:`nysact_optax.TrainState`, whose
+  ``apply_gradients`` takes ``activations=``.
+
+  Evaluate with the plain apply: jitted for its outputs alone, the captured
+  apply compiles to the same program, but returned activations are
+  materialised.
 
   Args:
-    apply_fn: ``model.apply`` (or a partial of it), or an ``nnx.Module``.
+    apply_fn: ``model.apply`` (or a partial of it), an ``nnx.Module``, a
+      method bound to one, or what ``nnx.capture`` returns.
 
   Returns:
     A function with the same arguments returning ``(outputs, activations)``.

@@ -13,6 +13,13 @@ sown values are module state, so they flow through NNX's lifted transforms
 
 ``nnx.MultiHeadAttention`` is covered through its ``LinearGeneral``
 projections (``query``, ``key``, ``value``, ``out``).
+
+With the user's ``nnx.capture`` either order works. Outside ours it sets up
+``__captures__`` first and we add our type to it; the captured call is a
+method bound to the model, so ``nnx.capture`` finds the model as it does for
+``model.__call__``. Inside ours it would replace our type, so
+``capture_nnx(nnx.capture(f, *types))`` is run as
+``nnx.capture(capture_nnx(f), *types)`` with the results reordered.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ class _LayerInputsVar(nnx.Intermediate):
 
 def is_nnx(fn: Any) -> bool:
   """Whether ``fn`` is an ``nnx.Module``, a method bound to one, or what
-  ``nnx.capture`` returns."""
+  ``nnx.capture`` returns.
+
+  Examples:
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> is_nnx(layer), is_nnx(nnx.capture(layer, nnx.Intermediate)), is_nnx(len)
+    (True, True, False)
+  """
   return (
       isinstance(fn, nnx.Module)
       or (inspect.ismethod(fn) and isinstance(fn.__self__, nnx.Module))
