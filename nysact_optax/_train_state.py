@@ -17,7 +17,7 @@ import jax
 import optax
 from flax.training import train_state
 
-from nysact_optax._transform import ScaleByNysActState
+from nysact_optax._state import ScaleByNysActState
 
 __all__ = ["TrainState"]
 
