@@ -13,12 +13,17 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # The capture is the only part that needs flax; import it on first use, so
-  # that the optimizer and its math load without flax (tests/test_imports.py).
+  # The capture and TrainState are the only parts that need flax; import them
+  # on first use, so that the optimizer and its math load without flax
+  # (tests/test_imports.py).
   if name == "capture_activations":
     from nysact_optax._capture import capture_activations
 
     return capture_activations
+  if name == "TrainState":
+    from nysact_optax._train_state import TrainState
+
+    return TrainState
   raise AttributeError(f"module 'nysact_optax' has no attribute {name!r}")
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "LayerInputs",
     "NysActLayerState",
     "ScaleByNysActState",
+    "TrainState",
     "capture_activations",
     "diagnostics",
     "find_nysact_state",

@@ -19,37 +19,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 from flax.core import scope as flax_scope
-from flax.linen import linear as flax_linear
 
-from nysact_optax._layers import (
-    DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported, conv_spec_of,
-)
+from nysact_optax import _record
+from nysact_optax._layers import LayerInputs, Unsupported
 
 __all__ = ["capture_activations", "COLLECTION"]
 
 COLLECTION = "nysact_inputs"
 
+# Order matters where classes are related; see _record.spec_of for each kind.
+_KINDS = ((nn.Einsum, "einsum"), (nn.Dense, "dense"), (nn.DenseGeneral, "general"),
+          (nn.Conv, "conv"))
 
-def _spec_of(module: nn.Module, call_args=(), call_kwargs=None) -> LayerSpec | None:
-  """The spec of a covered module, or ``None`` for anything else."""
-  if isinstance(module, nn.Einsum):
-    equation = module.einsum_str
-    if len(call_args) > 1:
-      equation = call_args[1]
-    equation = (call_kwargs or {}).get("einsum_str", None) or equation
-    return EinsumSpec(equation.replace(" ", ""))
-  if isinstance(module, nn.Dense):
-    return DenseSpec((-1,))
-  if isinstance(module, nn.DenseGeneral):
-    if tuple(flax_linear._canonicalize_tuple(module.batch_dims)):
-      raise NotImplementedError(
-          f"DenseGeneral with batch_dims={module.batch_dims!r} has one kernel "
-          "per batch index"
-      )
-    return DenseSpec(tuple(flax_linear._canonicalize_tuple(module.axis)))
-  if isinstance(module, nn.Conv):
-    return conv_spec_of(module)
-  return None
+
+def _kind(module: nn.Module) -> str | None:
+  return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
 
 
 def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,11 +53,19 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   when the transform lists ``"nysact_inputs"`` in ``variable_axes`` beside
   ``"params"`` (same axis, 0); their inputs then carry the stack axis first.
 
-  Given an ``nnx.Module`` (or a bound method of one), returns a function with
-  the model's call signature; see :func:`nysact_optax._capture_nnx.capture_nnx`.
+  Given an ``nnx.Module`` (or a bound method of one, or what ``nnx.capture``
+  returns for either), returns a function with the model's call signature;
+  see :func:`nysact_optax._capture_nnx.capture_nnx`. With flax's
+  ``TrainState``, use :class:`nysact_optax.TrainState`, whose
+  ``apply_gradients`` takes ``activations=``.
+
+  Evaluate with the plain apply: jitted for its outputs alone, the captured
+  apply compiles to the same program, but returned activations are
+  materialised.
 
   Args:
-    apply_fn: ``model.apply`` (or a partial of it), or an ``nnx.Module``.
+    apply_fn: ``model.apply`` (or a partial of it), an ``nnx.Module``, a
+      method bound to one, or what ``nnx.capture`` returns.
 
   Returns:
     A function with the same arguments returning ``(outputs, activations)``.
@@ -94,48 +86,54 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(apply_fn)
   def wrapped(*args, **kwargs):
-    specs: dict[tuple[str, ...], tuple[LayerSpec, tuple[int, ...] | None]] = {}
+    calls: dict[tuple[str, ...], list[_record.Call]] = {}
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       module = context.module
-      spec = None
-      if context.method_name == "__call__":
-        try:
-          spec = _spec_of(module, call_args, call_kwargs)
-        except NotImplementedError as e:  # the optimizer raises unless excluded
-          spec = Unsupported(str(e))
-        if spec is not None and not isinstance(spec, Unsupported):
-          x = call_args[0] if call_args else call_kwargs["inputs"]
-          module.sow(COLLECTION, "inputs", jax.lax.stop_gradient(x))
+      kind = _kind(module) if context.method_name == "__call__" else None
+      if kind is None:
+        return next_fun(*call_args, **call_kwargs)
+      einsum_str = call_kwargs.get("einsum_str") or (
+          call_args[1] if kind == "einsum" and len(call_args) > 1 else None)
+      spec = _record.spec_of(module, kind, einsum_str)
+      if not isinstance(spec, Unsupported):
+        x = call_args[0] if call_args else call_kwargs["inputs"]
+        module.sow(COLLECTION, "inputs", jax.lax.stop_gradient(x))
       out = next_fun(*call_args, **call_kwargs)
-      if spec is not None:
-        kernel = module.variables.get("params", {}).get("kernel")
-        kernel = getattr(kernel, "value", kernel)  # nn.Partitioned and other boxes
-        entry = (spec, None if kernel is None else tuple(kernel.shape))
-        path = tuple(module.path)
-        if specs.setdefault(path, entry) != entry:
-          raise ValueError(
-              f"layer {'/'.join(path)!r} was called with two configurations: "
-              f"{specs[path]} and {entry}"
-          )
+      kernel = module.variables.get("params", {}).get("kernel")
+      kernel = getattr(kernel, "value", kernel)  # nn.Partitioned and other boxes
+      shape = None if kernel is None else tuple(kernel.shape)
+      calls.setdefault(tuple(module.path), []).append(_record.Call(spec, shape))
       return out
 
     mutable = kwargs.pop("mutable", False)
     user_mutable = mutable is not False
     ours = COLLECTION if mutable is False else flax_scope.union_filters(mutable, COLLECTION)
     with nn.intercept_methods(interceptor):
-      outputs, variables = apply_fn(*args, mutable=ours, **kwargs)
+      try:
+        outputs, variables = apply_fn(*args, mutable=ours, **kwargs)
+      except TypeError as e:
+        if "'mutable'" not in str(e):
+          raise
+        raise TypeError(
+            f"capture_activations took {apply_fn!r} for a flax.linen apply and "
+            f"passed it mutable=, which it does not accept ({e}). Pass a linen "
+            "model's apply (model.apply), an nnx.Module or a method bound to "
+            "one; to combine with nnx.capture, use "
+            "nnx.capture(capture_activations(model), ...)"
+        ) from e
     variables = dict(variables)
     sown = variables.pop(COLLECTION, {})
     activations: dict[str, LayerInputs] = {}
-    for path, (spec, kernel_shape) in specs.items():
+    for path, layer_calls in calls.items():
       node = sown
       for name in path:
         node = node.get(name, {})
       # No inputs: a lifted transform (nn.scan without the collection in
       # variable_axes) dropped them; the optimizer raises if it needs them.
       inputs = node.get("inputs", ())
-      activations["/".join(path)] = LayerInputs(inputs, spec, kernel_shape)
+      name = "/".join(path)
+      activations[name] = _record.layer_inputs(name, layer_calls, inputs)
     if user_mutable:
       outputs = (outputs, variables)
     return outputs, activations

@@ -13,6 +13,13 @@ sown values are module state, so they flow through NNX's lifted transforms
 
 ``nnx.MultiHeadAttention`` is covered through its ``LinearGeneral``
 projections (``query``, ``key``, ``value``, ``out``).
+
+With the user's ``nnx.capture`` either order works. Outside ours it sets up
+``__captures__`` first and we add our type to it; the captured call is a
+method bound to the model, so ``nnx.capture`` finds the model as it does for
+``model.__call__``. Inside ours it would replace our type, so
+``capture_nnx(nnx.capture(f, *types))`` is run as
+``nnx.capture(capture_nnx(f), *types)`` with the results reordered.
 """
 
 from __future__ import annotations
@@ -21,19 +28,22 @@ import contextlib
 import functools
 import inspect
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from flax import nnx
 
-from nysact_optax._layers import (
-    DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported, conv_spec_of,
-)
+from nysact_optax import _record
+from nysact_optax._layers import LayerInputs, Unsupported
 
 __all__ = ["capture_nnx", "is_nnx"]
 
-_LAYER_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+# Order matters where classes are related; see _record.spec_of for each kind.
+_KINDS = ((nnx.Einsum, "einsum"), (nnx.LinearGeneral, "general"), (nnx.Linear, "dense"),
+          (nnx.Conv, "conv"))
+_LAYER_TYPES = tuple(cls for cls, _ in _KINDS)
 
 
 class _LayerInputsVar(nnx.Intermediate):
@@ -41,27 +51,49 @@ class _LayerInputsVar(nnx.Intermediate):
 
 
 def is_nnx(fn: Any) -> bool:
-  """Whether ``fn`` is an ``nnx.Module`` or a method bound to one."""
-  return isinstance(fn, nnx.Module) or (
-      inspect.ismethod(fn) and isinstance(fn.__self__, nnx.Module)
+  """Whether ``fn`` is an ``nnx.Module``, a method bound to one, or what
+  ``nnx.capture`` returns.
+
+  Examples:
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    >>> is_nnx(layer), is_nnx(nnx.capture(layer, nnx.Intermediate)), is_nnx(len)
+    (True, True, False)
+  """
+  return (
+      isinstance(fn, nnx.Module)
+      or (inspect.ismethod(fn) and isinstance(fn.__self__, nnx.Module))
+      or _nnx_capture_parts(fn) is not None
   )
 
 
-def _spec_of(layer: nnx.Module, einsum_str: str | None) -> LayerSpec:
-  """The spec of one covered NNX layer, read off its attributes."""
-  if isinstance(layer, nnx.Einsum):
-    equation = (einsum_str or layer.einsum_str or "").replace(" ", "")
-    return EinsumSpec(equation)
-  if isinstance(layer, nnx.LinearGeneral):
-    if layer.batch_axis:
-      raise NotImplementedError(
-          f"LinearGeneral with batch_axis={dict(layer.batch_axis)!r} has one "
-          "kernel per batch index; exclude it with exclude=[...]"
-      )
-    return DenseSpec(tuple(int(a) for a in layer.axis))
-  if isinstance(layer, nnx.Linear):
-    return DenseSpec((-1,))
-  return conv_spec_of(layer)  # nnx.Conv: the same options as flax.linen.Conv
+def _nnx_capture_parts(fn: Any) -> dict[str, Any] | None:
+  """``fn``, ``var_types``, ``init``, ``method_outputs`` and
+  ``module_instance`` of a function made by ``nnx.capture``, else ``None``."""
+  code = getattr(fn, "__code__", None)
+  if code is None or code is not _NNX_CAPTURE_CODE:
+    return None
+  parts = inspect.getclosurevars(fn).nonlocals
+  names = ("fn", "var_types", "init", "method_outputs", "module_instance")
+  if not all(n in parts for n in names):  # a flax we do not know: say what works
+    raise TypeError(
+        "capture_activations cannot look inside this flax version's "
+        "nnx.capture; put nnx.capture outside instead: "
+        "nnx.capture(nysact_optax.capture_activations(model), ...)"
+    )
+  return {n: parts[n] for n in names}
+
+
+def _nnx_capture_code():
+  """The code object of the functions ``nnx.capture`` returns."""
+  return getattr(nnx.capture(lambda module: None), "__code__", None)
+
+
+_NNX_CAPTURE_CODE = _nnx_capture_code()
+
+
+def _layer_kind(layer: nnx.Module) -> str:
+  return next(kind for cls, kind in _KINDS if isinstance(layer, cls))
 
 
 def _ours(layer: nnx.Module) -> bool:
@@ -72,13 +104,10 @@ def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(call)
   def __call__(self, inputs, *args, **kwargs):
     if _ours(self):
+      kind = _layer_kind(self)
       einsum_str = kwargs.get("einsum_str", args[0] if args else None)
-      einsum_str = einsum_str if isinstance(self, nnx.Einsum) else None
-      try:
-        spec = _spec_of(self, einsum_str)
-        calls = [jax.lax.stop_gradient(inputs)]
-      except NotImplementedError as e:  # the optimizer raises unless excluded
-        spec, calls = Unsupported(str(e)), []
+      spec = _record.spec_of(self, kind, einsum_str if kind == "einsum" else None)
+      calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
       entry = LayerInputs(calls, spec, tuple(self.kernel.shape))
       self.sow(_LayerInputsVar, "inputs", entry)
     return call(self, inputs, *args, **kwargs)
@@ -142,21 +171,70 @@ def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State | LayerInputs:
     calls = var.get_value().get("inputs", ())
     if not calls:  # the layer did not run
       continue
-    specs = {(c.spec, c.kernel_shape) for c in calls}
-    if len(specs) > 1:
-      raise ValueError(
-          f"layer {'/'.join(map(str, path))!r} was called with several "
-          f"configurations: {sorted(map(str, specs))}"
-      )
-    flat[path] = LayerInputs(
-        [x for c in calls for x in c.inputs], calls[0].spec, calls[0].kernel_shape
+    flat[path] = _record.layer_inputs(
+        "/".join(map(str, path)),
+        [_record.Call(c.spec, c.kernel_shape) for c in calls],
+        [x for c in calls for x in c.inputs],
     )
   if () in flat:  # the model is itself a layer: its name is ""
     root = flat.pop(())
     if not flat:
       return root
     flat[("",)] = root
-  return nnx.State.from_flat_path(flat)
+  return nnx.from_flat_state(flat)
+
+
+def _with_activations(fn: Callable[..., Any], model: nnx.Module | None) -> Callable[..., Any]:
+  """``fn`` also returning activations; ``model=None``: the first argument."""
+
+  def call(*args, **kwargs):
+    layers = _covered(model if model is not None else args[0])
+    with _wrapped_layer_classes(), _sowing_into(layers):
+      outputs = fn(*args, **kwargs)
+      activations = _collect(layers)
+    return outputs, activations
+
+  return call
+
+
+def _bound(call: Callable[..., Any], model: nnx.Module, like: Any) -> types.MethodType:
+  """``call`` as a method bound to ``model``, so that ``nnx.capture`` around
+  it finds the model (it looks for a Module or a bound method)."""
+
+  def captured(self, *args, **kwargs):
+    del self  # call knows the model
+    return call(*args, **kwargs)
+
+  captured.__name__ = captured.__qualname__ = getattr(like, "__name__", type(like).__name__)
+  captured.__doc__ = getattr(like, "__doc__", None)
+  captured._nysact_capture = True
+  return types.MethodType(captured, model)
+
+
+def _is_ours(fn: Any) -> bool:
+  return getattr(getattr(fn, "__func__", None), "_nysact_capture", False)
+
+
+def _around_nnx_capture(parts: dict[str, Any]) -> Callable[..., Any]:
+  """``capture_activations(nnx.capture(f, *types))``: runs as
+  ``nnx.capture(capture_activations(f), *types)`` (whose capture would
+  otherwise replace ours) and returns ``((f's outputs, *states), activations)``."""
+  model = parts["module_instance"]
+  core = _with_activations(parts["fn"], model)
+  if model is not None:
+    core = _bound(core, model, parts["fn"])
+  swapped = nnx.capture(core, *parts["var_types"], init=parts["init"],
+                        method_outputs=parts["method_outputs"])
+
+  @functools.wraps(parts["fn"])
+  def wrapped(*args, **kwargs):
+    result = swapped(*args, **kwargs)
+    if not parts["var_types"]:  # nnx.capture then returns the outputs alone
+      return result
+    (outputs, activations), *states = result
+    return (outputs, *states), activations
+
+  return wrapped
 
 
 def capture_nnx(fn: nnx.Module | Callable[..., Any]) -> Callable[..., Any]:
@@ -172,11 +250,21 @@ def capture_nnx(fn: nnx.Module | Callable[..., Any]) -> Callable[..., Any]:
   ``stop_gradient``-ed. Call it on the model your loss function receives
   (inside ``nnx.grad``/``nnx.jit`` that is the traced copy).
 
+  With ``nnx.capture`` either order works. ``nnx.capture(capture_nnx(model),
+  nnx.Intermediate)(x)`` returns ``((y, activations), intermediates)``, as
+  ``nnx.capture`` does for any function; ``capture_nnx(nnx.capture(model,
+  nnx.Intermediate))(x)`` returns ``((y, intermediates), activations)``, as
+  this function does for any function.
+
   Args:
-    fn: an ``nnx.Module``, or a method bound to one.
+    fn: an ``nnx.Module``, a method bound to one, or what ``nnx.capture``
+      returns for either (or for a function whose first argument is the
+      model).
 
   Returns:
-    ``f(*args, **kwargs) -> (fn(*args, **kwargs), activations)``.
+    ``f(*args, **kwargs) -> (fn(*args, **kwargs), activations)``; for a
+    module or a bound method, a method bound to the model (which
+    ``nnx.capture`` accepts).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -186,17 +274,22 @@ def capture_nnx(fn: nnx.Module | Callable[..., Any]) -> Callable[..., Any]:
     >>> y, acts = capture_nnx(model)(jnp.ones((3, 5)))
     >>> acts["layers"][2].inputs[0].shape
     (3, 4)
+    >>> (y, inter), acts = capture_nnx(nnx.capture(model, nnx.Intermediate))(jnp.ones((3, 5)))
+    >>> acts["layers"][0].inputs[0].shape
+    (3, 5)
   """
+  parts = _nnx_capture_parts(fn)
+  if _is_ours(fn) or (parts is not None and _is_ours(parts["fn"])):
+    raise TypeError(
+        f"{fn!r} already returns activations: call capture_activations once "
+        "(nnx.capture may go inside or outside it)"
+    )
+  if parts is not None:
+    return _around_nnx_capture(parts)
   if not is_nnx(fn):
-    raise TypeError(f"capture_nnx needs an nnx.Module or a bound method, got {fn!r}")
+    raise TypeError(
+        f"capture_nnx needs an nnx.Module, a method bound to one or what "
+        f"nnx.capture returns, got {fn!r}"
+    )
   model = fn if isinstance(fn, nnx.Module) else fn.__self__
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    layers = _covered(model)
-    with _wrapped_layer_classes(), _sowing_into(layers):
-      outputs = fn(*args, **kwargs)
-      activations = _collect(layers)
-    return outputs, activations
-
-  return wrapped
+  return _bound(_with_activations(fn, model), model, fn)

@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 __all__ = ["contraction_out_sharding", "replicate", "sharded_axes_first", "varying_like"]
 
 
 def _mesh_of(*operands: jax.Array):
-  """The mesh in context (``jax.set_mesh``) or of the operands' types, or ``None``."""
+  """The mesh in context (``jax.set_mesh``) or of the operands' types, or ``None``.
+
+  Under ``jit`` with ``NamedSharding`` in/out shardings but no ``set_mesh``
+  there is no mesh in context, only the (abstract) mesh of the operands'
+  types: the helpers below therefore always spell shardings as
+  ``NamedSharding(mesh, ...)``, never as a bare ``PartitionSpec`` (which
+  needs a mesh in context).
+  """
   mesh = jax.sharding.get_abstract_mesh()
   for x in operands:
     if not mesh.empty:
@@ -38,16 +45,25 @@ def _mesh_of(*operands: jax.Array):
   return None if mesh.empty else mesh
 
 
-def contraction_out_sharding(*operands: jax.Array) -> PartitionSpec | None:
+def _replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def contraction_out_sharding(*operands: jax.Array) -> NamedSharding | None:
   """``out_sharding`` for a contraction whose result is to be replicated.
 
   With ``AxisType.Explicit`` axes a contraction over an axis sharded on both
   sides needs its output sharding spelled out; elsewhere ``None`` lets the
   compiler (or ``pmap``) decide.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> print(contraction_out_sharding(jnp.ones((4, 2))))  # no mesh anywhere
+    None
   """
   mesh = _mesh_of(*operands)
   if mesh is not None and mesh.explicit_axes and not mesh.manual_axes:
-    return PartitionSpec()
+    return _replicated(mesh)
   return None
 
 
@@ -58,6 +74,11 @@ def sharded_axes_first(x: jax.Array, n: int) -> jax.Array:
   the major one; a sharded minor axis would make the merge a resharding (an
   error under ``AxisType.Explicit``). Only for axes whose order does not
   matter, such as the row axes of ``A^T A``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> sharded_axes_first(jnp.ones((2, 3, 4)), 2).shape  # unsharded: unchanged
+    (2, 3, 4)
   """
   spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
   if not spec:
@@ -68,35 +89,56 @@ def sharded_axes_first(x: jax.Array, n: int) -> jax.Array:
   return jnp.transpose(x, order + list(range(n, x.ndim)))
 
 
-def replicate(x: jax.Array) -> jax.Array:
+def replicate(x: jax.Array, like: jax.Array | None = None) -> jax.Array:
   """``x`` constrained to be replicated over the current mesh (no-op without one).
 
-  Under ``AxisType.Explicit`` axes this also gives a constant (whose type
-  has no mesh yet) the mesh's replicated type, as the sharding rules of
-  transposed convolutions require. Manual axes (inside ``shard_map`` or
-  ``pmap``) are left alone: there each device holds its own value and
-  ``lax.pmean`` does the averaging.
+  The mesh is the one in context, else the one of ``x``'s type, else the one
+  of ``like``'s type (a constant such as a sketch has none of its own under
+  ``jit`` without ``jax.set_mesh``). Under ``AxisType.Explicit`` axes this
+  also gives such a constant the mesh's replicated type, as the sharding
+  rules of transposed convolutions require. Manual axes (inside
+  ``shard_map`` or ``pmap``) are left alone: there each device holds its own
+  value and ``lax.pmean`` does the averaging.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> rows = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh, P("data")))
+    >>> jax.jit(replicate)(rows).sharding.is_fully_replicated  # no set_mesh needed
+    True
   """
-  mesh = _mesh_of(x)
+  mesh = _mesh_of(x) if like is None else _mesh_of(x, like)
   if mesh is None or mesh.manual_axes:
     return x
   if mesh.explicit_axes:
     sharding = jax.typeof(x).sharding
     if sharding.mesh.empty or any(entry is not None for entry in sharding.spec):
-      return jax.sharding.reshard(x, PartitionSpec())
+      return jax.sharding.reshard(x, _replicated(mesh))
     return x
-  return jax.lax.with_sharding_constraint(x, PartitionSpec())
+  return jax.lax.with_sharding_constraint(x, _replicated(mesh))
 
 
 def varying_like(x: jax.Array, like: jax.Array) -> jax.Array:
-  """``x`` marked as varying over the manual axes ``like`` varies over.
+  """``x`` typed like ``like``: on its mesh, and varying over the manual axes
+  ``like`` varies over.
 
   Inside ``shard_map`` the transpose of an operation with respect to an
   invariant (replicated) operand sums its cotangent over the devices. The
   convolution statistics take ``A^T Z`` as a kernel-gradient: with an
   invariant sketch kernel that gradient would be summed over every device
   before ``lax.pmean``, so the sketch is made varying like the activations.
+  Under ``jit`` with sharded operands but no mesh in context, a constant
+  ``x`` is first placed, replicated, on ``like``'s mesh (see
+  :func:`replicate`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> varying_like(jnp.ones(3), jnp.zeros(2)).shape  # no mesh: unchanged
+    (3,)
   """
+  if _mesh_of(x) is None:
+    x = replicate(x, like)
   axes = tuple(sorted(getattr(jax.typeof(like), "vma", ())))
   missing = tuple(a for a in axes if a not in getattr(jax.typeof(x), "vma", ()))
   return jax.lax.pcast(x, missing, to="varying") if missing else x

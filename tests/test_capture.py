@@ -1,12 +1,19 @@
 """capture_activations with flax.linen: arguments, collections, no extra passes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import nysact_optax
+
+# No warning from the capture (pyproject.toml ignores DeprecationWarning
+# elsewhere).
+pytestmark = pytest.mark.filterwarnings("error")
 
 
 class Block(nn.Module):
@@ -117,3 +124,78 @@ def test_non_layer_inputs_in_activations_are_a_type_error():
   tx = nysact_optax.scale_by_nysact(rank=2)
   with pytest.raises(TypeError, match=r"activations\['Dense_0'\] is a .*capture_activations"):
     tx.update(params, tx.init(params), activations={"Dense_0": jnp.ones((4, 3))})
+
+
+def test_layer_called_with_two_configurations_is_an_error():
+  class TwoWays(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      einsum = nn.Einsum((3, 3), use_bias=False)
+      return einsum(x, "bi,io->bo") + einsum(x, "bi,oi->bo")
+
+  model, x = TwoWays(), jnp.ones((2, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match=r"layer 'Einsum_0' was called with several "
+                     r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration"):
+    nysact_optax.capture_activations(model.apply)(variables, x)
+
+
+def test_a_function_without_mutable_gets_an_error_saying_what_to_pass():
+  model, x, variables = _init()
+  apply = nysact_optax.capture_activations(lambda v, x: model.apply(v, x, train=False))
+  with pytest.raises(TypeError, match=r"capture_activations took <function .*<lambda>.*> for a "
+                     r"flax.linen apply and passed it mutable=, which it does not accept .*"
+                     r"Pass a linen model's apply \(model.apply\), an nnx.Module"):
+    apply(variables, x)
+
+
+def test_captured_apply_jitted_for_its_outputs_materialises_no_activations():
+  """Evaluation through the captured apply, returning only the outputs,
+  compiles to a program of the plain apply's size: XLA drops the inputs."""
+  model, _, variables = _init()
+  x = jnp.ones((512, 5, 5, 2))
+  apply = nysact_optax.capture_activations(model.apply)
+
+  def memory(fn):
+    stats = jax.jit(fn).lower(variables, x).compile().memory_analysis()
+    return stats.output_size_in_bytes, stats.temp_size_in_bytes
+
+  plain = memory(lambda v, x: model.apply(v, x, train=False))
+  outputs_only = memory(lambda v, x: apply(v, x, train=False)[0])
+  with_activations = memory(lambda v, x: apply(v, x, train=False))
+  assert outputs_only == plain
+  # Returned, the activations are materialised: the inputs of Conv_0 (x
+  # itself, copied out), Dense_0 and twice the shared Dense, in float32.
+  extra = with_activations[0] - plain[0]
+  assert 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) <= extra < 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) + 1024
+
+
+def test_train_state_passes_activations_on_and_says_when_they_are_missing():
+  model, x, variables = _init()
+  params = variables["params"]
+  apply = nysact_optax.capture_activations(model.apply)
+  (_, acts) = apply(variables, x, train=False)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+
+  tx = nysact_optax.nysact(0.1, rank=2)
+  state = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  with pytest.raises(ValueError, match=r"TrainState.apply_gradients\(grads=...\) needs "
+                     r"activations=... with a NysAct optimizer: .* nysact_optax.capture_activations"
+                     r"\(state.apply_fn\).*state.apply_gradients\(grads=grads, activations=activations\)"):
+    state.apply_gradients(grads=grads)
+  new = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activations=a))(state, grads, acts)
+  updates, opt_state = tx.update(grads, tx.init(params), params, activations=acts)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
+  jax.tree.map(close, new.params, optax.apply_updates(params, updates))
+  jax.tree.map(close, new.opt_state, opt_state)
+  assert int(new.step) == 1 and new.tx is tx
+
+  # Any other optimizer ignores the activations: flax's TrainState's result.
+  from flax.training import train_state
+
+  sgd = optax.sgd(0.1, momentum=0.9)
+  ours = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=sgd)
+  flax_state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=sgd)
+  jax.tree.map(np.testing.assert_array_equal,
+               ours.apply_gradients(grads=grads, activations=acts).params,
+               flax_state.apply_gradients(grads=grads).params)

@@ -195,6 +195,54 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
                    expected_params, expected_state[0])
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
+                         ids=["explicit", "auto"])
+def test_sharded_jit_without_a_mesh_context_equals_single_device(axis_type):
+  """``jit`` with ``NamedSharding`` in/out shardings and no ``jax.set_mesh``
+  (the lm1b pattern): the mesh is only in the operands' types, and the
+  factors are still kept replicated on it."""
+  params, x, y = _data()
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  assert jax.sharding.get_abstract_mesh().empty
+  replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  params = jax.device_put(params, replicated)
+  state = jax.jit(TX.init, out_shardings=replicated)(params)
+  step = jax.jit(functools.partial(_step, TX), in_shardings=(replicated, replicated, rows, rows),
+                 out_shardings=(replicated, replicated))
+  x, y = jax.device_put(x, rows), jax.device_put(y, rows)
+  for _ in range(STEPS):
+    params, state = step(params, state, x, y)
+  for layer in state[0].layers.values():
+    for leaf in (layer.cov, layer.basis, layer.eigvals):
+      assert leaf.sharding.is_fully_replicated
+  expected_params, expected_state = _single_device_run()
+  _assert_same_run(jax.device_get(params), jax.device_get(state[0]),
+                   expected_params, expected_state[0])
+
+
+def test_replication_helpers_spell_out_the_mesh():
+  """Inside a jit with sharded operands and no mesh in context, the helpers
+  name the operands' mesh (a bare PartitionSpec would need one in context);
+  with no sharding at all they do nothing."""
+  from nysact_optax import _distributed
+
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  rows = NamedSharding(mesh, P("data"))
+  seen = {}
+
+  def f(x):
+    seen["out_sharding"] = _distributed.contraction_out_sharding(x, x)
+    return _distributed.replicate(x)
+
+  y = jax.jit(f)(jax.device_put(jnp.ones((8, 3)), rows))
+  assert y.sharding.is_fully_replicated
+  assert isinstance(seen["out_sharding"], NamedSharding)
+  assert seen["out_sharding"].spec == P() and seen["out_sharding"].mesh.axis_names == ("data",)
+  z = jax.jit(f)(jnp.ones((8, 3)))  # no sharding: identity, no out_sharding
+  assert seen["out_sharding"] is None
+  np.testing.assert_array_equal(z, jnp.ones((8, 3)))
+
+
 @pytest.mark.parametrize("spec", [P("data"), P(None, "data")], ids=["first", "second"])
 def test_conv_statistics_with_two_leading_axes_under_explicit_sharding(spec):
   """A conv input (a, b, H, W, C) sharded on one leading axis: the leading

@@ -13,6 +13,10 @@ from flax import nnx
 import nysact_optax
 from tests import _reference
 
+# Every NNX path runs with warnings as errors (pyproject.toml ignores
+# DeprecationWarning elsewhere): the capture must not trigger flax's.
+pytestmark = pytest.mark.filterwarnings("error")
+
 RHO = 0.3
 
 
@@ -270,6 +274,85 @@ def test_unsupported_nnx_layer_raises_unless_excluded():
   tx = nysact_optax.scale_by_nysact(rank=2, exclude=["^$"])
   updates, _ = tx.update(params, tx.init(params), activations=acts)
   jax.tree.map(np.testing.assert_array_equal, updates, params)
+
+
+class Sowing(nnx.Module):
+  def __init__(self, rngs):
+    self.first = nnx.Linear(3, 4, rngs=rngs, **INIT)
+    self.second = nnx.Linear(4, 2, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    h = self.first(x)
+    self.sow(nnx.Intermediate, "hidden", h)
+    return self.second(h)
+
+
+def test_nnx_capture_in_either_order():
+  model, x = Sowing(nnx.Rngs(0)), _normal((2, 3), 0)
+  y_ref, inter_ref = nnx.capture(model, nnx.Intermediate)(x)
+  hidden = inter_ref["hidden"].get_value()[0]
+  capture = nysact_optax.capture_activations
+  (y1, acts1), inter1 = nnx.capture(capture(model), nnx.Intermediate)(x)
+  (y2, inter2), acts2 = capture(nnx.capture(model, nnx.Intermediate))(x)
+  # nnx.capture of a function whose first argument is the model (gemma's loss).
+  (y3, inter3), acts3 = capture(nnx.capture(lambda m, x: m(x), nnx.Intermediate))(model, x)
+  y4, acts4 = capture(nnx.capture(model))(x)  # no variable types: outputs alone
+  (y5, inter5, perturbations), acts5 = capture(
+      nnx.capture(model.__call__, nnx.Intermediate, nnx.Perturbation))(x)
+  for y in (y1, y2, y3, y4, y5):
+    np.testing.assert_array_equal(y, y_ref)
+  for inter in (inter1, inter2, inter3, inter5):
+    np.testing.assert_array_equal(inter["hidden"].get_value()[0], hidden)
+  assert not jax.tree.leaves(perturbations)
+  for acts in (acts1, acts2, acts3, acts4, acts5):
+    assert sorted(acts) == ["first", "second"]
+    np.testing.assert_array_equal(acts["first"].inputs[0], x)
+    np.testing.assert_array_equal(acts["second"].inputs[0], hidden)
+  for layer in (model, model.first, model.second):  # nothing left behind
+    assert not hasattr(layer, "__captures__")
+  with pytest.raises(TypeError, match="already returns activations: call capture_activations once"):
+    capture(capture(model))
+  with pytest.raises(TypeError, match="already returns activations"):
+    capture(nnx.capture(capture(model), nnx.Intermediate))
+
+
+def test_nnx_capture_outside_under_nnx_grad_and_jit():
+  """The gemma train step: the loss runs the model under the user's
+  nnx.capture, inside nnx.value_and_grad and nnx.jit; the captured
+  activations drive an update equal to capturing without nnx.capture."""
+  x, y = _data()
+  tx = nysact_optax.scale_by_nysact(rank=3, cov_update_every=1, inv_update_every=1)
+
+  def grads_and_acts(forward_of):
+    model = Net(nnx.Rngs(0))
+
+    @nnx.jit
+    def step(model, x, y):
+      def loss_fn(model):
+        (logits, acts), _ = forward_of(model)(x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, acts
+      (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+      return grads, acts
+
+    grads, acts = step(model, x, y)
+    params = nnx.pure(nnx.state(model, nnx.Param))
+    return tx.update(nnx.pure(grads), tx.init(params), params, activations=acts)[0]
+
+  inside = grads_and_acts(
+      lambda m: nnx.capture(nysact_optax.capture_activations(m), nnx.Intermediate))
+  plain = grads_and_acts(lambda m: lambda x: (nysact_optax.capture_activations(m)(x), None))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), inside, plain)
+
+
+def test_nnx_layer_called_with_two_equations_is_an_error():
+  einsum = nnx.Einsum("bi,io->bo", (3, 3), rngs=nnx.Rngs(0), **INIT)
+  _, acts = nysact_optax.capture_activations(einsum)(jnp.ones((2, 3)))  # one equation
+  assert acts.spec == nysact_optax.EinsumSpec("bi,io->bo")
+  model = nnx.Sequential(einsum, lambda h: einsum(h, "bi,oi->bo"))
+  with pytest.raises(ValueError, match=r"layer 'layers/0' was called with several "
+                     r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration"):
+    nysact_optax.capture_activations(model)(jnp.ones((2, 3)))
 
 
 def _readme_block(title):

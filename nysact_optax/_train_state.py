@@ -1,0 +1,105 @@
+"""A ``flax.training.train_state.TrainState`` that passes activations on.
+
+Flax's ``TrainState.apply_gradients(grads=...)`` calls ``tx.update(grads,
+opt_state, params)`` with no way to add ``activations=``, which NysAct needs.
+:class:`TrainState` is the same class with ``apply_gradients`` taking
+``activations=`` (and ``statistics=``) and handing them to ``tx.update``;
+everything else (``create``, ``replace``, fields added by subclasses such as
+``batch_stats``, serialization, fp8's overwrite-with-gradient) is flax's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import optax
+from flax.training import train_state
+
+from nysact_optax._state import ScaleByNysActState
+
+__all__ = ["TrainState"]
+
+
+def _needs_activations(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds a NysAct state with layers to precondition."""
+  is_state = lambda x: isinstance(x, ScaleByNysActState)
+  return any(is_state(s) and s.layers for s in jax.tree.leaves(opt_state, is_leaf=is_state))
+
+
+class TrainState(train_state.TrainState):
+  """Flax's ``TrainState`` whose ``apply_gradients`` takes ``activations=``.
+
+  Use it in place of ``flax.training.train_state.TrainState`` (subclass it
+  the same way, e.g. to add ``batch_stats``) and pass the activations that
+  :func:`~nysact_optax.capture_activations` returns:
+  ``state.apply_gradients(grads=grads, activations=acts)``. With any other
+  optax optimizer the extra arguments are ignored, so one train step serves
+  both.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, nysact_optax
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x, y = jnp.ones((16, 4)), jnp.zeros((16,), jnp.int32)
+    >>> state = nysact_optax.TrainState.create(
+    ...     apply_fn=model.apply, params=model.init(jax.random.PRNGKey(0), x)["params"],
+    ...     tx=nysact_optax.nysact(0.1, rank=4))
+    >>> @jax.jit
+    ... def train_step(state, x, y):
+    ...   def loss_fn(params):
+    ...     logits, acts = nysact_optax.capture_activations(state.apply_fn)({"params": params}, x)
+    ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), acts
+    ...   (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    ...   return state.apply_gradients(grads=grads, activations=acts), loss
+    >>> state, loss = train_step(state, x, y)
+    >>> int(state.step)
+    1
+  """
+
+  def apply_gradients(self, *, grads, activations=None, statistics=None, **kwargs):
+    """Updates ``step``, ``params`` and ``opt_state`` as flax's does, passing
+    ``activations=`` and ``statistics=`` on to ``tx.update``.
+
+    Args:
+      grads: gradients with the structure of ``params``.
+      activations: what :func:`~nysact_optax.capture_activations` returned
+        for the batch of these gradients.
+      statistics: instead of ``activations``, averaged
+        :func:`~nysact_optax.sketched_statistics` (gradient accumulation).
+      **kwargs: other fields to ``replace`` (such as ``batch_stats``).
+
+    Returns:
+      The updated state, with the same ``tx``.
+
+    Raises:
+      ValueError: ``tx`` is NysAct and neither ``activations`` nor
+        ``statistics`` was given.
+
+    Examples:
+      >>> import jax.numpy as jnp, nysact_optax
+      >>> params = {"dense": {"kernel": jnp.ones((3, 2))}}
+      >>> state = nysact_optax.TrainState.create(apply_fn=None, params=params,
+      ...                                        tx=nysact_optax.nysact(0.1))
+      >>> state.apply_gradients(grads=params)
+      Traceback (most recent call last):
+      ...
+      ValueError: TrainState.apply_gradients(grads=...) needs activations=...: ...
+    """
+    extra = {"activations": activations, "statistics": statistics}
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if not extra and _needs_activations(self.opt_state):
+      raise ValueError(
+          "TrainState.apply_gradients(grads=...) needs activations=... with a "
+          "NysAct optimizer: in the loss, call "
+          "nysact_optax.capture_activations(state.apply_fn)(variables, x) in "
+          "place of state.apply_fn(variables, x), return its activations as "
+          "aux (has_aux=True), and pass them: "
+          "state.apply_gradients(grads=grads, activations=activations)"
+      )
+    tx = self.tx
+    with_extra = optax.with_extra_args_support(tx)  # other optimizers ignore them
+    bound = optax.GradientTransformationExtraArgs(
+        with_extra.init, functools.partial(with_extra.update, **extra))
+    new = super(TrainState, self.replace(tx=bound)).apply_gradients(grads=grads, **kwargs)
+    return new.replace(tx=tx)
