@@ -142,6 +142,32 @@ def _covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
   return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, _LAYER_TYPES)]
 
 
+def input_axes_of(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+  """The kernel input axes of every covered layer of an NNX model, by path.
+
+  Read off the live modules (an ``nnx.Einsum``'s equation, an
+  ``nnx.LinearGeneral``'s ``axis``), so that the optimizer's layouts are
+  exact at ``init`` even where the parameter shapes cannot tell (a bias-free
+  ``Einsum`` whose contracted axis is not leading). Layers whose equation is
+  only given at call time, or that cannot be preconditioned, are left out.
+
+  Examples:
+    >>> from flax import nnx
+    >>> layer = nnx.Einsum("btd,ndh->btnh", (2, 4, 3), rngs=nnx.Rngs(0))
+    >>> input_axes_of(layer)
+    {'': (1,)}
+  """
+  axes = {}
+  for path, layer in _covered(model):
+    kind = _layer_kind(layer)
+    if kind == "einsum" and not layer.einsum_str:
+      continue
+    spec = _record.spec_of(layer, kind)
+    if not isinstance(spec, Unsupported):
+      axes["/".join(map(str, path))] = tuple(spec.kernel_input_axes)
+  return axes
+
+
 @contextlib.contextmanager
 def _sowing_into(layers: list[tuple[tuple, nnx.Module]]):
   """Adds our ``Variable`` type to each layer's ``__captures__``; on exit

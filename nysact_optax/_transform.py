@@ -10,6 +10,7 @@ One ``update`` goes forward through the path's modules: check the inputs
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -133,6 +134,22 @@ def _precondition_all(updates, layers, layer_states, damping, dtype):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _model_input_axes(model: Any, input_axes):
+  """``input_axes`` with the layouts of an NNX model's layers added (anchored
+  regexes, before the user's entries, which win)."""
+  from nysact_optax import _capture_nnx  # flax only when a model is given
+
+  if not _capture_nnx.is_nnx(model) or not isinstance(model, _capture_nnx.nnx.Module):
+    raise TypeError(
+        f"model must be an nnx.Module (its layers' layouts are read from it), got "
+        f"model={type(model).__name__}; for flax.linen models pass input_axes= "
+        "where the error message asks for it"
+    )
+  found = {f"^{re.escape(name)}$": axes
+           for name, axes in _capture_nnx.input_axes_of(model).items()}
+  return {**found, **(input_axes or {})}
+
+
 def scale_by_nysact(
     *,
     rank: _tree.RankRule = 10,
@@ -151,6 +168,7 @@ def scale_by_nysact(
     stats_dtype: Any = "float32",
     axis_name: str | None = None,
     relative_damping: bool = False,
+    model: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -225,6 +243,10 @@ def scale_by_nysact(
       refresh from the sketch as ``tr(S^T C S) / r``), as some K-FAC
       variants scale theirs; ``P`` then shrinks by that mean too. If false
       (default), ``damping`` is the same absolute ``rho`` for every layer.
+    model: an ``nnx.Module`` whose layers' kernel layouts (``nnx.Einsum``
+      equations, ``nnx.LinearGeneral`` axes) are read now, so that no
+      ``input_axes`` is needed for NNX models; ``input_axes`` entries still
+      take precedence. Only static attributes are read; no array is kept.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -259,6 +281,8 @@ def scale_by_nysact(
       rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
       sketch_refresh, nystrom, seed, exclude, input_axes, stats_dtype,
       relative_damping)
+  if model is not None:
+    input_axes = _model_input_axes(model, input_axes)
   factorise = {
       "shifted": _nystrom.nystrom_shifted,
       "stable": _nystrom.nystrom_stable,

@@ -58,7 +58,9 @@ def test_activations_missing_entirely(net):
       ValueError,
       "scale_by_nysact.update needs activations=...: wrap your model's apply "
       "with nysact_optax.capture_activations and pass the activations it "
-      "returns (layers expecting them: ['Conv_0', 'Dense_0'])",
+      "returns (layers expecting them: ['Conv_0', 'Dense_0']). flax's "
+      "TrainState.apply_gradients cannot pass them: use nysact_optax.TrainState "
+      "and state.apply_gradients(grads=grads, activations=acts)",
       tx.update, params, tx.init(params),
   )
 

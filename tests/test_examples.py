@@ -41,8 +41,6 @@ from nysact_optax import demo
 # Lines that thread the activations through has_aux (the loss's return and
 # the unpacking of value_and_grad) besides the README's three changes.
 THREADING = 2
-INPUT_AXES_XFAIL = pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="input-axes inference (issue 16 item 3)")
 
 
 def _edit(source: str, edits: dict[str, tuple[str, str]]) -> str:
@@ -250,19 +248,9 @@ def _check_lm(run):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
-def test_linen_decoder_lm_with_input_axes_given():
-  """The lm1b pattern with the bias-free q/k/v projections' input axes given
-  by hand: the sharded jit (no mesh context) and everything else work today."""
-  ns = _lm_namespace()
-  edits = dict(LM_EDITS)
-  old, new = edits["optimizer"]
-  edits["optimizer"] = (old, new[:-1] + r', input_axes={"/(query|key|value)$": 1})')
-  _check_lm(_run(_edit(LM_OPTAX, edits), 12, **ns))
-
-
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py)")
-@INPUT_AXES_XFAIL
 def test_linen_decoder_lm_with_named_shardings_and_no_mesh_context():
+  """No input_axes: the bias-free query/key/value kernels follow flax's
+  attention layout (one input axis)."""
   ns = _lm_namespace()
   # The optimizer takes two lines here (tx, then TrainState.create(tx=tx)).
   assert len(LM_EDITS) == 3 + 1 + THREADING
@@ -342,7 +330,7 @@ def train(steps):
 
 NNX_EDITS = {
     "optimizer": ("  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)",
-                  "  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2), wrt=nnx.Param)"),
+                  "  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2, model=model), wrt=nnx.Param)"),
     "capture": ("      logits, intermediates = forward(inputs)",
                 "      (logits, intermediates), acts = nysact_optax.capture_activations(forward)(inputs)"),
     "thread: return": ("      return loss, intermediates", "      return loss, (intermediates, acts)"),
@@ -368,20 +356,9 @@ def _nnx_namespace():
 
 
 @pytest.mark.filterwarnings("error")
-def test_nnx_einsum_transformer_with_input_axes_given():
-  """The gemma pattern with the einsum kernels' input axes given by hand (the
-  contracted D is not their leading axis): capture around the user's
-  nnx.capture works today, without a warning."""
-  edits = dict(NNX_EDITS)
-  old, new = edits["optimizer"]
-  axes = '{"q_einsum": (1,), "kv_einsum": (2,)}'
-  edits["optimizer"] = (old, new.replace("inv_update_every=2)", f"inv_update_every=2, input_axes={axes})"))
-  _check_nnx(_run(_edit(NNX_OPTAX, edits), 12, **_nnx_namespace()))
-
-
-@pytest.mark.filterwarnings("error")
-@INPUT_AXES_XFAIL
 def test_nnx_einsum_transformer_under_the_users_nnx_capture():
+  """No input_axes: model=model on the optimizer line reads the einsum
+  equations (their contracted D is not the kernels' leading axis)."""
   assert len(NNX_EDITS) == 3 + THREADING
   _assert_trains(_run(NNX_OPTAX, 12, **_nnx_namespace())["losses"], 0.8)
   _check_nnx(_run(_edit(NNX_OPTAX, NNX_EDITS), 12, **_nnx_namespace()))
