@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 train: $(VENV)/.installed
 	$(PY) -m nysact_optax.demo $(ARGS)
 
+# One pytest worker per core (pytest-xdist): the suite is compile-bound.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"

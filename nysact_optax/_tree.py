@@ -190,7 +190,8 @@ def default_input_axes(name: str, kernel_dims: tuple[int, ...],
     return tuple(range(ndim - 1))
   n_out = max(min(len(bias_dims), ndim - 1), 1)
   trailing = tuple(range(ndim - n_out))
-  if len(bias_dims) != n_out or sorted(kernel_dims[ndim - n_out:]) == sorted(bias_dims):
+  if (len(bias_dims) != n_out or sorted(kernel_dims[ndim - n_out:]) == sorted(bias_dims)
+      or _stack_hint(kernel_dims, bias_dims)):  # stacked copies: the error says so
     return trailing
   fits = [out for out in itertools.combinations(range(ndim), n_out)
           if sorted(kernel_dims[a] for a in out) == sorted(bias_dims)]

@@ -59,11 +59,13 @@ def _both_paths(setup, dtype, sketch, rank, steps=2):
   tx = nysact_optax.scale_by_nysact(rank=rank, sketch=sketch, stats_dtype=dtype,
                                     **PERIODS, **kwargs)
   by_acts = by_stats = tx.init(params)
+  with_acts = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
+  with_stats = jax.jit(lambda g, s, a: tx.update(
+      g, s, statistics=nysact_optax.sketched_statistics(s, a)))
   for step in range(steps):
     grads = nnx_zoo._random_like(params, step)
-    want, by_acts = tx.update(grads, by_acts, activations=acts)
-    stats = nysact_optax.sketched_statistics(by_stats, acts)
-    got, by_stats = tx.update(grads, by_stats, statistics=stats)
+    want, by_acts = with_acts(grads, by_acts, acts)
+    got, by_stats = with_stats(grads, by_stats, acts)
   return want, got, by_acts, by_stats
 
 
