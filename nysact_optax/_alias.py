@@ -34,6 +34,7 @@ def nysact(
     stack_axes: Mapping[str, int] | None = None,
     stats_dtype: Any = "float32",
     axis_name: str | None = None,
+    precision: Any = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
 
@@ -50,7 +51,7 @@ def nysact(
       gradient.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
     seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
-    stats_dtype, axis_name: see :func:`scale_by_nysact`.
+    stats_dtype, axis_name, precision: see :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -82,6 +83,7 @@ def nysact(
           seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
           exclude=exclude, input_axes=input_axes, include=include,
           stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
+          precision=precision,
       ),
       optax.add_decayed_weights(weight_decay),
       optax.trace(decay=momentum, nesterov=nesterov),

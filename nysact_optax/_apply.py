@@ -58,13 +58,18 @@ def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array 
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
 
 
-def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool = False) -> jax.Array:
+def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool = False,
+                 precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
   """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
 
   ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``; in exact mode
   (``U`` square) ``P g = U ((1/(lam + rho)) * (U^T g))``, which stays
   positive definite however ``lam / rho`` compares with the round-off of
-  ``U``'s orthogonality.
+  ``U``'s orthogonality. ``precision`` is that of both products: below
+  ``HIGHEST`` the ``U^T g`` term carries a relative error ``delta`` (bf16:
+  ``2^-9``) that ``1/(lam + rho) - 1/rho`` multiplies, so a direction with
+  ``lam / rho`` above about ``1 / delta`` can get a negative step
+  (``benchmarks/precision.py``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -72,8 +77,8 @@ def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool
     >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
     Array([0.5, 1. , 1. ], dtype=float32)
   """
-  ug = jnp.matmul(u.T, g, precision=_HIGHEST)
+  ug = jnp.matmul(u.T, g, precision=precision)
   if exact:
-    return jnp.matmul(u, ug / (lam + rho)[:, None], precision=_HIGHEST)
+    return jnp.matmul(u, ug / (lam + rho)[:, None], precision=precision)
   coeff = 1.0 / (lam + rho) - 1.0 / rho
-  return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho
+  return jnp.matmul(u, coeff[:, None] * ug, precision=precision) + g / rho

@@ -112,7 +112,7 @@ def _refresh(layer_states, *, layers, config, factorise, stat_decay, damping, re
   return new
 
 
-def _precondition_all(updates, layers, layer_states, damping, dtype):
+def _precondition_all(updates, layers, layer_states, damping, dtype, precision):
   """``P G`` for every layer's kernel and bias; other leaves pass through."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
   position = {tuple(path): i for i, (path, _) in enumerate(flat)}
@@ -125,7 +125,7 @@ def _precondition_all(updates, layers, layer_states, damping, dtype):
       g = _apply.to_matrix(layer, kernel, bias, dtype)
       pg = _tree.over_stack(
           layer, lambda g, u, lam, scale, layer=layer: _apply.precondition(
-              g, u, lam, damping * scale, exact=layer.exact),
+              g, u, lam, damping * scale, exact=layer.exact, precision=precision),
           g, ls.basis, ls.eigvals, ls.damping_scale)
       kernel, bias = _apply.from_matrix(layer, pg, kernel, bias)
       leaves[position[layer.kernel_path]] = kernel
@@ -152,6 +152,7 @@ def scale_by_nysact(
     stats_dtype: Any = "float32",
     axis_name: str | None = None,
     relative_damping: bool = False,
+    precision: Any = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -226,6 +227,21 @@ def scale_by_nysact(
       refresh from the sketch as ``tr(S^T C S) / r``), as some K-FAC
       variants scale theirs; ``P`` then shrinks by that mean too. If false
       (default), ``damping`` is the same absolute ``rho`` for every layer.
+    precision: the ``jax.lax.Precision`` (or its name: ``"highest"``,
+      ``"high"``, ``"default"``, ...) of the statistics' products and
+      convolutions and of the apply's products, or a pair
+      ``(statistics, apply)``. It matters on TPU and GPU only: at
+      ``"default"`` a TPU rounds float32 operands to bf16 and a recent
+      NVIDIA GPU to TF32. The factorisation's products (``p x r`` by
+      ``r x r``) always run at ``HIGHEST``. The default, ``"highest"``,
+      keeps the accelerator's preconditioner as accurate as the CPU's: on
+      activations of the project's CNN and char transformer
+      (``python -m benchmarks.precision``, ``benchmarks/README.md``),
+      bf16 operands in the apply made ``P`` indefinite on layers with
+      ``lam / rho`` above a few hundred, and bf16 statistics raised the
+      error against the exact damped inverse by up to ...; HIGHEST costs
+      little, since both products are thin (``r`` columns) beside the
+      layer's own ``n x p x o`` products.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -259,7 +275,8 @@ def scale_by_nysact(
   _validation.validate_settings(
       rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
       sketch_refresh, nystrom, seed, exclude, input_axes, stats_dtype,
-      relative_damping)
+      relative_damping, precision)
+  stats_precision, apply_precision = _validation.resolve_precision(precision)
   factorise = {
       "shifted": _nystrom.nystrom_shifted,
       "stable": _nystrom.nystrom_stable,
@@ -272,7 +289,7 @@ def scale_by_nysact(
 
   def config_of(layers):
     return NysActConfig(sketch, sketch_refresh, nystrom == "stable", dtype.name,
-                        cov_update_every, tuple(layers))
+                        cov_update_every, tuple(layers), stats_precision)
 
   def init_fn(params):
     layers = layers_of(params)
@@ -308,7 +325,8 @@ def scale_by_nysact(
     layer_states = _periodic(state.count, inv_update_every, functools.partial(
         _refresh, layers=layers, config=config, factorise=factorise, stat_decay=stat_decay,
         damping=damping, relative_damping=relative_damping), layer_states)
-    updates = _precondition_all(updates, layers, layer_states, damping, dtype)
+    updates = _precondition_all(updates, layers, layer_states, damping, dtype,
+                                apply_precision)
     new_state = ScaleByNysActState(
         count=optax.safe_increment(state.count), layers=layer_states, config=state.config)
     return updates, new_state
