@@ -72,6 +72,13 @@ CONFIGS = (
     ("all_bf16", "bf16", "bf16", "bf16"),
     ("all_bf16_3x", "bf16_3x", "bf16_3x", "bf16_3x"),
 )
+# Not emulated: the library at each precision= setting on this backend (on
+# CPU all equal "float32"; on a GPU or TPU, what the hardware does).
+DEVICE_CONFIGS = (
+    ("device_highest", "highest"),
+    ("device_high", "high"),
+    ("device_default", "default"),
+)
 MEANING = {
     "tf32": "GPU (A100/H100) at DEFAULT or HIGH",
     "bf16": "TPU at DEFAULT",
@@ -109,8 +116,13 @@ def _bf16(x):
 
 
 def _product(eqn, a, b, fmt: str):
-  """One ``dot_general``/``conv_general_dilated`` as ``fmt`` computes it."""
-  params = dict(eqn.params, precision=None)
+  """One ``dot_general``/``conv_general_dilated`` as ``fmt`` computes it.
+
+  Every product runs at ``HIGHEST``, so that the emulation is exact on a GPU
+  or TPU too (its own reduced precision would add to the emulated one).
+  """
+  highest = lax.Precision.HIGHEST
+  params = dict(eqn.params, precision=(highest, highest))
 
   def bind(x, y):
     return eqn.primitive.bind(x, y, **params)
@@ -160,7 +172,13 @@ def _eval(jaxpr, consts, args, fmt):
 
 
 def emulated(fn: Callable, fmt: str) -> Callable:
-  """``fn`` with every product's operands rounded to ``fmt`` (eager)."""
+  """``fn`` with every product's operands rounded to ``fmt`` (eager).
+
+  ``fmt="device"`` is ``fn`` itself: its products at the precision the
+  library requests, as this backend computes them.
+  """
+  if fmt == "device":
+    return fn
 
   def run(*args):
     flat, tree = jax.tree_util.tree_flatten(args)
@@ -229,7 +247,8 @@ def _lam_min_of_applied(m: np.ndarray, rho: float, rank: int, seed: int = 0) -> 
   return float(min(low, 0.0) + 1 / rho)
 
 
-def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed: int):
+def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed: int,
+                device_configs: bool = False):
   """Every configuration's errors for one layer, at each damping."""
   p = layer.p
   exact_mode = rank >= p
@@ -244,16 +263,23 @@ def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed:
   g64 = np.asarray(g, np.float64)
   eye = jnp.eye(p, dtype=jnp.float32)
 
-  def stats_fn(inputs, s):
-    return _statistics.sketched_covariance(inputs, _sketch.Sketch(s), has_bias)
+  def stats_fn(inputs, s, precision="highest"):
+    return _statistics.sketched_covariance(inputs, _sketch.Sketch(s), has_bias,
+                                           precision=lax.Precision(precision))
 
   def factors_fn(y, s, rho):
     return _nystrom.exact_eigh(y) if exact_mode else _nystrom.nystrom_stable(y, s, rho)
 
-  def apply_fn(g, u, lam, rho):
-    return _apply.precondition(g, u, lam, rho, exact=exact_mode)
+  def apply_fn(g, u, lam, rho, precision="highest"):
+    return _apply.precondition(g, u, lam, rho, exact=exact_mode,
+                               precision=lax.Precision(precision))
 
   ys = {fmt: emulated(stats_fn, fmt)(inputs, s.matrix) for fmt in FORMATS}
+  configs = [(name, a, b, c, None) for name, a, b, c in CONFIGS]
+  if device_configs:
+    for name, precision in DEVICE_CONFIGS:
+      ys[name] = stats_fn(inputs, s.matrix, precision)
+      configs.append((name, name, "device", "device", precision))
   out: dict[str, Any] = {"p": p, "out": int(g.shape[1]), "rank": r, "exact_mode": exact_mode,
                          "lam_max": float(evals[-1]), "by_damping": {}}
   for rho in dampings:
@@ -261,10 +287,12 @@ def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed:
     pg_star = p_star @ g64
     lam_min_star = 1.0 / (evals[-1] + rho)
     rows = {}
-    for name, f_stats, f_factors, f_apply in CONFIGS:
+    for name, f_stats, f_factors, f_apply, precision in configs:
       y = ys[f_stats]
       u, lam = emulated(factors_fn, f_factors)(y, s.matrix, jnp.float32(rho))
       run_apply = emulated(apply_fn, f_apply)
+      if precision is not None:
+        run_apply = functools.partial(run_apply, precision=precision)
       m = np.asarray(run_apply(eye, u, lam, jnp.float32(rho)), np.float64)
       pg = np.asarray(run_apply(g, u, lam, jnp.float32(rho)), np.float64)
       lam_min = _lam_min_of_applied(m, rho, r)
@@ -303,7 +331,7 @@ def summarise(layers_out: dict[str, Any], dampings: Sequence[float]) -> dict[str
 
 def _summary_rows(layers_out, rho):
   per = {}
-  for name, *_ in CONFIGS:
+  for name in layers_out[0]["by_damping"][str(rho)]["configs"]:
     rows = [lo["by_damping"][str(rho)]["configs"][name] for lo in layers_out]
     per[name] = {
         "p_err_max": max(r["p_err"] for r in rows),
@@ -326,11 +354,11 @@ def plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  names = [c[0] for c in CONFIGS]
   panels = [(m, rho) for m in results["models"] for rho in results["models"][m]["summary"]]
   fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
   for j, (model, rho) in enumerate(panels):
     summ = results["models"][model]["summary"][rho]
+    names = list(summ)
     ax = axes[0][j]
     ax.bar(range(len(names)), [summ[n]["pg_err_ratio_max"] for n in names], color="C0")
     ax.axhline(2.0, color="k", ls="--", lw=1)
@@ -363,12 +391,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--batch-resnet20", type=int, default=64)
   parser.add_argument("--batch-transformer", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--device-configs", choices=("auto", "yes", "no"), default="auto",
+                      help="also run the library at precision=highest/high/default on "
+                           "this backend, unemulated (auto: on a GPU or TPU)")
   parser.add_argument("--blas-threads", type=int, default=1)
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "precision.json"))
   parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
   blas = _common.limit_blas_threads(args.blas_threads)
   dampings = [float(d) for d in args.dampings.split(",")]
+  device_configs = args.device_configs == "yes" or (
+      args.device_configs == "auto" and jax.default_backend() != "cpu")
   results: dict[str, Any] = {
       **_common.results_header("precision", args, blas, (
           "library functions traced to jaxprs and evaluated with every dot_general/"
@@ -389,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for layer in layers:
       print(f"{model}/{layer.name}: p={layer.p}", file=sys.stderr, flush=True)
       layers_out[layer.name] = study_layer(layer, inputs[layer.name], gmat[layer.name],
-                                           rank=args.rank, dampings=dampings, seed=args.seed)
+                                           rank=args.rank, dampings=dampings, seed=args.seed,
+                                           device_configs=device_configs)
     results["models"][model] = {"description": task.description,
                                 "batch_shape": list(task.batch_shape),
                                 "train_steps": args.train_steps,
