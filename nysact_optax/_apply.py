@@ -68,8 +68,9 @@ def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool
   ``U``'s orthogonality. ``precision`` is that of both products: below
   ``HIGHEST`` the ``U^T g`` term carries a relative error ``delta`` (bf16:
   ``2^-9``) that ``1/(lam + rho) - 1/rho`` multiplies, so a direction with
-  ``lam / rho`` above about ``1 / delta`` can get a negative step
-  (``benchmarks/precision.py``).
+  ``lam / rho`` above about ``1 / delta`` can get a negative step (measured
+  from ``lam / rho`` of about 600 with bf16 operands: ``python -m
+  benchmarks.precision``).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -230,18 +230,22 @@ def scale_by_nysact(
     precision: the ``jax.lax.Precision`` (or its name: ``"highest"``,
       ``"high"``, ``"default"``, ...) of the statistics' products and
       convolutions and of the apply's products, or a pair
-      ``(statistics, apply)``. It matters on TPU and GPU only: at
-      ``"default"`` a TPU rounds float32 operands to bf16 and a recent
-      NVIDIA GPU to TF32. The factorisation's products (``p x r`` by
-      ``r x r``) always run at ``HIGHEST``. The default, ``"highest"``,
-      keeps the accelerator's preconditioner as accurate as the CPU's: on
+      ``(statistics, apply)``. It matters on accelerators only: at
+      ``"default"`` a TPU rounds float32 operands to bf16 and an
+      A100/H100 to TF32 (``"high"``: 3 bf16 passes on TPU, TF32 on GPU).
+      The factorisation's products always run at ``HIGHEST``. The default,
+      ``"highest"``, is chosen by emulating those roundings on CPU on the
       activations of the project's CNN and char transformer
-      (``python -m benchmarks.precision``, ``benchmarks/README.md``),
-      bf16 operands in the apply made ``P`` indefinite on layers with
-      ``lam / rho`` above a few hundred, and bf16 statistics raised the
-      error against the exact damped inverse by up to ...; HIGHEST costs
-      little, since both products are thin (``r`` columns) beside the
-      layer's own ``n x p x o`` products.
+      (``python -m benchmarks.precision``, ``benchmarks/README.md``): with
+      the apply in bf16, ``P`` turned indefinite on every layer whose
+      ``lam_max / rho`` exceeded about 600 (TF32: about 5e4), and an
+      exact-mode layer's error grew from 3e-7 to 6e-3; bf16 statistics
+      raised the error up to 2.2x float32's (TF32: 1.0x on Nyström
+      layers), bf16 factors up to 12x. Both products are thin (``r``
+      columns) beside the layer's own, so ``HIGHEST`` costs little;
+      ``("high", "highest")`` kept the Nyström layers within 1.1x of
+      float32 (emulated TF32 and 3-pass bf16) at half the statistics' TPU
+      cost (3 bf16 passes instead of 6).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
