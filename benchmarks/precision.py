@@ -32,7 +32,7 @@ phase's products emulated. Reported per layer:
   ``apply(I) - I / rho``;
 * ``y_err``: the statistics' relative error against float32.
 
-Usage (from the repository root; ~3 CPU-minutes)::
+Usage (from the repository root; 20 min on a loaded 2-core CPU)::
 
   python -m benchmarks.precision
   python -m benchmarks.precision --models cnn --dampings 1 --train-steps 0

@@ -237,8 +237,8 @@ def scale_by_nysact(
       ``"highest"``, is chosen by emulating those roundings on CPU on the
       activations of the project's CNN and char transformer
       (``python -m benchmarks.precision``, ``benchmarks/README.md``): with
-      the apply in bf16, ``P`` turned indefinite on every layer whose
-      ``lam_max / rho`` exceeded about 600 (TF32: about 5e4), and an
+      the apply in bf16, ``P`` turned indefinite on layers with
+      ``lam_max / rho`` from about 560 up (TF32: 5e4), and an
       exact-mode layer's error grew from 3e-7 to 6e-3; bf16 statistics
       raised the error up to 2.2x float32's (TF32: 1.0x on Nyström
       layers), bf16 factors up to 12x. Both products are thin (``r``
