@@ -25,9 +25,9 @@ set -uo pipefail
 PYTHON=${PYTHON:-python}
 ONLY=${ONLY:-step_time,memory,precision,quality}
 # Seconds per part; the defaults add up to 10 minutes.
-T_STEP=${T_STEP:-230}
-T_MEMORY=${T_MEMORY:-150}
-T_PRECISION=${T_PRECISION:-120}
+T_STEP=${T_STEP:-200}
+T_MEMORY=${T_MEMORY:-120}
+T_PRECISION=${T_PRECISION:-180}
 T_QUALITY=${T_QUALITY:-100}
 
 DEVICE=$("$PYTHON" - <<'EOF'
@@ -80,9 +80,16 @@ part step_time "$T_STEP" bash -c step_time
 part memory "$T_MEMORY" "$PYTHON" -m benchmarks.memory --optimizers sgd,adamw,nysact_g10 \
     --blas-threads 0 --out "$OUT/memory.json"
 # 3. Matmul precision: the emulated study, plus the library at
-#    precision=highest/high/default as this card computes it.
-part precision "$T_PRECISION" "$PYTHON" -m benchmarks.precision --device-configs yes \
-    --blas-threads 0 --out "$OUT/precision.json"
+#    precision=highest/high/default as this card computes it (the device_*
+#    rows), one JSON per model.
+precision() {
+  for model in cnn transformer; do
+    "$PYTHON" -m benchmarks.precision --models "$model" --device-configs yes \
+        --blas-threads 0 --out "$OUT/precision_$model.json" || return
+  done
+}
+export -f precision
+part precision "$T_PRECISION" bash -c precision
 # 4. Quality smoke: 300 steps of the Fashion-MNIST CNN, NysAct at the default
 #    precision (highest) and at precision=default, beside SGD and AdamW.
 if [[ ",$ONLY," == *",quality,"* ]]; then
