@@ -37,8 +37,8 @@ def sketched_statistics(opt_state: Any, activations: Mapping[str, Any]) -> dict[
   mean of these over ``k`` equal-sized micro-batches, passed as
   ``update(grads, opt_state, params, statistics=mean)``, gives the same
   result as ``activations=`` of one batch holding all ``k`` micro-batches.
-  Everything else it needs (sketch, refresh, dtype, statistics period, the
-  layers' layouts) is read from the optimizer state.
+  Everything else it needs (sketch, refresh, dtype, matmul precision,
+  statistics period, the layers' layouts) is read from the optimizer state.
 
   Args:
     opt_state: the state of :func:`nysact_optax.nysact` or

@@ -36,6 +36,7 @@ def nysact(
     axis_name: str | None = None,
     relative_damping: bool = False,
     model: Any = None,
+    precision: Any = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
 
@@ -52,7 +53,7 @@ def nysact(
       gradient.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
     seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
-    stats_dtype, axis_name, relative_damping, model: see
+    stats_dtype, axis_name, relative_damping, model, precision: see
     :func:`scale_by_nysact`.
 
   Returns:
@@ -85,7 +86,7 @@ def nysact(
           seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
           exclude=exclude, input_axes=input_axes, include=include,
           stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
-          relative_damping=relative_damping, model=model,
+          relative_damping=relative_damping, model=model, precision=precision,
       ),
       optax.add_decayed_weights(weight_decay),
       optax.trace(decay=momentum, nesterov=nesterov),

@@ -58,11 +58,17 @@ def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array 
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
 
 
-def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
+def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *,
+                 precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
   """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
 
   ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``: with the zero
-  basis of a fresh state, ``P = I / rho``.
+  basis of a fresh state, ``P = I / rho``. ``precision`` is that of both
+  products: below ``HIGHEST`` the ``U^T g`` term carries a relative error
+  ``delta`` (bf16: ``2^-9``) that ``1/(lam + rho) - 1/rho`` multiplies, so a
+  direction with ``lam / rho`` above about ``1 / delta`` can get a negative
+  step (measured from ``lam / rho`` of about 600 with bf16 operands:
+  ``python -m benchmarks.precision``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -70,6 +76,6 @@ def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
     >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
     Array([0.5, 1. , 1. ], dtype=float32)
   """
-  ug = jnp.matmul(u.T, g, precision=_HIGHEST)
+  ug = jnp.matmul(u.T, g, precision=precision)
   coeff = 1.0 / (lam + rho) - 1.0 / rho
-  return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho
+  return jnp.matmul(u, coeff[:, None] * ug, precision=precision) + g / rho

@@ -79,6 +79,11 @@ def draw_sketch(
     >>> s.matrix.shape, s.indices.shape, float(s.matrix.sum())
     ((6, 2), (2,), 2.0)
   """
+  with jax.named_scope("sketch"):  # its r x r work is always at HIGHEST
+    return _draw(key, p, r, kind, orthonormal, dtype)
+
+
+def _draw(key, p, r, kind, orthonormal, dtype) -> Sketch:
   if r >= p:
     return Sketch(jnp.eye(p, dtype=dtype))
   if kind == "subcolumns":

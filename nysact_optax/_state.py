@@ -40,6 +40,8 @@ class NysActConfig:
     stats_dtype: the dtype name of the statistics and factors.
     cov_update_every: the statistics period ``T_cov``.
     layers: the :class:`~nysact_optax._tree.Layer` layouts, by name order.
+    precision: the ``jax.lax.Precision`` of the statistics' products
+      (``precision=`` of :func:`nysact_optax.scale_by_nysact`).
   """
 
   sketch: str
@@ -48,6 +50,7 @@ class NysActConfig:
   stats_dtype: str
   cov_update_every: int
   layers: tuple[Layer, ...]
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
 
   @property
   def dtype(self) -> jnp.dtype:

@@ -51,7 +51,7 @@ def _row(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
-def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool) -> jax.Array:
+def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool, precision) -> jax.Array:
   """``[x, 1] @ S`` for rows ``x`` (..., p_in)."""
   p_in = x.shape[-1]
   if sketch.indices is not None:
@@ -59,16 +59,16 @@ def _sketch_rows(x: jax.Array, sketch: Sketch, has_bias: bool) -> jax.Array:
     picked = jnp.take(x, jnp.minimum(idx, p_in - 1), axis=-1)
     return jnp.where(_row(idx < p_in, x.ndim), picked, 1.0) if has_bias else picked
   s = sketch.matrix.astype(x.dtype)
-  z = jnp.einsum("...p,pr->...r", x, s[:p_in])
+  z = jnp.einsum("...p,pr->...r", x, s[:p_in], precision=precision)
   return z + _row(s[p_in], z.ndim) if has_bias else z
 
 
-def _dense_stats(x, spec, sketch, has_bias, dtype):
+def _dense_stats(x, spec, sketch, has_bias, dtype, precision):
   x = _dense_rows(x, spec).astype(dtype)
-  z = _sketch_rows(x, sketch, has_bias)
+  z = _sketch_rows(x, sketch, has_bias, precision)
   row_axes = tuple(range(x.ndim - 1))
   # Contracts the row axes in place (they may be sharded over a batch axis).
-  y = jnp.tensordot(x, z, axes=(row_axes, row_axes),
+  y = jnp.tensordot(x, z, axes=(row_axes, row_axes), precision=precision,
                     out_sharding=_distributed.contraction_out_sharding(x, z))
   if has_bias:
     y = jnp.concatenate([y, z.sum(row_axes)[None]], axis=0)
@@ -128,7 +128,7 @@ def _explicitly_sharded(x: jax.Array) -> bool:
   return bool(spec) and any(entry is not None for entry in spec)
 
 
-def _conv_stats(x, spec, sketch, has_bias, dtype):
+def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   x, padding = prepare_conv_input(x.astype(dtype), spec)
   nsp = len(spec.kernel_size)
   groups = spec.feature_group_count
@@ -149,7 +149,7 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
       return lax.conv_general_dilated(
           x, k, spec.strides, padding, lhs_dilation=spec.input_dilation,
           rhs_dilation=spec.kernel_dilation, dimension_numbers=dnums,
-          feature_group_count=groups)
+          feature_group_count=groups, precision=precision)
 
     z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
     if has_bias:
@@ -164,7 +164,8 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
         (lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)] + [(0, 0, 0)])
     z = lax.conv_general_dilated(
         xp, kernel, spec.strides, "VALID", rhs_dilation=spec.kernel_dilation,
-        dimension_numbers=dnums, feature_group_count=groups)  # A S: (b, *out, G*r)
+        dimension_numbers=dnums, feature_group_count=groups,
+        precision=precision)  # A S: (b, *out, G*r)
     if has_bias:
       z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
     # A^T Z as a canonical convolution (the kernel-gradient transposed by
@@ -181,8 +182,8 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
     zt = zt.reshape(zt.shape[:nsp] + (groups * b, r))
     y = lax.conv_general_dilated(
         xt, zt, spec.kernel_dilation, "VALID", rhs_dilation=spec.strides,
-        dimension_numbers=lax.conv_dimension_numbers(
-            xt.shape, zt.shape, _CANONICAL[nsp]))  # (cg, >= k..., r)
+        dimension_numbers=lax.conv_dimension_numbers(xt.shape, zt.shape, _CANONICAL[nsp]),
+        precision=precision)  # (cg, >= k..., r)
     y = y[(slice(None),) + tuple(slice(0, k) for k in spec.kernel_size)]
     y = jnp.moveaxis(y, 0, -2).reshape(p_in, r)  # kernel order (*k, cg)
   if has_bias:
@@ -192,7 +193,8 @@ def _conv_stats(x, spec, sketch, has_bias, dtype):
 
 
 def sketched_covariance(
-    layer: LayerInputs, sketch: Sketch, has_bias: bool, dtype: Any = jnp.float32
+    layer: LayerInputs, sketch: Sketch, has_bias: bool, dtype: Any = jnp.float32,
+    precision: lax.Precision = lax.Precision.HIGHEST,
 ) -> jax.Array:
   """``A^T A S / n`` over every call of the layer (``p x r``, in ``dtype``).
 
@@ -204,6 +206,8 @@ def sketched_covariance(
     sketch: the sketch ``S`` (``p x r``, ``p = p_in + has_bias``).
     has_bias: whether a constant-1 column is appended to ``A``.
     dtype: the dtype of the computation and the result (float32 default).
+    precision: the ``jax.lax.Precision`` of every product and convolution
+      (``HIGHEST``: float32 products on TPU and GPU too).
 
   Returns:
     The sketched covariance, averaged over all rows of all calls.
@@ -222,7 +226,7 @@ def sketched_covariance(
   stats = _conv_stats if isinstance(layer.spec, ConvSpec) else _dense_stats
   total, rows = 0.0, 0
   for x in layer.inputs:
-    y, n = stats(x, layer.spec, sketch, has_bias, dtype)
+    y, n = stats(x, layer.spec, sketch, has_bias, dtype, precision)
     total, rows = total + y, rows + n
   return total / rows
 
@@ -245,13 +249,15 @@ def layer_statistics(
 
   Returns:
     ``(key, y)``: the key of the sketch ``S`` used (the state's next key)
-    and the ``p x r`` statistics in ``config.stats_dtype``.
+    and the ``p x r`` statistics in ``config.stats_dtype``, its products at
+    ``config.precision``.
   """
 
   def one(key, layer_inputs):
     key = _sketch.next_sketch_key(key, config.sketch_refresh, layer.exact)
     s = _sketch.draw_sketch(key, layer.p, layer.rank, config.sketch,
                             orthonormal=config.orthonormal, dtype=config.dtype)
-    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype)
+    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype,
+                                    config.precision)
 
   return _tree.over_stack(layer, one, sketch_key, inputs)

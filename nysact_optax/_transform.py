@@ -113,7 +113,7 @@ def _refresh(layer_states, *, layers, config, factorise, stat_decay, damping, re
   return new
 
 
-def _precondition_all(updates, layers, layer_states, damping, dtype):
+def _precondition_all(updates, layers, layer_states, damping, dtype, precision):
   """``P G`` for every layer's kernel and bias; other leaves pass through."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
   position = {tuple(path): i for i, (path, _) in enumerate(flat)}
@@ -125,7 +125,8 @@ def _precondition_all(updates, layers, layer_states, damping, dtype):
       bias = leaves[position[layer.bias_path]] if layer.has_bias else None
       g = _apply.to_matrix(layer, kernel, bias, dtype)
       pg = _tree.over_stack(
-          layer, lambda g, u, lam, scale: _apply.precondition(g, u, lam, damping * scale),
+          layer, lambda g, u, lam, scale: _apply.precondition(
+              g, u, lam, damping * scale, precision=precision),
           g, ls.basis, ls.eigvals, ls.damping_scale)
       kernel, bias = _apply.from_matrix(layer, pg, kernel, bias)
       leaves[position[layer.kernel_path]] = kernel
@@ -169,6 +170,7 @@ def scale_by_nysact(
     axis_name: str | None = None,
     relative_damping: bool = False,
     model: Any = None,
+    precision: Any = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -247,6 +249,25 @@ def scale_by_nysact(
       equations, ``nnx.LinearGeneral`` axes) are read now, so that no
       ``input_axes`` is needed for NNX models; ``input_axes`` entries still
       take precedence. Only static attributes are read; no array is kept.
+    precision: the ``jax.lax.Precision`` (or its name: ``"highest"``,
+      ``"high"``, ``"default"``, ...) of the statistics' products and
+      convolutions and of the apply's products, or a pair
+      ``(statistics, apply)``. It matters on accelerators only: at
+      ``"default"`` a TPU rounds float32 operands to bf16 and an
+      A100/H100 to TF32 (``"high"``: 3 bf16 passes on TPU, TF32 on GPU).
+      The factorisation's products always run at ``HIGHEST``. The default,
+      ``"highest"``, is chosen by emulating those roundings on CPU on the
+      activations of the project's CNN and char transformer
+      (``python -m benchmarks.precision``, ``benchmarks/README.md``): with
+      the apply in bf16, ``P`` turned indefinite on layers with
+      ``lam_max / rho`` from about 560 up (TF32: 5e4), and an
+      exact-mode layer's error grew from 3e-7 to 6e-3; bf16 statistics
+      raised the error up to 2.2x float32's (TF32: 1.0x on Nyström
+      layers), bf16 factors up to 12x. Both products are thin (``r``
+      columns) beside the layer's own, so ``HIGHEST`` costs little;
+      ``("high", "highest")`` kept the Nyström layers within 1.1x of
+      float32 (emulated TF32 and 3-pass bf16) at half the statistics' TPU
+      cost (3 bf16 passes instead of 6).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -280,7 +301,8 @@ def scale_by_nysact(
   _validation.validate_settings(
       rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
       sketch_refresh, nystrom, seed, exclude, input_axes, stats_dtype,
-      relative_damping)
+      relative_damping, precision)
+  stats_precision, apply_precision = _validation.resolve_precision(precision)
   if model is not None:
     input_axes = _model_input_axes(model, input_axes)
   factorise = {
@@ -295,7 +317,7 @@ def scale_by_nysact(
 
   def config_of(layers):
     return NysActConfig(sketch, sketch_refresh, nystrom == "stable", dtype.name,
-                        cov_update_every, tuple(layers))
+                        cov_update_every, tuple(layers), stats_precision)
 
   def init_fn(params):
     layers = layers_of(params)
@@ -331,7 +353,8 @@ def scale_by_nysact(
     layer_states = _periodic(state.count, inv_update_every, functools.partial(
         _refresh, layers=layers, config=config, factorise=factorise, stat_decay=stat_decay,
         damping=damping, relative_damping=relative_damping), layer_states)
-    updates = _precondition_all(updates, layers, layer_states, damping, dtype)
+    updates = _precondition_all(updates, layers, layer_states, damping, dtype,
+                                apply_precision)
     new_state = ScaleByNysActState(
         count=optax.safe_increment(state.count), layers=layer_states, config=state.config)
     return updates, new_state

@@ -19,12 +19,52 @@ import numpy as np
 from nysact_optax import _layers, _nystrom, _sketch, _tree
 
 __all__ = [
-    "SKETCH_REFRESH", "STATS_DTYPES", "check_activations", "check_state",
-    "check_statistics", "validate_settings",
+    "PRECISIONS", "SKETCH_REFRESH", "STATS_DTYPES", "check_activations", "check_state",
+    "check_statistics", "resolve_precision", "validate_settings",
 ]
 
 SKETCH_REFRESH = ("fixed", "reference")
 STATS_DTYPES = ("float32", "float64")
+# The names jax.lax.Precision accepts (its members' names are accepted too).
+PRECISIONS = ("default", "fastest", "bfloat16", "high", "bfloat16_3x", "tensorfloat32",
+              "highest", "float32")
+
+
+def _one_precision(value: Any) -> jax.lax.Precision | None:
+  if isinstance(value, jax.lax.Precision):
+    return value
+  if isinstance(value, str):
+    name = value.lower()
+    if name in PRECISIONS:
+      return jax.lax.Precision(name)
+    if value in jax.lax.Precision.__members__:
+      return jax.lax.Precision[value]
+  return None
+
+
+def resolve_precision(precision: Any) -> tuple[jax.lax.Precision, jax.lax.Precision]:
+  """``(statistics, apply)`` precisions from one value or a pair of values.
+
+  Each value is a ``jax.lax.Precision`` or a name it accepts (``"highest"``,
+  ``"high"``, ``"default"``, ``"tensorfloat32"``, ...); raises ``ValueError``
+  naming ``precision`` and the value otherwise.
+
+  Examples:
+    >>> resolve_precision("highest")
+    (Precision.HIGHEST, Precision.HIGHEST)
+    >>> resolve_precision(("high", jax.lax.Precision.DEFAULT))
+    (Precision.HIGH, Precision.DEFAULT)
+  """
+  pair = precision if isinstance(precision, (tuple, list)) else (precision, precision)
+  if len(pair) == 2:
+    resolved = tuple(_one_precision(v) for v in pair)
+    if all(r is not None for r in resolved):
+      return resolved
+  raise ValueError(
+      "precision must be a jax.lax.Precision or one of its names "
+      f"{PRECISIONS}, or a pair (statistics, apply) of them, got "
+      f"precision={precision!r}"
+  )
 
 
 def _known_now(x: Any) -> Any:
@@ -40,7 +80,7 @@ def _known_now(x: Any) -> Any:
 
 def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
                       nystrom, seed=0, exclude=(), input_axes=None, stats_dtype="float32",
-                      relative_damping=False):
+                      relative_damping=False, precision="highest"):
   """Every setting of ``scale_by_nysact``; raises ``ValueError`` naming the first bad one."""
   def bad(name, value, must):
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
@@ -67,6 +107,7 @@ def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, r
         "jax.config.update('jax_enable_x64', True) first, got "
         f"stats_dtype={stats_dtype!r}"
     )
+  resolve_precision(precision)
   if not isinstance(relative_damping, (bool, np.bool_)):
     bad("relative_damping", relative_damping, "True or False")
   if sketch not in _sketch.SKETCHES:
