@@ -7,12 +7,14 @@ from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._alias import nysact
+from nysact_optax._graft import GraftState, graft, preconditioned_mask
 from nysact_optax._transform import NysActLayerState, ScaleByNysActState, scale_by_nysact
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvSpec",
+    "GraftState",
     "DenseSpec",
     "EinsumSpec",
     "LayerDiagnostics",
@@ -22,7 +24,9 @@ __all__ = [
     "capture_activations",
     "diagnostics",
     "find_nysact_state",
+    "graft",
     "nysact",
+    "preconditioned_mask",
     "restore_checkpoint",
     "save_checkpoint",
     "scale_by_nysact",
