@@ -339,9 +339,18 @@ def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
   if cfg.optimizer == "adamw":
     return optax.adamw(sched, weight_decay=wd)
   if cfg.optimizer == "nysact":
+    kw = dict(cfg.nysact)
+    if kw.pop("graft_group", "layer") == "leaf":  # the grouping ablation
+      direction = nysact_optax.scale_by_nysact(damping=cfg.resolved_damping, seed=seed,
+                                               **{k: v for k, v in kw.items() if k != "graft"})
+      rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
+      return optax.chain(
+          nysact_optax.graft(direction, rms, mask=nysact_optax.preconditioned_mask(direction),
+                             group="leaf"),
+          optax.ema(cfg.momentum, debias=True), optax.add_decayed_weights(wd),
+          optax.scale_by_learning_rate(sched))
     return nysact_optax.nysact(sched, momentum=cfg.momentum, weight_decay=wd,
-                               damping=cfg.resolved_damping, seed=seed,
-                               **dict(cfg.nysact))
+                               damping=cfg.resolved_damping, seed=seed, **kw)
   if cfg.optimizer == "muon":
     ratio = cfg.adam_ratio
     return optax.contrib.muon(sched, adam_learning_rate=lambda t: ratio * sched(t),
