@@ -167,7 +167,7 @@ class ViT(nn.Module):
     x = nn.Dense(self.width, name="patch_embed")(x)
     pos = self.param("position_embed", nn.initializers.normal(0.02),
                      (x.shape[1], self.width))
-    x = x + pos
+    x = x + pos[None]
     for _ in range(self.depth):
       x = TransformerBlock(self.width, self.num_heads)(x, None)
     x = nn.LayerNorm()(x)

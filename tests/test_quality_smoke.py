@@ -166,3 +166,35 @@ def test_a_grid_grows_past_the_edge_where_its_best_is(tmp_path):
   _fake_run(tmp_path, "tune", "t__sgd__lr0.01__s0", 0.01, None, 0.65)
   assert suite.lr_grid(tmp_path, "tune", "t", "sgd", (0.03, 0.1, 0.3)) == (
       [0.01, 0.03, 0.1, 0.3], True)
+
+
+@pytest.mark.parametrize("label", ["muon", "nysact-graft", "nysact-graft-leaf", "graft-identity"])
+def test_issue13_optimizers_train_on_digits(tmp_path, label):
+  """The optimizers of stage tf, a few steps each: a JSON, a loss that falls."""
+  base = train.RunConfig(task="digits", steps=20, batch_size=32, eval_every=10,
+                         eval_size=360, split="val")
+  cfg = suite._cfg(base, label, lr={"muon": 0.05}.get(label, 1e-2), seed=0)
+  r = train.run(cfg, tmp_path / "run.json")
+  assert not r["final"]["diverged"]
+  assert r["curve"][-1]["train_loss"] < 0.8 * r["curve"][0]["train_loss"] or (
+      r["final"]["eval_accuracy"] > 0.3)
+  if label.startswith("nysact"):
+    assert r["config"]["nysact"]["graft"] == "rmsprop"
+    assert set(r["nysact_refresh_failures"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
+  assert r["config"]["weight_decay"] == 1e-2
+
+
+def test_vit_shapes_and_stage_tf_plan(tmp_path):
+  import jax, jax.numpy as jnp
+  from benchmarks import models
+  model = models.ViT(width=16, depth=1, num_heads=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))["params"]
+  assert model.apply({"params": params}, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
+  assert params["patch_embed"]["kernel"].shape == (16, 16)  # 4x4x1 patches
+  assert params["position_embed"].shape == (49, 16)
+  # Stage tf first tunes the new labels on the 300-step LM; nothing else can
+  # run before those exist.
+  runs = list(suite.plan(suite.PRESETS["cpu"], ["tf"], tmp_path))
+  ready = [r for r in runs if r.cfg is not None]
+  assert {r.stage for r in ready} == {"lm_tune", "tune", "resnet_tune"}
+  assert {r.name.split("__")[1] for r in ready if r.stage == "lm_tune"} == set(suite.TF_LM_TUNED)
