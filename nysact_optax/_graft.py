@@ -101,8 +101,9 @@ def graft(
   node of the tree (a layer's ``kernel`` and ``bias``); ``group="leaf"``
   grafts each leaf alone. NysAct preconditions kernel and bias as one
   matrix, so its natural group is the layer; on the project's char
-  transformer the two gave the same validation loss within the seed spread
-  (``benchmarks/quality/README.md``, section "Transformers and grafting").
+  transformer (300 steps, lr 1e-2, seed 0) the two were within 0.011
+  validation bits/char of each other (layer 2.990, leaf 3.001; ``README.md``,
+  "Transformers and grafting"), well inside the seed spread.
   A layer stacked by ``nn.scan`` (one leaf holding several copies) is one
   group.
 
