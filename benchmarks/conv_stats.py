@@ -5,7 +5,7 @@ For a 3x3 convolution (SAME padding, stride 1) with ``C`` input channels on
 im2col patch matrix (n = B H W rows, p = 9 C columns) and ``S`` a p x r
 sketch. Two ways:
 
-* ``im2col``: ``A = nysact_optax._statistics.conv_patches(x, spec)``, then
+* ``im2col``: ``A = tests._reference.conv_patches(x, spec)``, then
   ``A^T (A S) / n`` (what the reference code does);
 * ``im2col_slices``: the same formula with the patch matrix built from ``k*k``
   shifted slices of the padded input (often faster than XLA's patch
@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from benchmarks import _common
 from nysact_optax import ConvSpec, LayerInputs
-from nysact_optax import _statistics
+from nysact_optax import _sketch, _statistics
+from tests import _reference
 
 
 def _spec(k: int) -> ConvSpec:
@@ -56,11 +57,11 @@ def _spec(k: int) -> ConvSpec:
 
 def patch_free(x, s, *, spec, has_bias):
   return _statistics.sketched_covariance(
-      LayerInputs([x], spec), _statistics.Sketch(s), has_bias)
+      LayerInputs([x], spec), _sketch.Sketch(s), has_bias)
 
 
 def im2col(x, s, *, spec, has_bias):
-  a = _statistics.conv_patches(x, spec)
+  a = _reference.conv_patches(x, spec)
   if has_bias:
     a = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
   hi = jax.lax.Precision.HIGHEST

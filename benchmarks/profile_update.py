@@ -94,7 +94,7 @@ def profile_model(name: str, batch: int, configs: Sequence[dict], repeats: int,
 
       def stats(x, m, li=li, has_bias=has_bias):
         return _statistics.sketched_covariance(
-            nysact_optax.LayerInputs([x], li.spec), _statistics.Sketch(m), has_bias)
+            nysact_optax.LayerInputs([x], li.spec), _sketch.Sketch(m), has_bias)
 
       def in_cond(pred, x, m, stats=stats):
         return jax.lax.cond(pred, stats, lambda x, m: jnp.zeros(m.shape, jnp.float32), x, m)

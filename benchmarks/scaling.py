@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import _common
 from nysact_optax import DenseSpec, LayerInputs
-from nysact_optax import _nystrom, _sketch, _statistics
+from nysact_optax import _apply, _nystrom, _sketch, _statistics
 
 RHO = 1.0
 BETA = 0.95
@@ -67,7 +67,7 @@ def _ops(p: int, r: int, n: int, o: int, sketch: str):
     return _nystrom.nystrom_stable(cov, s)
 
   def apply(g, u, lam):
-    return _nystrom.precondition(g, u, lam, RHO)
+    return _apply.precondition(g, u, lam, RHO)
 
   def x_():
     return jax.random.normal(key, (n, p), jnp.float32)

@@ -1,16 +1,26 @@
 """NysAct for JAX and Optax: Nyström-approximated activation-covariance
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
-from nysact_optax._accumulate import find_nysact_state, sketched_statistics
-from nysact_optax._capture import capture_activations
+from nysact_optax._accumulate import sketched_statistics
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._alias import nysact
 from nysact_optax._graft import GraftState, graft, preconditioned_mask
-from nysact_optax._transform import NysActLayerState, ScaleByNysActState, scale_by_nysact
+from nysact_optax._state import NysActLayerState, ScaleByNysActState, find_nysact_state
+from nysact_optax._transform import scale_by_nysact
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # The capture is the only part that needs flax; import it on first use, so
+  # that the optimizer and its math load without flax (tests/test_imports.py).
+  if name == "capture_activations":
+    from nysact_optax._capture import capture_activations
+
+    return capture_activations
+  raise AttributeError(f"module 'nysact_optax' has no attribute {name!r}")
 
 __all__ = [
     "ConvSpec",

@@ -38,6 +38,7 @@ def nysact(
     stack_axes: Mapping[str, int] | None = None,
     stats_dtype: Any = "float32",
     axis_name: str | None = None,
+    relative_damping: bool = False,
     graft: str | None = None,
     graft_decay: float = 0.999,
     graft_eps: float = 1e-8,
@@ -86,7 +87,7 @@ def nysact(
     graft_eps: ``graft="rmsprop"``: added to ``sqrt(v_hat)``.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
     seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
-    stats_dtype, axis_name: see :func:`scale_by_nysact`.
+    stats_dtype, axis_name, relative_damping: see :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -125,6 +126,7 @@ def nysact(
       seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
       exclude=exclude, input_axes=input_axes, include=include,
       stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
+      relative_damping=relative_damping,
   )
   # One chain shape per mode whatever the values: a zero weight decay or
   # momentum keeps its (empty or zero) state, as optax's own aliases do, so

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from nysact_optax import _tree
-from nysact_optax._transform import ScaleByNysActState
+from nysact_optax._state import ScaleByNysActState, nysact_states_with_path
 
 __all__ = ["restore_checkpoint", "save_checkpoint"]
 
@@ -70,9 +70,7 @@ def _show(keys: tuple[str, ...]) -> str:
 
 
 def _nysact_states(target: Any) -> dict[tuple[str, ...], ScaleByNysActState]:
-  is_state = lambda x: isinstance(x, ScaleByNysActState)
-  leaves = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_state)[0]
-  return {_keys(path): leaf for path, leaf in leaves if is_state(leaf)}
+  return {_keys(path): state for path, state in nysact_states_with_path(target)}
 
 
 def _mismatches(saved: dict[tuple[str, ...], tuple[int, ...]], target: Any) -> list[str]:

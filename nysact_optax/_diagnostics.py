@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nysact_optax._transform import ScaleByNysActState
+from nysact_optax._state import find_nysact_state
 
 __all__ = ["LayerDiagnostics", "diagnostics"]
 
@@ -52,28 +52,6 @@ class LayerDiagnostics(NamedTuple):
   condition_number: jax.Array
 
 
-def _find_state(state: Any) -> ScaleByNysActState:
-  found = [
-      s
-      for s in jax.tree_util.tree_leaves(
-          state, is_leaf=lambda x: isinstance(x, ScaleByNysActState)
-      )
-      if isinstance(s, ScaleByNysActState)
-  ]
-  if not found:
-    raise TypeError(
-        "diagnostics needs the state of nysact_optax.scale_by_nysact or "
-        "nysact_optax.nysact (or an optax state that contains one), got a "
-        f"{type(state).__name__} without a ScaleByNysActState"
-    )
-  if len(found) > 1:
-    raise ValueError(
-        f"the state contains {len(found)} ScaleByNysActState; pass the one "
-        "you want diagnosed"
-    )
-  return found[0]
-
-
 def diagnostics(state: Any, *, damping: Any) -> dict[str, LayerDiagnostics]:
   """Per-layer failure counters, eigenvalue range and condition number of ``P``.
 
@@ -101,7 +79,7 @@ def diagnostics(state: Any, *, damping: Any) -> dict[str, LayerDiagnostics]:
     >>> int(d.failures), int(d.stat_skips), float(d.condition_number)
     (0, 0, 1.0)
   """
-  nys = _find_state(state)
+  nys = find_nysact_state(state)
   rho = jnp.asarray(damping, jnp.float32)
   report = {}
   for name, ls in nys.layers.items():
@@ -110,11 +88,12 @@ def diagnostics(state: Any, *, damping: Any) -> dict[str, LayerDiagnostics]:
     eig_min, eig_max = jnp.min(lam, axis=-1), jnp.max(lam, axis=-1)
     p, r = ls.basis.shape[-2:]
     floor = eig_min if r >= p else jnp.zeros_like(eig_min)
+    layer_rho = rho * ls.damping_scale  # relative_damping=True scales it per layer
     report[name] = LayerDiagnostics(
         failures=ls.failures,
         stat_skips=ls.stat_skips,
         eig_min=eig_min,
         eig_max=eig_max,
-        condition_number=(eig_max + rho) / (floor + rho),
+        condition_number=(eig_max + layer_rho) / (floor + layer_rho),
     )
   return report

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from flax.linen import linear as flax_linear
 
 __all__ = ["ConvSpec", "DenseSpec", "EinsumSpec", "LayerInputs", "LayerSpec"]
 
@@ -267,6 +266,8 @@ def conv_spec_of(conv: Any) -> ConvSpec:
   Both keep the same options under the same names; they are canonicalised as
   flax does before calling ``lax.conv_general_dilated``.
   """
+  from flax.linen import linear as flax_linear  # only when a flax module is captured
+
   ks = conv.kernel_size
   ks = int_tuple(ks, 1 if isinstance(ks, int) else len(ks))
   n = len(ks)

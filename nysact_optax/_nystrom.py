@@ -1,13 +1,19 @@
-"""Nyström factorisations of a damped covariance and the factored apply.
+"""Nyström factorisations of the activation covariance.
 
-Every factorisation returns ``(U, lam)``: orthonormal columns ``U`` (p x r) and
+Every factorisation returns ``(U, lam)``: columns ``U`` (p x r) and
 eigenvalues ``lam >= 0`` (r) of a low-rank approximation ``U diag(lam) U^T`` of
-the activation covariance. The preconditioner is then
+the activation covariance, from which :mod:`nysact_optax._apply` applies
 
-  ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``,
+  ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``.
 
-applied in factored form in :func:`precondition`; no ``p x p`` array is formed
-unless ``U`` itself is square (exact mode).
+The columns with ``lam > 0`` are orthonormal to a few float ulps, and
+``U^T U <= I``: then ``I - U U^T`` is positive semi-definite and ``P`` is
+symmetric positive definite with its eigenvalues in ``[1/(lam_max + rho),
+1/rho]``, whatever ``lam_max / rho`` (``tests/test_nystrom.py`` checks
+``lam_max / rho`` up to ``1e7`` in float32). Directions the float32 Gram
+eigendecomposition cannot resolve (``sigma^2 < sqrt(eps) sigma_max^2``,
+about ``3.5e-4`` of the largest in float32) are dropped: they get
+``lam = 0``, i.e. the plain ``1 / rho`` step.
 """
 
 from __future__ import annotations
@@ -16,14 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-__all__ = [
-    "NYSTROM_METHODS",
-    "dense_preconditioner",
-    "exact_eigh",
-    "nystrom_shifted",
-    "nystrom_stable",
-    "precondition",
-]
+__all__ = ["NYSTROM_METHODS", "exact_eigh", "nystrom_shifted", "nystrom_stable"]
 
 NYSTROM_METHODS = ("shifted", "stable")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -51,10 +50,37 @@ def _factor_from_cholesky(y: jax.Array, w: jax.Array, shift: jax.Array):
   chol_inv = solve_triangular(chol, jnp.eye(r, dtype=w.dtype), lower=True)
   b = jnp.matmul(y, chol_inv.T, precision=_HIGHEST)  # Y L^{-T}
   sigma2, v = jnp.linalg.eigh(jnp.matmul(b.T, b, precision=_HIGHEST))
-  lam = jnp.maximum(sigma2 - shift, 0.0)
-  scale = jnp.where(lam > 0, jax.lax.rsqrt(jnp.maximum(sigma2, 1e-30)), 0.0)
+  # The Gram eigendecomposition resolves sigma_i^2 to about eps sigma_max^2:
+  # columns below sqrt(eps) of the largest would be off by more than
+  # sqrt(eps) from orthonormal, so they are dropped (lam = 0, a 1/rho step).
+  resolved = sigma2 > jnp.sqrt(jnp.finfo(w.dtype).eps) * sigma2[-1]
+  lam = jnp.where(resolved, jnp.maximum(sigma2 - shift, 0.0), 0.0)
+  keep = lam > 0
+  scale = jnp.where(keep, jax.lax.rsqrt(jnp.maximum(sigma2, 1e-30)), 0.0)
   u = jnp.matmul(b, v, precision=_HIGHEST) * scale[None, :]
-  return u, lam
+  return _orthonormal(u, keep), lam
+
+
+def _orthonormal(u: jax.Array, keep: jax.Array) -> jax.Array:
+  """The kept columns of ``u`` made orthonormal, the others zero, ``U^T U <= I``.
+
+  Symmetric (Löwdin) orthogonalisation ``U (U^T U)^{-1/2}`` moves nearly
+  orthonormal columns the least; a final scale by ``1/sqrt(||U^T U||)``
+  (a few ulps) makes ``I - U U^T`` positive semi-definite in the arithmetic
+  that follows, so ``P`` cannot turn indefinite at any ``lam / rho``. All
+  LAPACK work is on ``r x r`` matrices.
+  """
+  r = u.shape[1]
+  both = keep[:, None] & keep[None, :]
+  gram = jnp.matmul(u.T, u, precision=_HIGHEST)
+  gram = jnp.where(both, gram, jnp.eye(r, dtype=u.dtype))
+  w, q = jnp.linalg.eigh(gram)
+  inv_sqrt = jnp.matmul(q * jax.lax.rsqrt(jnp.maximum(w, 1e-30))[None, :], q.T,
+                        precision=_HIGHEST)
+  u = jnp.where(keep[None, :], jnp.matmul(u, inv_sqrt, precision=_HIGHEST), 0.0)
+  top = jnp.linalg.eigvalsh(jnp.matmul(u.T, u, precision=_HIGHEST))[-1]
+  eps = jnp.finfo(u.dtype).eps
+  return u * jax.lax.rsqrt(jnp.maximum(top, 1.0) * (1.0 + 4.0 * r * eps))
 
 
 def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax.Array]:
@@ -125,25 +151,3 @@ def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Eigendecomposition of the full covariance (exact mode, ``rank >= p``)."""
   lam, u = jnp.linalg.eigh(_sym(c_hat))
   return u, jnp.maximum(lam, 0.0)  # clip the round-off negatives of a PSD matrix
-
-
-def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho) -> jax.Array:
-  """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
-
-  ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> u = jnp.eye(3)[:, :1]
-    >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
-    Array([0.5, 1. , 1. ], dtype=float32)
-  """
-  coeff = 1.0 / (lam + rho) - 1.0 / rho
-  ug = jnp.matmul(u.T, g, precision=_HIGHEST)
-  return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho
-
-
-def dense_preconditioner(u: jax.Array, lam: jax.Array, rho) -> jax.Array:
-  """The dense ``p x p`` matrix ``P`` (for tests and the reference comparison)."""
-  p = u.shape[0]
-  return (u * (1.0 / (lam + rho))[None, :]) @ u.T + (jnp.eye(p) - u @ u.T) / rho

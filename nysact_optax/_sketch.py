@@ -7,16 +7,33 @@ of a ``p x r`` matrix.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from nysact_optax._statistics import Sketch
-
-__all__ = ["SKETCHES", "draw_sketch"]
+__all__ = ["SKETCHES", "Sketch", "draw_sketch", "next_sketch_key"]
 
 SKETCHES = ("gaussian", "subcolumns")
+
+
+class Sketch(NamedTuple):
+  """A sketch ``S`` (p x r); ``indices`` is set when ``S = I[:, indices]``."""
+
+  matrix: jax.Array
+  indices: jax.Array | None = None
+
+
+def next_sketch_key(key: jax.Array, sketch_refresh: str, exact: bool) -> jax.Array:
+  """The key of the sketch the next statistics update of a layer uses.
+
+  ``"fixed"`` keeps the layer's one sketch; ``"reference"`` draws a new one
+  at every statistics update, as the authors' code does. Exact mode has no
+  sketch to refresh. ``key`` is one layer copy's key (uint32[2]).
+  """
+  if sketch_refresh == "reference" and not exact:
+    return jax.random.fold_in(key, 1)
+  return key
 
 
 def _orthonormalise(s: jax.Array) -> jax.Array:

@@ -19,24 +19,20 @@ patch rows count as rows of ``A``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nysact_optax import _distributed
+from nysact_optax import _distributed, _sketch, _tree
 from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax._sketch import Sketch
 
-__all__ = ["Sketch", "conv_patches", "sketched_covariance"]
+if TYPE_CHECKING:
+  from nysact_optax._state import NysActConfig
 
-
-class Sketch(NamedTuple):
-  """A sketch ``S`` (p x r); ``indices`` is set when ``S = I[:, indices]``."""
-
-  matrix: jax.Array
-  indices: jax.Array | None = None
-
+__all__ = ["layer_statistics", "sketched_covariance"]
 
 def _dense_rows(x: jax.Array, spec: DenseSpec) -> jax.Array:
   """Moves the contracted axes last and merges them into one feature axis.
@@ -215,6 +211,7 @@ def sketched_covariance(
   Examples:
     >>> import jax.numpy as jnp
     >>> from nysact_optax import DenseSpec, LayerInputs
+    >>> from nysact_optax._sketch import Sketch
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> s = Sketch(jnp.eye(3))
     >>> sketched_covariance(LayerInputs([x], DenseSpec()), s, has_bias=True)
@@ -230,23 +227,31 @@ def sketched_covariance(
   return total / rows
 
 
-def conv_patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
-  """The explicit im2col patch matrix of a convolution, rows ``(n * G, p_in)``.
+def layer_statistics(
+    layer: _tree.Layer, sketch_key: jax.Array, inputs: LayerInputs, config: NysActConfig
+) -> tuple[jax.Array, jax.Array]:
+  """The next sketch key and ``Y = A^T A S / n`` of one layer.
 
-  Columns are ordered like ``kernel.reshape(p_in, o)``; for grouped
-  convolutions each group's rows are stacked. This is the memory-hungry
-  formula the patch-free statistics replace; it exists for tests and
-  benchmarks.
+  The one statistics step of the library: ``update(activations=...)`` and
+  :func:`nysact_optax.sketched_statistics` both call it, so the sketch, the
+  dtype and the stacking cannot differ between them. For a layer stacked by
+  ``stack_axes`` both results carry its stack axes first.
+
+  Args:
+    layer: the layer's layout.
+    sketch_key: the layer's current sketch key(s) from its state.
+    inputs: the layer's captured inputs.
+    config: the optimizer's static settings.
+
+  Returns:
+    ``(key, y)``: the key of the sketch ``S`` used (the state's next key)
+    and the ``p x r`` statistics in ``config.stats_dtype``.
   """
-  x, padding = prepare_conv_input(x, spec)
-  patches = lax.conv_general_dilated_patches(
-      x, spec.kernel_size, spec.strides, padding,
-      lhs_dilation=spec.input_dilation,
-      rhs_dilation=spec.kernel_dilation,
-      dimension_numbers=_conv_dimension_numbers(x.ndim),
-  )  # (..., c_in * K), channel-major
-  c, k = x.shape[-1], math.prod(spec.kernel_size)
-  groups = spec.feature_group_count
-  patches = patches.reshape(-1, groups, c // groups, k)
-  patches = jnp.swapaxes(patches, -1, -2)  # (n, G, K, cg): kernel order
-  return jnp.swapaxes(patches, 0, 1).reshape(-1, k * (c // groups))
+
+  def one(key, layer_inputs):
+    key = _sketch.next_sketch_key(key, config.sketch_refresh, layer.exact)
+    s = _sketch.draw_sketch(key, layer.p, layer.rank, config.sketch,
+                            orthonormal=config.orthonormal, dtype=config.dtype)
+    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype)
+
+  return _tree.over_stack(layer, one, sketch_key, inputs)

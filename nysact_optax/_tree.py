@@ -12,6 +12,7 @@ partitioned linen params name their layers the same way.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import numbers
 import re
@@ -23,7 +24,8 @@ import jax
 from nysact_optax._layers import LayerInputs
 
 __all__ = [
-    "Layer", "activation_table", "find_layers", "key_name", "path_name", "selected",
+    "Layer", "activation_table", "find_layers", "key_name", "over_stack", "path_name",
+    "selected",
 ]
 
 LayerFilter = Sequence[str] | Callable[[str], bool]
@@ -52,37 +54,55 @@ def _unboxed(path: tuple) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-  """Static facts about one preconditioned layer.
+  """One preconditioned layer and the layout of its gradient matrix.
+
+  Everything here is decided once, by :func:`find_layers`, from the kernel
+  and bias shapes and the configuration (``input_axes=``, ``stack_axes=``):
+  the statistics, the factors and the apply all read it from here.
 
   Attributes:
     name: '/'-joined module path.
     kernel_path: pytree path of the kernel leaf.
     bias_path: pytree path of the bias leaf, or ``None``.
     kernel_shape: shape of the kernel (stack axes included).
-    num_input_axes: how many kernel axes meet the input.
     rank: the sketch width ``r`` (``== p`` in exact mode).
-    input_axes: the kernel axes (after the stack axes) that meet the input;
-      ``None`` means the leading ``num_input_axes``.
+    input_axes: the kernel axes (after the stack axes) that meet the input,
+      sorted.
     stack_axes: leading kernel axes that index stacked copies of the layer
       (``nn.scan``/``nn.vmap`` over parameters); each copy has its own state.
+    bias_shape: shape of the bias (stack axes included), or ``None``.
+    bias_perm: transposes the bias (after its stack axes) to the kernel's
+      output-axis order; ``None`` when the bias is only reshaped (another
+      number of axes than the kernel's outputs).
+    bias_perm_ambiguous: the bias's axis sizes repeat, so ``bias_perm`` (the
+      identity) was a choice; the captured layer spec is checked against it.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {"attn": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((3, 2))}}
+    >>> (layer,) = find_layers(params, rank=2)  # bias stored (head_dim, heads)
+    >>> layer.input_axes, layer.output_axes, layer.bias_perm, layer.p, layer.out
+    ((0,), (1, 2), (1, 0), 5, 6)
   """
 
   name: str
   kernel_path: tuple
   bias_path: tuple | None
   kernel_shape: tuple[int, ...]
-  num_input_axes: int
   rank: int
-  input_axes: tuple[int, ...] | None = None
+  input_axes: tuple[int, ...]
   stack_axes: int = 0
-
-  def __post_init__(self):
-    if self.input_axes is None:
-      object.__setattr__(self, "input_axes", tuple(range(self.num_input_axes)))
+  bias_shape: tuple[int, ...] | None = None
+  bias_perm: tuple[int, ...] | None = None
+  bias_perm_ambiguous: bool = False
 
   @property
   def has_bias(self) -> bool:
     return self.bias_path is not None
+
+  @property
+  def num_input_axes(self) -> int:
+    return len(self.input_axes)
 
   @property
   def stack_shape(self) -> tuple[int, ...]:
@@ -113,6 +133,37 @@ class Layer:
   @property
   def exact(self) -> bool:
     return self.rank >= self.p
+
+  @property
+  def kernel_perm(self) -> tuple[int, ...]:
+    """Transposes the kernel to ``(*stack, *inputs, *outputs)``."""
+    s = self.stack_axes
+    return tuple(range(s)) + tuple(s + a for a in self.input_axes + self.output_axes)
+
+
+def over_stack(layer: Layer, fn, *args):
+  """``fn`` on one copy of the layer, vmapped over its stack axes, if any.
+
+  Every array in ``args`` has the layer's stack axes first.
+  """
+  if not layer.stack_axes:
+    return fn(*args)
+  n, size = layer.stack_axes, math.prod(layer.stack_shape)
+  flat = jax.tree.map(lambda a: a.reshape((size,) + a.shape[n:]), args)
+  out = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda a: a.reshape(layer.stack_shape + a.shape[1:]), out)
+
+
+def _bias_perm(out_dims: tuple[int, ...], bias_dims: tuple[int, ...]):
+  """``(perm, ambiguous)`` taking the bias's axes to the kernel's output order."""
+  if len(bias_dims) != len(out_dims) or len(out_dims) > 6:
+    return None, False  # reshaped, not transposed
+  identity = tuple(range(len(out_dims)))
+  perms = [q for q in itertools.permutations(identity)
+           if tuple(bias_dims[i] for i in q) == out_dims]
+  if identity in perms:
+    return identity, len(perms) > 1
+  return (perms[0], len(perms) > 1) if perms else (None, False)
 
 
 def _matches(name: str, rule: LayerFilter) -> bool:
@@ -226,10 +277,17 @@ def find_layers(
           "one output axis"
       )
     axes = tuple(sorted(axes))
-    out = math.prod(d for a, d in enumerate(leaf.shape[stack:]) if a not in axes)
+    out_axes = tuple(a for a in range(ndim) if a not in axes)
+    out_dims = tuple(leaf.shape[stack + a] for a in out_axes)
+    bias_shape = bias_perm = None
+    ambiguous = False
     if bias_path is not None:
       bias_shape = tuple(by_path[bias_path].shape)
-      if bias_shape[:stack] != tuple(leaf.shape[:stack]) or math.prod(bias_shape[stack:]) != out:
+      bias_perm, ambiguous = _bias_perm(out_dims, bias_shape[stack:])
+      reshaped = len(bias_shape) - stack != len(out_dims)
+      if bias_shape[:stack] != tuple(leaf.shape[:stack]) or (
+          math.prod(bias_shape[stack:]) != math.prod(out_dims)
+          or (not reshaped and bias_perm is None)):
         hint = "pass input_axes= and stack_axes= that describe the layer"
         stacked = _stack_hint(tuple(leaf.shape), bias_shape)
         if not stack and stacked:
@@ -237,14 +295,14 @@ def find_layers(
                   f"stack_axes={{{name!r}: {stacked}}}")
         raise ValueError(
             f"layer {name!r}: the bias of shape {bias_shape} does not match the "
-            f"{out} outputs of the kernel {tuple(leaf.shape)} (input axes {axes}"
+            f"outputs {out_dims} of the kernel {tuple(leaf.shape)} (input axes {axes}"
             + (f", {stack} stack axes" if stack else "")
             + f"); {hint}, or exclude it with exclude=[{name!r}]"
         )
     p = math.prod(leaf.shape[stack + a] for a in axes) + int(bias_path is not None)
     layers.append(
-        Layer(name, path, bias_path, tuple(leaf.shape), len(axes),
-              _layer_rank(rank, name, p), axes, stack)
+        Layer(name, path, bias_path, tuple(leaf.shape), _layer_rank(rank, name, p),
+              axes, stack, bias_shape, bias_perm, ambiguous)
     )
   return sorted(layers, key=lambda layer: layer.name)
 

@@ -92,3 +92,36 @@ def conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
     return im2col(x, kernel, strides, pad, dilation, groups)
 
   return rows
+
+
+def dense_preconditioner(u, lam, rho):
+  """The dense ``p x p`` matrix ``P = U diag(1/(lam+rho)) U^T + (I - U U^T)/rho`` (float64)."""
+  u, lam = np.asarray(u, np.float64), np.asarray(lam, np.float64)
+  p = u.shape[0]
+  return (u * (1.0 / (lam + rho))[None, :]) @ u.T + (np.eye(p) - u @ u.T) / rho
+
+
+def conv_patches(x, spec):
+  """The explicit im2col patch matrix of a convolution with the library's
+  padding rules, rows ``(n * G, p_in)``, columns ordered like
+  ``kernel.reshape(p_in, o)`` (the memory-hungry formula the patch-free
+  statistics replace; for tests and benchmarks)."""
+  import math
+
+  import jax.numpy as jnp
+  from jax import lax
+
+  from nysact_optax import _statistics
+
+  x, padding = _statistics.prepare_conv_input(jnp.asarray(x), spec)
+  patches = lax.conv_general_dilated_patches(
+      x, spec.kernel_size, spec.strides, padding,
+      lhs_dilation=spec.input_dilation,
+      rhs_dilation=spec.kernel_dilation,
+      dimension_numbers=_statistics._conv_dimension_numbers(x.ndim),
+  )  # (..., c_in * K), channel-major
+  c, k = x.shape[-1], math.prod(spec.kernel_size)
+  groups = spec.feature_group_count
+  patches = patches.reshape(-1, groups, c // groups, k)
+  patches = jnp.swapaxes(patches, -1, -2)  # (n, G, K, cg): kernel order
+  return jnp.swapaxes(patches, 0, 1).reshape(-1, k * (c // groups))

@@ -123,7 +123,8 @@ def test_mapped_equals_single_device_on_the_whole_batch(mapper):
     run, state = jax.tree.map(lambda a: a[0], (run, state))
   expected_params, expected_state = _single_device_run()
   _assert_same_run(run, state[0], expected_params, expected_state[0])
-  assert int(state[0].stat_count) == STEPS // KWARGS["cov_update_every"]
+  assert all(int(ls.stat_count) == STEPS // KWARGS["cov_update_every"]
+             for ls in state[0].layers.values())
 
 
 def _param_specs(params, auto):
@@ -198,11 +199,11 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
 def test_conv_statistics_with_two_leading_axes_under_explicit_sharding(spec):
   """A conv input (a, b, H, W, C) sharded on one leading axis: the leading
   axes are merged with the sharded one major (no resharding), exactly."""
-  from nysact_optax import _statistics
+  from nysact_optax import _sketch, _statistics
 
   conv = nysact_optax.ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
   xin, _ = _params.data((8, 8, 5, 5, 3))
-  s = _statistics.Sketch(_params.data((28, 4), seed=2)[0])
+  s = _sketch.Sketch(_params.data((28, 4), seed=2)[0])
   fn = jax.jit(lambda v: _statistics.sketched_covariance(
       nysact_optax.LayerInputs([v], conv), s, has_bias=True))
   expected = fn(xin)

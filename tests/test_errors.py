@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import nysact_optax
-from nysact_optax import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 
 SAME_3X3 = ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
 
@@ -122,13 +122,18 @@ def test_input_with_too_few_axes(net):
 
 
 def test_kernel_layout_needs_input_axes():
-  params = {"qkv": {"kernel": jnp.ones((4, 2, 3))}}  # bias-free DenseGeneral((2, 3))
-  acts = {"qkv": LayerInputs([jnp.ones((5, 4))], DenseSpec((-1,)))}
+  """Every layer whose layout the shapes do not tell, in one error with the fix."""
+  params = {"qkv": {"kernel": jnp.ones((4, 2, 3))},  # bias-free DenseGeneral((2, 3))
+            "proj": {"kernel": jnp.ones((2, 4, 3))}}  # Einsum "btd,ndh->btnh"
+  acts = {"qkv": LayerInputs([jnp.ones((5, 4))], DenseSpec((-1,))),
+          "proj": LayerInputs([jnp.ones((5, 4))], EinsumSpec("btd,ndh->btnh"))}
   _raises(
       ValueError,
-      "layer 'qkv': its input meets kernel axes (0,), but the kernel (4, 2, 3) "
-      "was taken to have input axes (0, 1). The kernel layout is unusual: pass "
-      "input_axes={'qkv': 1}.",
+      "2 layer(s) have a kernel layout the parameter shapes do not tell: layer "
+      "'proj': its input meets kernel axes (1,) of the kernel (2, 4, 3), which "
+      "was taken to have input axes (0, 1); layer 'qkv': its input meets kernel "
+      "axes (0,) of the kernel (4, 2, 3), which was taken to have input axes "
+      "(0, 1). Pass input_axes={'proj': (1,), 'qkv': 1}.",
       _update, params, acts,
   )
   _raises(
@@ -283,8 +288,8 @@ def test_dense_general_with_batch_dims_is_not_covered():
   _, acts = nysact_optax.capture_activations(model.apply)(variables, x)  # capture is fine
   _raises(
       ValueError,
-      "layer 'DenseGeneral_0': the bias of shape (2, 3) does not match the 12 "
-      "outputs of the kernel (2, 4, 3) (input axes (0,)); it looks stacked by "
+      "layer 'DenseGeneral_0': the bias of shape (2, 3) does not match the "
+      "outputs (4, 3) of the kernel (2, 4, 3) (input axes (0,)); it looks stacked by "
       "nn.scan/nn.vmap: pass stack_axes={'DenseGeneral_0': 1}, or exclude it "
       "with exclude=['DenseGeneral_0']",
       nysact_optax.scale_by_nysact(rank=2).init, variables["params"],

@@ -125,7 +125,7 @@ def test_low_rank_stacked_layer_matches_each_copy_alone():
   for l in range(3):
     g = jax.tree.map(lambda a: a[l], grads["scan"]["Dense_0"])
     ls = jax.tree.map(lambda a: a[l], stacked)
-    u = nysact_optax._nystrom.precondition(
+    u = nysact_optax._apply.precondition(
         _matrix(g["kernel"], g["bias"], (0,), None), ls.basis, ls.eigvals, RHO)
     np.testing.assert_allclose(
         _matrix(updates["scan"]["Dense_0"]["kernel"][l], updates["scan"]["Dense_0"]["bias"][l],

@@ -7,7 +7,8 @@ import pytest
 
 from nysact_optax import ConvSpec, DenseSpec, LayerInputs
 from nysact_optax._sketch import draw_sketch
-from nysact_optax._statistics import conv_patches, sketched_covariance
+from nysact_optax._statistics import sketched_covariance
+from tests._reference import conv_patches
 from tests import _reference
 
 CONVS = [

@@ -152,7 +152,7 @@ def test_sketch_changes_exactly_at_statistics_updates(refresh):
   cov_changed = [not np.array_equal(a, b) for a, b in zip(covs, covs[1:])]
   assert cov_changed == [True, False] * 3  # statistics at steps 0, 2, 4
   assert key_changed == ([True, False] * 3 if refresh == "reference" else [False] * 6)
-  assert int(state.stat_count) == 3
+  assert int(state.layers["Dense_0"].stat_count) == 3
 
 
 def test_one_compilation_across_two_inverse_periods():

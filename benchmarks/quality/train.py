@@ -65,7 +65,8 @@ import optax
 
 import nysact_optax
 from benchmarks import _common, data as bdata, models
-from nysact_optax import _nystrom, _statistics
+from nysact_optax import _nystrom, _sketch, _statistics
+from tests import _reference
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact", "muon", "graft-identity")
 TASKS = ("digits", "fmnist_cnn", "fmnist_resnet", "fmnist_vit", "char_lm")
@@ -545,7 +546,7 @@ class ErrorTracker:
       @jax.jit
       def stats(inputs, eye):
         layer = nysact_optax.LayerInputs(inputs, spec)
-        return _statistics.sketched_covariance(layer, _statistics.Sketch(eye), has_bias)
+        return _statistics.sketched_covariance(layer, _sketch.Sketch(eye), has_bias)
 
       p_in = spec.input_width(probe.inputs[0].shape)
       self._eye = jnp.eye(p_in + int(has_bias), dtype=jnp.float32)
@@ -575,7 +576,7 @@ class ErrorTracker:
     p_exact = (v / (lam + self.rho)) @ v.T
     u = np.asarray(layer_state.basis, np.float64)
     mu = np.asarray(layer_state.eigvals, np.float64)
-    p_nys = np.asarray(_nystrom.dense_preconditioner(u, mu, self.rho), np.float64)
+    p_nys = np.asarray(_reference.dense_preconditioner(u, mu, self.rho), np.float64)
     diff = p_nys - p_exact
     if not np.all(np.isfinite(diff)):
       raise np.linalg.LinAlgError("non-finite preconditioner")

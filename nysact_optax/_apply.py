@@ -1,0 +1,79 @@
+"""The gradient matrix of a layer and the factored apply ``G <- P G``.
+
+A layer's kernel (and bias) gradient is laid out as the ``p x o`` matrix
+``G``: kernel rows in the order of the kernel's input axes, then the bias row,
+columns in the order of the kernel's output axes (:class:`~nysact_optax._tree.Layer`
+decides both). The preconditioner
+
+  ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``
+
+is applied in factored form, ``O(p r o)``; no ``p x p`` array is formed unless
+``U`` itself is square (exact mode, where ``P = U diag(1 / (lam + rho)) U^T``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nysact_optax._tree import Layer
+
+__all__ = ["from_matrix", "precondition", "to_matrix"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _bias_perm(layer: Layer) -> tuple[int, ...]:
+  s = layer.stack_axes
+  return tuple(range(s)) + tuple(s + a for a in layer.bias_perm)
+
+
+def to_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None, dtype: Any) -> jax.Array:
+  """The gradient matrix ``(*stack, p, o)`` in ``dtype``: kernel rows, then the bias row."""
+  g = jnp.transpose(kernel, layer.kernel_perm)
+  g = g.reshape(layer.stack_shape + (layer.p_in, layer.out)).astype(dtype)
+  if bias is None:
+    return g
+  if layer.bias_perm is not None:
+    bias = jnp.transpose(bias, _bias_perm(layer))
+  b = bias.reshape(layer.stack_shape + (1, layer.out))
+  return jnp.concatenate([g, b.astype(dtype)], axis=-2)
+
+
+def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array | None):
+  """Inverse of :func:`to_matrix`, in the kernel's and bias's dtypes."""
+  kperm = layer.kernel_perm
+  k = pg[..., : layer.p_in, :].reshape(tuple(kernel.shape[i] for i in kperm))
+  k = jnp.transpose(k, tuple(np.argsort(kperm))).astype(kernel.dtype)
+  if bias is None:
+    return k, None
+  b = pg[..., layer.p_in, :]
+  if layer.bias_perm is None:
+    return k, b.reshape(bias.shape).astype(bias.dtype)
+  bperm = _bias_perm(layer)
+  b = b.reshape(tuple(bias.shape[i] for i in bperm))
+  return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
+
+
+def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, exact: bool = False) -> jax.Array:
+  """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
+
+  ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``; in exact mode
+  (``U`` square) ``P g = U ((1/(lam + rho)) * (U^T g))``, which stays
+  positive definite however ``lam / rho`` compares with the round-off of
+  ``U``'s orthogonality.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u = jnp.eye(3)[:, :1]
+    >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
+    Array([0.5, 1. , 1. ], dtype=float32)
+  """
+  ug = jnp.matmul(u.T, g, precision=_HIGHEST)
+  if exact:
+    return jnp.matmul(u, ug / (lam + rho)[:, None], precision=_HIGHEST)
+  coeff = 1.0 / (lam + rho) - 1.0 / rho
+  return jnp.matmul(u, coeff[:, None] * ug, precision=_HIGHEST) + g / rho

@@ -1,0 +1,307 @@
+"""Checking what the user passes, with errors that name the layer, the argument and the value.
+
+The settings of :func:`nysact_optax.scale_by_nysact` are checked once, when
+the transformation is built; the state, the captured activations and
+precomputed statistics at every ``update`` (at trace time: shapes and
+structure only, nothing that needs a value under ``jit``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nysact_optax import _layers, _nystrom, _sketch, _tree
+
+__all__ = [
+    "SKETCH_REFRESH", "STATS_DTYPES", "check_activations", "check_state",
+    "check_statistics", "validate_settings",
+]
+
+SKETCH_REFRESH = ("fixed", "reference")
+STATS_DTYPES = ("float32", "float64")
+
+
+def _known_now(x: Any) -> Any:
+  """``x`` as a NumPy value when it is known at construction, else ``None``.
+
+  Numbers and concrete arrays are known; tracers (values injected by
+  ``optax.inject_hyperparams`` under ``jit``) cannot be checked here.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
+                      nystrom, seed=0, exclude=(), input_axes=None, stats_dtype="float32",
+                      relative_damping=False):
+  """Every setting of ``scale_by_nysact``; raises ``ValueError`` naming the first bad one."""
+  def bad(name, value, must):
+    if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+      value = np.asarray(value)  # NumPy's repr: no weak_type, stable
+    raise ValueError(f"{name} must be {must}, got {name}={value!r}")
+
+  static = ("rank", rank), ("cov_update_every", cov_every), ("inv_update_every", inv_every)
+  for name, value in static:
+    if isinstance(value, (jax.Array, np.ndarray)):
+      bad(name, value, "a Python int, not an array: it fixes shapes or the "
+          "schedule, so it is static (with optax.inject_hyperparams, list it "
+          "in static_args)")
+  if not callable(rank) and (not isinstance(rank, numbers.Integral) or rank < 1):
+    bad("rank", rank, "an integer >= 1")  # or a rule rank(layer_name, p) -> int
+  try:
+    dtype_name = jnp.dtype(stats_dtype).name
+  except TypeError:
+    dtype_name = None
+  if dtype_name not in STATS_DTYPES:
+    bad("stats_dtype", stats_dtype, f"one of {STATS_DTYPES}")
+  if dtype_name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(
+        "stats_dtype='float64' needs 64-bit JAX: set "
+        "jax.config.update('jax_enable_x64', True) first, got "
+        f"stats_dtype={stats_dtype!r}"
+    )
+  if not isinstance(relative_damping, (bool, np.bool_)):
+    bad("relative_damping", relative_damping, "True or False")
+  if sketch not in _sketch.SKETCHES:
+    bad("sketch", sketch, f"one of {_sketch.SKETCHES}")
+  if refresh not in SKETCH_REFRESH:
+    bad("sketch_refresh", refresh, f"one of {SKETCH_REFRESH}")
+  if nystrom not in _nystrom.NYSTROM_METHODS:
+    bad("nystrom", nystrom, f"one of {_nystrom.NYSTROM_METHODS}")
+  for name, value in (("damping", damping), ("stat_decay", stat_decay)):
+    known = _known_now(value)
+    if known is not None and (known.ndim or not np.issubdtype(known.dtype, np.number)):
+      bad(name, value, "a real scalar")
+  known = _known_now(damping)
+  if known is not None and not np.isfinite(known):
+    bad("damping", damping, "finite and > 0")
+  if known is not None and not known > 0:
+    bad("damping", damping, "> 0")
+  known = _known_now(stat_decay)
+  if known is not None and not 0 <= known < 1:
+    bad("stat_decay", stat_decay, "in [0, 1)")
+  for name, value in (("cov_update_every", cov_every), ("inv_update_every", inv_every)):
+    if not isinstance(value, numbers.Integral) or value < 1:
+      bad(name, value, "an integer >= 1")
+  if inv_every % cov_every:
+    raise ValueError(
+        "inv_update_every must be a multiple of cov_update_every, got "
+        f"inv_update_every={inv_every!r} and cov_update_every={cov_every!r}"
+    )
+  known = _known_now(seed)
+  if known is not None and (known.ndim or not np.issubdtype(known.dtype, np.integer)):
+    bad("seed", seed, "an integer")
+  if not callable(exclude) and (
+      isinstance(exclude, str)
+      or not isinstance(exclude, Collection)
+      or not all(isinstance(e, str) for e in exclude)
+  ):
+    bad("exclude", exclude, "a list of regexes or a predicate on layer paths "
+        "(a str would be read as one pattern per letter: write "
+        "exclude=['...'])")
+  def axes_ok(v):
+    if isinstance(v, (tuple, list)):
+      return all(axes_ok(a) for a in v)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+  if input_axes is not None and not (
+      isinstance(input_axes, Mapping)
+      and all(isinstance(k, str) and axes_ok(v) for k, v in input_axes.items())
+  ):
+    bad("input_axes", input_axes, "a mapping from layer-path regexes to an "
+        "integer or a tuple of kernel axes, e.g. input_axes={'query': 1}")
+
+
+def check_state(layers, state):
+  """The state was made by ``init`` on a tree with these layers and shapes."""
+  names = [layer.name for layer in layers]
+  if set(state.layers) != set(names):
+    raise ValueError(
+        "the optimizer state does not match the updates: the state was "
+        f"initialised for layers {sorted(state.layers)}, the updates have "
+        f"layers {names} (only in the state: "
+        f"{sorted(set(state.layers) - set(names))}; only in the updates: "
+        f"{sorted(set(names) - set(state.layers))}). Call init on the params "
+        "tree you update, with the same exclude= and input_axes=."
+    )
+  for layer in layers:
+    shape = tuple(jnp.shape(state.layers[layer.name].cov))
+    if shape != layer.stack_shape + (layer.p, layer.rank):
+      raise ValueError(
+          f"layer {layer.name!r}: the optimizer state holds statistics of "
+          f"shape {shape}, but its kernel {layer.kernel_shape}"
+          f"{' with bias' if layer.has_bias else ''} needs "
+          f"{layer.stack_shape + (layer.p, layer.rank)}. Call init on the params tree you update."
+      )
+
+
+def _axes_hint(axes: tuple[int, ...]) -> int | tuple[int, ...]:
+  return len(axes) if axes == tuple(range(len(axes))) else axes
+
+
+def check_statistics(layers, statistics):
+  """Precomputed statistics must cover exactly the layers, with ``(p, r)`` shapes."""
+  names = {layer.name for layer in layers}
+  if not isinstance(statistics, Mapping) or set(statistics) != names:
+    got = sorted(statistics) if isinstance(statistics, Mapping) else type(statistics).__name__
+    raise ValueError(
+        f"statistics must map every layer to its sketched covariance: expected "
+        f"layers {sorted(names)}, got {got}. Compute them with "
+        "nysact_optax.sketched_statistics(opt_state, activations)."
+    )
+  for layer in layers:
+    shape = tuple(jnp.shape(statistics[layer.name]))
+    if shape != layer.stack_shape + (layer.p, layer.rank):
+      raise ValueError(
+          f"layer {layer.name!r}: statistics has shape {shape}, expected "
+          f"{layer.stack_shape + (layer.p, layer.rank)} (p, rank). Compute them with "
+          "nysact_optax.sketched_statistics from this optimizer's state."
+      )
+
+
+def check_activations(layers, activations, include=None, exclude=(), *, extra_ok=False):
+  """The captured inputs of every layer, checked against the layouts.
+
+  Layers whose kernel layout differs from what the captured module computes
+  are reported together, in one error with the ``input_axes=`` to pass.
+  With ``extra_ok``, activations of layers the optimizer does not
+  precondition are ignored instead of refused.
+  """
+  if activations is None:
+    if not layers:
+      return {}
+    raise ValueError(
+        "scale_by_nysact.update needs activations=...: wrap your model's apply "
+        "with nysact_optax.capture_activations and pass the activations it "
+        f"returns (layers expecting them: {[l.name for l in layers]})"
+    )
+  table = _tree.activation_table(activations)
+  known = {layer.name for layer in layers}
+  for name in table:
+    if not extra_ok and name not in known and _tree.selected(name, include, exclude):
+      raise ValueError(
+          f"activations were captured for layer {name!r}, which has no kernel "
+          f"in the updates tree (layers there: {sorted(known)}). Pass the "
+          "params tree of the same model (variables['params'])."
+      )
+  axes_wanted = {}
+  for layer in layers:
+    if layer.name not in table:
+      raise ValueError(
+          f"no activations were captured for layer {layer.name!r} (kernel "
+          f"{layer.kernel_shape}); activations hold layers {sorted(table)}. "
+          "Capture them with nysact_optax.capture_activations, or exclude the "
+          f"layer with exclude=[{layer.name!r}]."
+      )
+    spec_axes = _check_layer_inputs(layer, table[layer.name])
+    if spec_axes is not None:
+      axes_wanted[layer.name] = (spec_axes, layer)
+  if axes_wanted:
+    lines = "; ".join(
+        f"layer {name!r}: its input meets kernel axes {axes} of the kernel "
+        f"{layer.layer_kernel_shape}, which was taken to have input axes "
+        f"{layer.input_axes}" for name, (axes, layer) in axes_wanted.items())
+    fix = ", ".join(f"{name!r}: {_axes_hint(axes)}" for name, (axes, _) in axes_wanted.items())
+    raise ValueError(
+        f"{len(axes_wanted)} layer(s) have a kernel layout the parameter shapes "
+        f"do not tell: {lines}. Pass input_axes={{{fix}}}."
+    )
+  return table
+
+
+def _check_layer_inputs(layer: _tree.Layer, entry: Any) -> tuple[int, ...] | None:
+  """One layer's captured inputs against its layout; returns the kernel input
+  axes the module computes with when they differ from the layout's."""
+  if isinstance(entry.spec, _layers.Unsupported):
+    raise NotImplementedError(
+        f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
+        f"precondition it: exclude it with exclude=[{layer.name!r}]"
+    )
+  if not entry.inputs:
+    raise ValueError(
+        f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "
+        "transform (nn.scan, nn.vmap) dropped the 'nysact_inputs' collection. "
+        "List it beside 'params' in the transform, e.g. nn.scan(..., "
+        "variable_axes={'params': 0, 'nysact_inputs': 0}), or exclude the "
+        f"layer with exclude=[{layer.name!r}]."
+    )
+  n_axes = entry.spec.num_input_axes
+  for x in entry.inputs:
+    shape = tuple(x.shape)
+    if len(shape) < n_axes:
+      raise ValueError(
+          f"layer {layer.name!r}: its input of shape {shape} has fewer than "
+          f"the {n_axes} axes its {type(entry.spec).__name__} contracts. "
+          "Pass the activations that nysact_optax.capture_activations returns."
+      )
+    if n_axes >= len(layer.layer_kernel_shape):
+      raise ValueError(
+          f"layer {layer.name!r}: its input of shape {shape} comes from a "
+          f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
+          f"but its kernel {layer.kernel_shape} has "
+          f"{len(layer.kernel_shape)} axes, so at most "
+          f"{len(layer.kernel_shape) - 1} can meet the input. "
+          "The activations must come from the forward pass of the model "
+          "whose gradients you update."
+      )
+  seen = entry.kernel_shape
+  if seen is not None and seen != layer.layer_kernel_shape:
+    extra = len(layer.kernel_shape) - len(seen)
+    if not layer.stack_axes and extra > 0 and layer.kernel_shape[extra:] == seen:
+      raise ValueError(
+          f"layer {layer.name!r} has a kernel of shape {layer.kernel_shape} in "
+          f"the params, but the module computes with a kernel of shape {seen}: "
+          "it is stacked by a lifted transform (nn.scan, nn.vmap). Pass "
+          f"stack_axes={{{layer.name!r}: {extra}}}."
+      )
+    raise ValueError(
+        f"layer {layer.name!r}: the module computes with a kernel of shape "
+        f"{seen}, but the params have {layer.kernel_shape} with "
+        f"stack_axes={layer.stack_axes}. Pass the params tree of the same "
+        "model, and stack_axes= for layers under nn.scan/nn.vmap."
+    )
+  spec_axes = tuple(entry.spec.kernel_input_axes)
+  if spec_axes != layer.input_axes:
+    return spec_axes  # reported with every other such layer, in one error
+  _check_bias_layout(layer, entry.spec)
+  for x in entry.inputs:
+    if tuple(x.shape[: layer.stack_axes]) != layer.stack_shape:
+      raise ValueError(
+          f"layer {layer.name!r} is stacked {layer.stack_shape} "
+          f"(stack_axes={layer.stack_axes}), but a captured input has shape "
+          f"{tuple(x.shape)}: the nn.scan/nn.vmap must stack the "
+          "'nysact_inputs' collection like the params, e.g. "
+          "variable_axes={'params': 0, 'nysact_inputs': 0}."
+      )
+    width = entry.spec.input_width(x.shape[layer.stack_axes :])
+    if width != layer.p_in:
+      raise ValueError(
+          f"layer {layer.name!r}: its input of shape {tuple(x.shape)} has {width} "
+          f"features, but its kernel {layer.kernel_shape} expects "
+          f"{layer.p_in}. The activations must come from the forward pass "
+          "of the model whose gradients you update (same params tree, same "
+          "input feature size)."
+      )
+  return None
+
+
+def _check_bias_layout(layer: _tree.Layer, spec: Any) -> None:
+  """The bias order chosen from the shapes is the one the module computes with."""
+  want = getattr(spec, "bias_perm", None)
+  if not layer.has_bias or want is None or layer.bias_perm is None:
+    return
+  if tuple(want) != layer.bias_perm:
+    raise ValueError(
+        f"layer {layer.name!r}: its bias of shape {layer.bias_shape} is laid "
+        f"out with axes {tuple(want)} matching the kernel's outputs, but the "
+        f"shapes alone gave {layer.bias_perm} (its axis sizes repeat, so they "
+        "cannot tell). NysAct cannot precondition this layer: exclude it with "
+        f"exclude=[{layer.name!r}]."
+    )
