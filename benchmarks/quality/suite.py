@@ -117,6 +117,11 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     # The same with one graft group per leaf (kernel, bias) instead of per layer.
     "nysact-graft-leaf": ("nysact", {"nysact": (("graft", "rmsprop"), ("graft_group", "leaf")),
                                      "weight_decay": 1e-2}),
+    # The grafted mode with the damping relative to each layer's scale
+    # (damping x tr(C)/p, the scale_by_nysact option of issue 13's item 3).
+    "nysact-graft-reldamp": ("nysact", {"nysact": (("graft", "rmsprop"),
+                                                   ("relative_damping", True)),
+                                        "weight_decay": 1e-2}),
     # The control: the same graft with an identity direction.
     "graft-identity": ("graft-identity", {}),
 }
@@ -187,7 +192,7 @@ LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2),
             # per-leaf grouping at the same lr. A grid of one point is "tuned"
             # once that run exists (its value is still recorded).
             "muon": (0.05,), "nysact-graft": (1e-2,), "graft-identity": (1e-2,),
-            "nysact-graft-leaf": (1e-2,)}
+            "nysact-graft-leaf": (1e-2,), "nysact-graft-reldamp": (1e-2,)}
 # Stage tf: the new labels tuned on the 300-step LM; the grafted mode on the
 # CNN and ResNet-20 (an AdamW-like lr range: its steps have RMSProp's norm).
 # Only the runs needed to decide something: the grafted mode's lr (the
@@ -497,6 +502,8 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       if preset.resnet is not None:
         yield from _tune_test(preset.resnet, GRAFT_IMAGE_GRID, preset.resnet_seeds,
                               "resnet_tune", "resnet_test", root, ("nysact-graft",))
+      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
+                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
       seeds = range(preset.tf_seeds)
       if preset.vit is not None:
         yield from _transfer(preset.vit, "vit_test", ("graft-identity",), seeds, root, grids)
