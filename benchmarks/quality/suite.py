@@ -497,13 +497,13 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
         yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
         if preset.vit is not None:
           yield from _transfer(preset.vit, "vit_test", TF_VIT, [seed], root, grids)
+      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
+                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
       yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
                             root, ("nysact-graft",))
       if preset.resnet is not None:
         yield from _tune_test(preset.resnet, GRAFT_IMAGE_GRID, preset.resnet_seeds,
                               "resnet_tune", "resnet_test", root, ("nysact-graft",))
-      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
-                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
       seeds = range(preset.tf_seeds)
       if preset.vit is not None:
         yield from _transfer(preset.vit, "vit_test", ("graft-identity",), seeds, root, grids)
