@@ -493,12 +493,12 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       grids = preset.lm_grids or LM_GRIDS
       yield from _tune_test(preset.lm, {k: grids[k] for k in TF_LM_TUNED}, 0,
                             "lm_tune", "lm_test", root, TF_LM_TUNED)
+      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
+                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
       for seed in range(preset.tf_seeds):  # paired seeds first, LM and ViT alternating
         yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
         if preset.vit is not None:
           yield from _transfer(preset.vit, "vit_test", TF_VIT, [seed], root, grids)
-      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
-                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
       yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
                             root, ("nysact-graft",))
       if preset.resnet is not None:
