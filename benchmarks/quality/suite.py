@@ -207,8 +207,9 @@ TF_VIT = ("adamw", "muon", "nysact-graft")  # the ViT's targets; the control lat
 TF_LATER = ("sgd", "nysact")
 _LM_LONG_CPU = dataclasses.replace(_LM_CPU, steps=1500, eval_every=125)  # 1.54M tokens: 5x
 _VIT_CPU = train.RunConfig(
-    task="fmnist_vit", steps=300, batch_size=32, eval_every=50, eval_size=1000,
-)  # patches of 4, width 128, depth 4 (the model's defaults); 9600 images
+    task="fmnist_vit", steps=200, batch_size=32, eval_every=100, eval_size=1000,
+)  # patches of 4, width 128, depth 4 (the model's defaults); 6400 images: a
+# ninth of an epoch, all that 9 runs could take on the contended 2-core machine
 _VIT_FULL = train.RunConfig(
     task="fmnist_vit", steps=3750, batch_size=32, eval_every=375, eval_size=10000,
 )  # 2 epochs
