@@ -496,10 +496,15 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
                             "lm_tune", "lm_test", root, TF_LM_TUNED)
       yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
                             0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
-      for seed in range(preset.tf_seeds):  # paired seeds first, LM and ViT alternating
-        yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
+      # The machine's load left a run of the 5x LM 10-15 min: the paired
+      # seeds run first at the 300-step budget of lm_test (beside its AdamW,
+      # SGD and NysAct runs), then seed 0 of the ViT and of the 5x LM, then
+      # the other seeds.
+      yield from _transfer(preset.lm, "lm_test", TF_FIRST[1:], range(preset.tf_seeds), root, grids)
+      for seed in range(preset.tf_seeds):
         if preset.vit is not None:
           yield from _transfer(preset.vit, "vit_test", TF_VIT, [seed], root, grids)
+        yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
       yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
                             root, ("nysact-graft",))
       if preset.resnet is not None:
