@@ -501,6 +501,10 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       # SGD and NysAct runs), then seed 0 of the ViT and of the 5x LM, then
       # the other seeds.
       yield from _transfer(preset.lm, "lm_test", TF_FIRST[1:], range(preset.tf_seeds), root, grids)
+      # Was the control's lr (the grafted mode's, untuned) fair to it? Its
+      # validation grid, after the fact; its test runs stay at 1e-2.
+      yield from _tune_test(preset.lm, {"graft-identity": (3e-3, 1e-2, 3e-2)}, 0,
+                            "lm_tune", "lm_test", root, ("graft-identity",))
       for seed in range(preset.tf_seeds):
         if preset.vit is not None:
           yield from _transfer(preset.vit, "vit_test", TF_VIT, [seed], root, grids)
