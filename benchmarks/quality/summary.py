@@ -188,10 +188,11 @@ def paired_table(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[
   by = collections.defaultdict(dict)
   for r in runs:
     by[_label(r["_name"])][r["config"]["seed"]] = _value(r)
-  labels = [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]
+  labels = [l for l in ("sgd", "adamw", "muon", "nysact", "nysact-graft", "graft-identity")
+            if l in by]
   seeds = sorted({s for v in by.values() for s in v})
   fmt = (lambda v: f"{v:.4f}") if lm else (lambda v: f"{100 * v:.2f}")
-  others = [o for o in ("adamw", "muon", "graft-identity", "sgd", "nysact") if o in by]
+  others = [o for o in ("adamw", "muon", "graft-identity") if o in by]
   head = ["seed", *(NAMES.get(l, l) for l in labels),
           *(f"graft - {NAMES.get(o, o)}" for o in others if "nysact-graft" in by)]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -213,8 +214,10 @@ def paired_table(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[
   return lines, stats
 
 
-def tf_targets(stats: dict[str, Any], paired: dict[str, Any]) -> list[str]:
-  """Issue 13's targets, from the tables (``stats``: per section key)."""
+def tf_targets(stats: dict[str, Any], paired: dict[str, Any],
+               cost: dict[str, Any] | None = None) -> list[str]:
+  """Issue 13's targets, from the tables (``stats``: per section key) and
+  the side-by-side step cost (``step_cost.py``'s JSON)."""
   out = []
   for key, name in (("lm", "LM (300 steps, 307k tokens)"), ("lm5", "LM (5x tokens)")):
     st, pl = stats.get(key, {}), paired.get(key, {})
@@ -240,14 +243,16 @@ def tf_targets(stats: dict[str, Any], paired: dict[str, Any]) -> list[str]:
                  f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; mean difference "
                  f"{pl['graft-identity']['mean']:+.4f} ± {pl['graft-identity']['std']:.4f}; "
                  f"{', '.join(f'{x:+.3f}' for x in d)})")
-  lm5 = stats.get("lm5", {})
-  g = lm5.get("nysact-graft")
-  if g and "adamw" in lm5:
-    ratio = g["ms_per_step"] / lm5["adamw"]["ms_per_step"]
-    out.append(f"- LM (5x tokens): NysAct-graft's amortised step at most 1.15x AdamW's: "
-               f"{'MET' if ratio <= 1.15 else 'NOT MET'} ({g['ms_per_step']:.0f} vs "
-               f"{lm5['adamw']['ms_per_step']:.0f} ms, {ratio:.2f}x; Muon "
-               f"{lm5.get('muon', {}).get('ms_per_step', float('nan')):.0f} ms)")
+  if cost and "nysact-graft" in cost.get("ratio_to_adamw", {}):
+    med, ratio = cost["median_ms_per_step"], cost["ratio_to_adamw"]
+    out.append(f"- LM: NysAct-graft's amortised step at most 1.15x AdamW's, side by side "
+               f"(step_cost.py, {cost['rounds']} interleaved rounds of {cost['block']} steps): "
+               f"{'MET' if ratio['nysact-graft'] <= 1.15 else 'NOT MET'} "
+               f"({med['nysact-graft']:.0f} vs {med['adamw']:.0f} ms, "
+               f"{ratio['nysact-graft']:.2f}x; "
+               + ", ".join(f"{NAMES.get(k, k)} {v:.2f}x" for k, v in ratio.items()
+                           if k not in ("adamw", "nysact-graft"))
+               + f"; load average {cost.get('load_average')})")
   vit = stats.get("vit", {})
   gv = vit.get("nysact-graft")
   for o in ("adamw", "muon"):
@@ -472,7 +477,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ms_per_step": [1e3 * r["timing"]["train_s_per_step"] for r in rs]}
         for label, rs in _by_label(abl)}
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
-  tf = tf_targets(summary, paired)
+  cost_path = out / "step_cost_lm5.json"
+  cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
+  tf = tf_targets(summary, paired, cost)
   if tf:
     md += ["## Targets of issue 13 (transformers and grafting)", "", *tf, ""]
     summary["paired"] = paired
