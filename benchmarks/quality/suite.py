@@ -505,12 +505,17 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       # validation grid, after the fact; its test runs stay at 1e-2.
       yield from _tune_test(preset.lm, {"graft-identity": (3e-3, 1e-2, 3e-2)}, 0,
                             "lm_tune", "lm_test", root, ("graft-identity",))
-      for seed in range(preset.tf_seeds):
-        if preset.vit is not None:
-          yield from _transfer(preset.vit, "vit_test", TF_VIT, [seed], root, grids)
-        yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
+      # Then the ViT's seed 0, the CNN check (short runs), the ViT's other
+      # seeds, the 5x LM seed by seed, ResNet-20 (the longest image runs).
+      if preset.vit is not None:
+        yield from _transfer(preset.vit, "vit_test", TF_VIT, [0], root, grids)
       yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
                             root, ("nysact-graft",))
+      if preset.vit is not None:
+        yield from _transfer(preset.vit, "vit_test", TF_VIT, range(1, preset.tf_seeds), root,
+                             grids)
+      for seed in range(preset.tf_seeds):
+        yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
       if preset.resnet is not None:
         yield from _tune_test(preset.resnet, GRAFT_IMAGE_GRID, preset.resnet_seeds,
                               "resnet_tune", "resnet_test", root, ("nysact-graft",))
