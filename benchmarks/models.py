@@ -6,6 +6,8 @@
   ``mutable=["batch_stats"]`` in training.
 * :class:`CharTransformer`: a decoder-only (GPT-style, pre-LayerNorm)
   character language model built on ``nn.MultiHeadDotProductAttention``.
+* :class:`ViT`: a small vision transformer (Dosovitskiy et al. 2021) for
+  28x28x1 images: non-overlapping patches, pre-LN blocks, mean pooling.
 
 Every preconditionable layer is an ``nn.Conv``, ``nn.Dense`` or
 ``nn.DenseGeneral`` (what ``nysact_optax.capture_activations`` covers). The
@@ -23,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["BasicBlock", "CharTransformer", "FashionCNN", "ResNet20", "TransformerBlock"]
+__all__ = ["BasicBlock", "CharTransformer", "FashionCNN", "ResNet20", "TransformerBlock", "ViT"]
 
 
 class FashionCNN(nn.Module):
@@ -96,7 +98,7 @@ class TransformerBlock(nn.Module):
   mlp_ratio: int = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     y = nn.LayerNorm()(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=self.width, use_bias=True,
@@ -137,6 +139,39 @@ class CharTransformer(nn.Module):
       x = TransformerBlock(self.width, self.num_heads)(x, mask)
     x = nn.LayerNorm()(x)
     return nn.Dense(self.vocab_size, name="head")(x)
+
+
+class ViT(nn.Module):
+  """Vision transformer: ``patch x patch`` patches embedded by a ``Dense``,
+  learned position embeddings, ``depth`` pre-LN blocks (bidirectional
+  attention), a final LayerNorm, mean pooling over patches, a dense head.
+
+  On 28x28x1 inputs with the defaults: 49 patches of 16 pixels, width 128,
+  depth 4, 4 heads, 0.8M parameters.
+  """
+
+  num_classes: int = 10
+  patch: int = 4
+  width: int = 128
+  depth: int = 4
+  num_heads: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, h, w, c = x.shape
+    p = self.patch
+    if h % p or w % p:
+      raise ValueError(f"image {h}x{w} is not a multiple of patch={p}")
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, (h // p) * (w // p), p * p * c)
+    x = nn.Dense(self.width, name="patch_embed")(x)
+    pos = self.param("position_embed", nn.initializers.normal(0.02),
+                     (x.shape[1], self.width))
+    x = x + pos[None]
+    for _ in range(self.depth):
+      x = TransformerBlock(self.width, self.num_heads)(x, None)
+    x = nn.LayerNorm()(x)
+    return nn.Dense(self.num_classes, name="head")(x.mean(axis=1))
 
 
 def param_count(params: Any) -> int:

@@ -6,6 +6,7 @@ from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._alias import nysact
+from nysact_optax._graft import GraftState, graft, preconditioned_mask
 from nysact_optax._state import NysActLayerState, ScaleByNysActState, find_nysact_state
 from nysact_optax._transform import scale_by_nysact
 
@@ -28,6 +29,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ConvSpec",
+    "GraftState",
     "DenseSpec",
     "EinsumSpec",
     "LayerDiagnostics",
@@ -38,7 +40,9 @@ __all__ = [
     "capture_activations",
     "diagnostics",
     "find_nysact_state",
+    "graft",
     "nysact",
+    "preconditioned_mask",
     "restore_checkpoint",
     "save_checkpoint",
     "scale_by_nysact",

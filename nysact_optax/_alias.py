@@ -8,9 +8,13 @@ from typing import Any
 import optax
 
 from nysact_optax import _tree
+from nysact_optax._graft import graft as graft_transform
+from nysact_optax._graft import preconditioned_mask
 from nysact_optax._transform import scale_by_nysact
 
 __all__ = ["nysact"]
+
+GRAFTS = (None, "rmsprop")
 
 
 def nysact(
@@ -37,20 +41,52 @@ def nysact(
     relative_damping: bool = False,
     model: Any = None,
     precision: Any = "highest",
+    graft: str | None = None,
+    graft_decay: float = 0.999,
+    graft_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-  """The NysAct optimizer: precondition, weight decay, heavy-ball momentum, step.
+  r"""The NysAct optimizer: precondition, (graft,) momentum, weight decay, step.
 
-  ``optax.chain(scale_by_nysact(...), add_decayed_weights(weight_decay),
-  trace(momentum, nesterov), scale_by_learning_rate(learning_rate))``, the
-  order of the authors' code: weight decay is added after preconditioning
-  and is not preconditioned.
+  ``graft=None`` (default), the authors' optimizer::
+
+    chain(scale_by_nysact(...), add_decayed_weights(weight_decay),
+          trace(momentum, nesterov), scale_by_learning_rate(learning_rate))
+
+  weight decay added after preconditioning, not preconditioned, then
+  heavy-ball momentum. Suits convolutional nets.
+
+  ``graft="rmsprop"``, for transformers::
+
+    chain(graft(scale_by_nysact(...), scale_by_rms(graft_decay, graft_eps),
+                mask=preconditioned_mask(...)),
+          ema(momentum, debias=True), add_decayed_weights(weight_decay),
+          scale_by_learning_rate(learning_rate))
+
+  Per layer, NysAct's direction ``d`` gets the norm of an RMSProp step of
+  the raw gradient, ``d ||g / (sqrt(v_hat) + eps)|| / ||d||`` with ``v``
+  the EMA of ``g^2`` (``graft_decay``, bias-corrected); parameters NysAct
+  does not precondition (embeddings, LayerNorm) get the RMSProp step itself.
+  Then Adam-style debiased momentum and AdamW-style decoupled weight decay:
+  with ``momentum=0.9`` and an identity preconditioner this is AdamW with
+  a per-layer instead of a per-coordinate normalisation. Start from AdamW's
+  learning rate times 1-3 and its weight decay (``README.md``, "Coming from
+  AdamW / SGD").
 
   Args:
     learning_rate: a float or an optax schedule.
-    momentum: heavy-ball momentum (PyTorch style, ``m = mu m + d``).
-    nesterov: use Nesterov momentum.
-    weight_decay: coefficient of ``params`` added to the preconditioned
-      gradient.
+    momentum: ``graft=None``: heavy-ball momentum (PyTorch style,
+      ``m = mu m + d``, the step is ``lr m``); ``graft="rmsprop"``: the
+      decay of a debiased EMA (Adam's ``b1``: ``m = mu m + (1 - mu) d``, the
+      step is ``lr m / (1 - mu^t)``).
+    nesterov: use Nesterov momentum (``graft=None`` only).
+    weight_decay: ``graft=None``: coefficient of ``params`` added to the
+      preconditioned gradient before momentum (the authors' coupled form,
+      e.g. 5e-4 as with SGD); ``graft="rmsprop"``: decoupled, added after
+      momentum and multiplied by the learning rate, as AdamW's (e.g. 1e-2).
+    graft: ``None`` or ``"rmsprop"`` (above).
+    graft_decay: ``graft="rmsprop"``: the EMA decay of ``g^2`` (Adam's
+      ``b2``).
+    graft_eps: ``graft="rmsprop"``: added to ``sqrt(v_hat)``.
     rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
     seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
     stats_dtype, axis_name, relative_damping, model, precision: see
@@ -75,19 +111,40 @@ def nysact(
     >>> (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(params)
     >>> updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     >>> params = optax.apply_updates(params, updates)
+    >>> tx = nysact_optax.nysact(1e-2, graft="rmsprop", weight_decay=1e-2)
+    >>> updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    >>> bool(jnp.abs(updates["layers_2"]["kernel"]).max() > 0)
+    True
   """
-  # One chain shape whatever the values: a zero weight decay or momentum
-  # keeps its (empty or zero) state, as optax's own aliases do, so that a
-  # state saved with one setting restores into another.
+  if graft not in GRAFTS:
+    raise ValueError(f"graft must be one of {GRAFTS}, got graft={graft!r}")
+  if graft is not None and nesterov:
+    raise ValueError(
+        f"nesterov=True applies to graft=None only (graft={graft!r} uses a "
+        "debiased EMA momentum), got nesterov=True"
+    )
+  precondition = scale_by_nysact(
+      rank=rank, sketch=sketch, damping=damping, stat_decay=stat_decay,
+      cov_update_every=cov_update_every, inv_update_every=inv_update_every,
+      seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
+      exclude=exclude, input_axes=input_axes, include=include,
+      stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
+      relative_damping=relative_damping, model=model, precision=precision,
+  )
+  # One chain shape per mode whatever the values: a zero weight decay or
+  # momentum keeps its (empty or zero) state, as optax's own aliases do, so
+  # that a state saved with one setting restores into another.
+  if graft == "rmsprop":
+    rms = optax.scale_by_rms(decay=graft_decay, eps=graft_eps, eps_in_sqrt=False,
+                             bias_correction=True)
+    return optax.chain(
+        graft_transform(precondition, rms, mask=preconditioned_mask(precondition)),
+        optax.ema(momentum, debias=True),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
   return optax.chain(
-      scale_by_nysact(
-          rank=rank, sketch=sketch, damping=damping, stat_decay=stat_decay,
-          cov_update_every=cov_update_every, inv_update_every=inv_update_every,
-          seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
-          exclude=exclude, input_axes=input_axes, include=include,
-          stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
-          relative_damping=relative_damping, model=model, precision=precision,
-      ),
+      precondition,
       optax.add_decayed_weights(weight_decay),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),

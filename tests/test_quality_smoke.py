@@ -166,3 +166,39 @@ def test_a_grid_grows_past_the_edge_where_its_best_is(tmp_path):
   _fake_run(tmp_path, "tune", "t__sgd__lr0.01__s0", 0.01, None, 0.65)
   assert suite.lr_grid(tmp_path, "tune", "t", "sgd", (0.03, 0.1, 0.3)) == (
       [0.01, 0.03, 0.1, 0.3], True)
+
+
+@pytest.mark.parametrize("label", ["muon", "nysact-graft", "nysact-graft-leaf", "graft-identity"])
+def test_issue13_optimizers_train_on_digits(tmp_path, label):
+  """The optimizers of stage tf, a few steps each: a JSON, a loss that falls."""
+  base = train.RunConfig(task="digits", steps=20, batch_size=32, eval_every=10,
+                         eval_size=360, split="val")
+  cfg = suite._cfg(base, label, lr={"muon": 0.05}.get(label, 1e-2), seed=0)
+  r = train.run(cfg, tmp_path / "run.json")
+  assert not r["final"]["diverged"]
+  assert r["curve"][-1]["train_loss"] < 0.8 * r["curve"][0]["train_loss"] or (
+      r["final"]["eval_accuracy"] > 0.3)
+  if label.startswith("nysact"):
+    assert r["config"]["nysact"]["graft"] == "rmsprop"
+    assert set(r["nysact_refresh_failures"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
+  assert r["config"]["weight_decay"] == 1e-2
+
+
+def test_vit_shapes_and_stage_tf_plan(tmp_path):
+  import jax, jax.numpy as jnp
+  from benchmarks import models
+  model = models.ViT(width=16, depth=1, num_heads=2)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))["params"]
+  assert model.apply({"params": params}, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
+  assert params["patch_embed"]["kernel"].shape == (16, 16)  # 4x4x1 patches
+  assert params["position_embed"].shape == (49, 16)
+  # Stage tf first tunes the grafted mode on the 300-step LM; its test runs
+  # wait for that, while Muon and the control run at their fixed lrs.
+  runs = list(suite.plan(suite.PRESETS["cpu"], ["tf"], tmp_path))
+  ready = [r for r in runs if r.cfg is not None]
+  assert ready[0].name == "char_lm__nysact-graft__lr0.01__s0" and ready[0].stage == "lm_tune"
+  waiting = {(r.stage, r.name) for r in runs if r.cfg is None}
+  assert ("lm_test", "char_lm__nysact-graft__s0") in waiting
+  assert ("vit_test", "fmnist_vit__nysact-graft__s2") in waiting
+  muon = next(r for r in ready if r.name == "char_lm__muon__s0" and r.stage == "lm5_test")
+  assert muon.cfg.steps == 1500 and muon.cfg.lr == 0.05 and muon.cfg.adam_ratio == 0.05

@@ -16,6 +16,14 @@ Stages, in priority order (each reads what the earlier ones wrote):
 5. ``lm``: the character transformer on the KJV Bible, SGD/AdamW/NysAct,
    tuned on a validation stream, then seeds on held-out books.
 6. ``resnet``: ResNet-20 on Fashion-MNIST, tune + test as in 1-2.
+7. ``tf`` (issue 13: transformers and grafting): NysAct's grafted mode
+   (``nysact-graft``), its identity-direction control (``graft-identity``)
+   and Muon tuned on the 300-step LM validation stream beside the earlier
+   optimizers; then, at the settings tuned there, the LM at 5x the token
+   budget (``lm5_test``) and a ViT on Fashion-MNIST (``vit_test``), paired
+   seeds; the grafted mode tuned and tested on the CNN and ResNet-20 (the
+   regression check); SGD-momentum and plain NysAct on the two transformer
+   tasks last.
 
 A run whose JSON exists is skipped, so the suite can be stopped and started
 again; ``--deadline`` stops launching new runs after a UTC time. All runs of
@@ -56,7 +64,7 @@ from benchmarks.quality import train
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
 _STALE_S = 3 * 3600  # a lock older than this is from a process that died
-STAGES = ("tune", "test", "ablate", "best", "lm", "resnet")
+STAGES = ("tune", "test", "ablate", "best", "lm", "resnet", "tf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,9 @@ class Preset:
   lm_seeds: int = 3
   resnet_optimizers: tuple[str, ...] = ("sgd", "adamw", "kfac", "nysact", "foof")
   ablation_seeds: int = 1  # seeds of each ablation on the validation split
+  lm_long: train.RunConfig | None = None  # stage tf: the LM at a longer budget
+  vit: train.RunConfig | None = None  # stage tf: the ViT on Fashion-MNIST
+  tf_seeds: int = 3
 
 
 # The damping of K-FAC and NysAct is tuned too: at the best learning rate of
@@ -96,6 +107,23 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),
                                             ("sketch_refresh", "reference"))}),
     "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
+    # Issue 13. Muon: optax.contrib.muon, Adam at 0.05 x its lr on the
+    # non-matrix parameters (the issue's tuned 0.05 / 2.5e-3), decoupled
+    # weight decay 1e-2 on both.
+    "muon": ("muon", {}),
+    # NysAct's direction grafted onto the layer-wise RMSProp norm, debiased
+    # EMA momentum, decoupled weight decay 1e-2 (as AdamW's).
+    "nysact-graft": ("nysact", {"nysact": (("graft", "rmsprop"),), "weight_decay": 1e-2}),
+    # The same with one graft group per leaf (kernel, bias) instead of per layer.
+    "nysact-graft-leaf": ("nysact", {"nysact": (("graft", "rmsprop"), ("graft_group", "leaf")),
+                                     "weight_decay": 1e-2}),
+    # The grafted mode with the damping relative to each layer's scale
+    # (damping x tr(C)/p, the scale_by_nysact option of issue 13's item 3).
+    "nysact-graft-reldamp": ("nysact", {"nysact": (("graft", "rmsprop"),
+                                                   ("relative_damping", True)),
+                                        "weight_decay": 1e-2}),
+    # The control: the same graft with an identity direction.
+    "graft-identity": ("graft-identity", {}),
 }
 
 GRIDS = {
@@ -156,7 +184,37 @@ _LM_FULL = train.RunConfig(
     model=(("num_layers", 4), ("width", 256), ("context", 128)), augment=False,
 )  # 5000 x 32 x 128 = 20.5M tokens
 LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2),
-            "nysact-reference": (0.1, 0.3, 1.0), "foof": (0.1, 0.3, 1.0)}
+            "nysact-reference": (0.1, 0.3, 1.0), "foof": (0.1, 0.3, 1.0),
+            # Stage tf, cut to one point each on the contended 2-core machine:
+            # Muon at the issue's validation-tuned 0.05 (Adam 2.5e-3), the
+            # grafted mode at the probe's best 1e-2 (3e-3: 3.179, 3e-2: 3.573
+            # validation bits/char in the issue's probe), the per-leaf grouping
+            # at the same lr. A grid of one point is "tuned" once that run
+            # exists (its value is still recorded). The identity control was
+            # first tested at 1e-2 untuned (those runs are kept as
+            # graft-identity-lr0.01); its grid found 3e-3.
+            "muon": (0.05,), "nysact-graft": (1e-2,), "graft-identity": (3e-3, 1e-2, 3e-2),
+            "nysact-graft-leaf": (1e-2,), "nysact-graft-reldamp": (1e-2,)}
+# Stage tf: the new labels tuned on the 300-step LM; the grafted mode on the
+# CNN and ResNet-20 (an AdamW-like lr range: its steps have RMSProp's norm).
+# Only the runs needed to decide something: the grafted mode's lr (the
+# probe's) and the leaf-or-layer grouping; the control and Muon are tested
+# at the lrs above without a validation run.
+TF_LM_TUNED = ("nysact-graft", "nysact-graft-leaf")
+GRAFT_IMAGE_GRID = {"nysact-graft": (3e-3, 1e-2, 3e-2)}
+# Compared on the transformer tasks at the LM-tuned settings, in this order
+# of priority (a cut-off leaves the first ones complete).
+TF_FIRST = ("adamw", "muon", "nysact-graft", "graft-identity")
+TF_VIT = ("adamw", "muon", "nysact-graft")  # the ViT's targets; the control later
+TF_LATER = ("sgd", "nysact")
+_LM_LONG_CPU = dataclasses.replace(_LM_CPU, steps=1500, eval_every=125)  # 1.54M tokens: 5x
+_VIT_CPU = train.RunConfig(
+    task="fmnist_vit", steps=200, batch_size=32, eval_every=100, eval_size=1000,
+)  # patches of 4, width 128, depth 4 (the model's defaults); 6400 images: a
+# ninth of an epoch, all that 9 runs could take on the contended 2-core machine
+_VIT_FULL = train.RunConfig(
+    task="fmnist_vit", steps=3750, batch_size=32, eval_every=375, eval_size=10000,
+)  # 2 epochs
 
 PRESETS = {
     "smoke": Preset(
@@ -168,10 +226,13 @@ PRESETS = {
     # curvature made 30 steps of it take over 10 minutes on one core.
     "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=5, resnet=_RESNET_CPU,
                   lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=3, ablation_seeds=3,
-                  resnet_optimizers=("sgd", "adamw", "nysact", "foof")),
+                  resnet_optimizers=("sgd", "adamw", "nysact", "foof"),
+                  lm_long=_LM_LONG_CPU, vit=_VIT_CPU, tf_seeds=3),
     "full": Preset(cnn=_CNN_FULL, grids=GRIDS, seeds=5, resnet=_RESNET_FULL,
                    resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3,
-                   ablation_seeds=3),
+                   ablation_seeds=3,
+                   lm_long=dataclasses.replace(_LM_FULL, steps=25000, eval_every=2500),
+                   vit=_VIT_FULL, tf_seeds=3),
 }
 
 
@@ -358,6 +419,33 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
       yield Run(stage_test, f"{task}__{label}__s{seed}", cfg)
 
 
+TF_LM_GRIDS_UNTUNED = ("muon",)
+
+
+def _transfer(base: train.RunConfig, stage: str, labels: Sequence[str], seeds: Sequence[int],
+              root: pathlib.Path, lm_grids: dict[str, tuple[float, ...]]) -> Iterator[Run]:
+  """``labels`` on ``base``'s test split at the settings tuned for them on
+  the 300-step LM (``lm_tune``), seeds interleaved (paired seeds first)."""
+  best = {}
+  for label in labels:
+    tuned = TUNED_AS.get(label, label)
+    if tuned in TF_LM_TUNED or tuned not in TF_LM_GRIDS_UNTUNED:
+      best[label] = best_run(root, "lm_tune", "char_lm", tuned, lm_grids[tuned])
+    else:  # tested at its one lr without a validation run
+      best[label] = {"lr": lm_grids[tuned][0], "damping": None, "adam_lr": None}
+  for seed in seeds:
+    for label in labels:
+      cfg = None
+      if best[label] is not None:
+        over = {}
+        if TUNED_AS.get(label, label) in DAMPING_GRIDS:
+          over["damping"] = best[label]["damping"]
+        if best[label].get("adam_lr") is not None:
+          over["adam_lr"] = best[label]["adam_lr"]
+        cfg = _cfg(base, label, lr=best[label]["lr"], split="test", seed=seed, **over)
+      yield Run(stage, f"{base.task}__{label}__s{seed}", cfg)
+
+
 def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[Run]:
   """The runs of ``stages``, in order; configs that need earlier results are
   resolved lazily (the generator reads the results written so far)."""
@@ -404,6 +492,46 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
     elif stage == "resnet" and preset.resnet is not None:
       yield from _tune_test(preset.resnet, preset.grids, preset.resnet_seeds,
                             "resnet_tune", "resnet_test", root, preset.resnet_optimizers)
+    elif stage == "tf" and preset.lm_long is not None and preset.lm is not None:
+      grids = preset.lm_grids or LM_GRIDS
+      yield from _tune_test(preset.lm, {k: grids[k] for k in TF_LM_TUNED}, 0,
+                            "lm_tune", "lm_test", root, TF_LM_TUNED)
+      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
+                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
+      # The machine's load left a run of the 5x LM 10-15 min: the paired
+      # seeds run first at the 300-step budget of lm_test (beside its AdamW,
+      # SGD and NysAct runs), then seed 0 of the ViT and of the 5x LM, then
+      # the other seeds.
+      yield from _transfer(preset.lm, "lm_test", TF_FIRST[1:], range(preset.tf_seeds), root, grids)
+      # The control's validation grid (its first tests ran at 1e-2 untuned).
+      yield from _tune_test(preset.lm, {"graft-identity": (3e-3, 1e-2, 3e-2)}, 0,
+                            "lm_tune", "lm_test", root, ("graft-identity",))
+      # Then the ViT's seed 0, the CNN check (short runs), the ViT's other
+      # seeds, the 5x LM seed by seed, ResNet-20 (the longest image runs).
+      if preset.vit is not None:
+        yield from _transfer(preset.vit, "vit_test", TF_VIT, [0], root, grids)
+      yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
+                            root, ("nysact-graft",))
+      if preset.vit is not None:
+        # Seed 0 put the grafted mode far below AdamW on the ViT at the
+        # LM-tuned 1e-2: is that lr or the method? Its validation grid, as a
+        # check only (the tests stay at the settings tuned on the LM).
+        for lr in (3e-3, 1e-2, 3e-2):
+          yield Run("vit_tune", tune_name(preset.vit.task, "nysact-graft", lr),
+                    _cfg(preset.vit, "nysact-graft", lr=lr, split="val", seed=0))
+        yield from _transfer(preset.vit, "vit_test", TF_VIT, range(1, preset.tf_seeds), root,
+                             grids)
+      for seed in range(preset.tf_seeds):
+        yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
+      if preset.resnet is not None:
+        yield from _tune_test(preset.resnet, GRAFT_IMAGE_GRID, preset.resnet_seeds,
+                              "resnet_tune", "resnet_test", root, ("nysact-graft",))
+      seeds = range(preset.tf_seeds)
+      if preset.vit is not None:
+        yield from _transfer(preset.vit, "vit_test", ("graft-identity",), seeds, root, grids)
+      yield from _transfer(preset.lm_long, "lm5_test", TF_LATER, seeds, root, grids)
+      if preset.vit is not None:
+        yield from _transfer(preset.vit, "vit_test", TF_LATER, seeds, root, grids)
 
 
 def _past(deadline: str | None) -> bool:

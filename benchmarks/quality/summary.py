@@ -24,14 +24,18 @@ import numpy as np
 
 from benchmarks.quality import suite
 
-LABELS = ("sgd", "adamw", "kfac", "nysact", "nysact-reference", "nysact-fixed_stable",
-          "nysact-shifted", "foof")
+LABELS = ("sgd", "adamw", "kfac", "muon", "nysact", "nysact-reference", "nysact-fixed_stable",
+          "nysact-shifted", "foof", "nysact-graft", "nysact-graft-leaf", "graft-identity")
 NAMES = {
     "sgd": "SGD-momentum", "adamw": "AdamW", "kfac": "K-FAC (kfac-jax)",
     "nysact": "NysAct (default)", "foof": "NysAct exact (FOOF)",
     "nysact-reference": "NysAct, reference sketch refresh",
     "nysact-fixed_stable": "NysAct, best ablation (stable, fixed sketch)",
     "nysact-shifted": "NysAct, shifted Nyström (the paper's)",
+    "muon": "Muon (optax.contrib)",
+    "nysact-graft": "NysAct graft=\"rmsprop\"",
+    "nysact-graft-leaf": "NysAct graft, one group per leaf",
+    "graft-identity": "graft control: identity direction",
 }
 
 
@@ -176,6 +180,93 @@ def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list
                  f"{100 * sgd['curve_final_mean']:.2f}%) in {tn:.1f} s against SGD's whole "
                  f"run, {ts:.1f} s: {'MET' if tn < ts else 'NOT MET'} (NysAct reached it in "
                  f"{ny['reached_sgd_final']} runs; the mean is over those)")
+  return out
+
+
+def paired_table(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[str, Any]]:
+  """Per-seed values of every label and NysAct-graft's paired differences."""
+  by = collections.defaultdict(dict)
+  for r in runs:
+    by[_label(r["_name"])][r["config"]["seed"]] = _value(r)
+  labels = [l for l in ("sgd", "adamw", "muon", "nysact", "nysact-graft", "graft-identity")
+            if l in by]
+  seeds = sorted({s for v in by.values() for s in v})
+  fmt = (lambda v: f"{v:.4f}") if lm else (lambda v: f"{100 * v:.2f}")
+  others = [o for o in ("adamw", "muon", "graft-identity") if o in by]
+  head = ["seed", *(NAMES.get(l, l) for l in labels),
+          *(f"graft - {NAMES.get(o, o)}" for o in others if "nysact-graft" in by)]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  diffs: dict[str, list[float]] = {o: [] for o in others}
+  for seed in seeds:
+    row = [str(seed)] + [fmt(by[l][seed]) if seed in by[l] else "—" for l in labels]
+    if "nysact-graft" in by:
+      for o in others:
+        g, v = by["nysact-graft"].get(seed), by[o].get(seed)
+        if g is None or v is None:
+          row.append("—")
+          continue
+        d = (g - v) if lm else 100 * (g - v)
+        diffs[o].append(d)
+        row.append(f"{d:+.4f}" if lm else f"{d:+.2f}")
+    lines.append("| " + " | ".join(row) + " |")
+  stats = {o: {"diffs": d, "mean": _mean_std(d)[0], "std": _mean_std(d)[1]}
+           for o, d in diffs.items() if d}
+  return lines, stats
+
+
+def tf_targets(stats: dict[str, Any], paired: dict[str, Any],
+               cost: dict[str, Any] | None = None) -> list[str]:
+  """Issue 13's targets, from the tables (``stats``: per section key) and
+  the side-by-side step cost (``step_cost.py``'s JSON)."""
+  out = []
+  for key, name in (("lm", "LM (300 steps, 307k tokens)"), ("lm5", "LM (5x tokens)")):
+    st, pl = stats.get(key, {}), paired.get(key, {})
+    g = st.get("nysact-graft")
+    seeds = f"{g['n']} seed(s)" if g else ""
+    if g and "adamw" in pl:
+      d = pl["adamw"]["diffs"]
+      ok = len(d) >= 3 and all(x <= -0.10 for x in d)
+      out.append(f"- {name}: NysAct-graft at most AdamW's - 0.10 bits/char on every paired "
+                 f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; differences "
+                 f"{', '.join(f'{x:+.3f}' for x in d)}; means {g['mean']:.4f} vs "
+                 f"{st['adamw']['mean']:.4f})")
+    if g and "muon" in pl:
+      d = pl["muon"]["diffs"]
+      out.append(f"- {name}: NysAct-graft reaches Muon: "
+                 f"{'MET' if g['mean'] <= st['muon']['mean'] else 'NOT MET'} "
+                 f"({g['mean']:.4f} vs {st['muon']['mean']:.4f}; paired "
+                 f"{', '.join(f'{x:+.3f}' for x in d)})")
+    if g and "graft-identity" in pl:
+      d = pl["graft-identity"]["diffs"]
+      ok = len(d) >= 3 and all(x < 0 for x in d)
+      out.append(f"- {name}: NysAct-graft below the identity-graft control on every paired "
+                 f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; mean difference "
+                 f"{pl['graft-identity']['mean']:+.4f} ± {pl['graft-identity']['std']:.4f}; "
+                 f"{', '.join(f'{x:+.3f}' for x in d)})")
+  if cost and "nysact-graft" in cost.get("ratio_to_adamw", {}):
+    med, ratio = cost["median_ms_per_step"], cost["ratio_to_adamw"]
+    out.append(f"- LM: NysAct-graft's amortised step at most 1.15x AdamW's, side by side "
+               f"(step_cost.py, {cost['rounds']} interleaved rounds of {cost['block']} steps): "
+               f"{'MET' if ratio['nysact-graft'] <= 1.15 else 'NOT MET'} "
+               f"({med['nysact-graft']:.0f} vs {med['adamw']:.0f} ms, "
+               f"{ratio['nysact-graft']:.2f}x; "
+               + ", ".join(f"{NAMES.get(k, k)} {v:.2f}x" for k, v in ratio.items()
+                           if k not in ("adamw", "nysact-graft"))
+               + f"; load average {cost.get('load_average')})")
+  vit = stats.get("vit", {})
+  gv = vit.get("nysact-graft")
+  for o in ("adamw", "muon"):
+    if gv and o in vit:
+      out.append(f"- ViT: NysAct-graft test accuracy at least {NAMES[o]}'s: "
+                 f"{'MET' if gv['mean'] >= vit[o]['mean'] else 'NOT MET'} "
+                 f"({100 * gv['mean']:.2f} vs {100 * vit[o]['mean']:.2f} %, n={gv['n']}/{vit[o]['n']})")
+  for key, model in (("cnn", "CNN"), ("resnet", "ResNet-20")):
+    st = stats.get(key, {})
+    if "nysact-graft" in st and "nysact" in st:
+      d = 100 * (st["nysact-graft"]["mean"] - st["nysact"]["mean"])
+      out.append(f"- {model}: NysAct-graft within 0.3 points of plain NysAct or better: "
+                 f"{'MET' if d >= -0.3 else 'NOT MET'} ({100 * st['nysact-graft']['mean']:.2f} vs "
+                 f"{100 * st['nysact']['mean']:.2f} %, {d:+.2f} points)")
   return out
 
 
@@ -329,10 +420,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       ("Fashion-MNIST CNN", "tune", "test", "cnn", False),
       ("Fashion-MNIST ResNet-20", "resnet_tune", "resnet_test", "resnet", False),
       ("Character LM (KJV Bible)", "lm_tune", "lm_test", "lm", True),
+      ("Character LM at 5x the tokens (issue 13; settings tuned on the 300-step LM)",
+       None, "lm5_test", "lm5", True),
+      ("Fashion-MNIST ViT (issue 13; settings tuned on the 300-step LM)",
+       None, "vit_test", "vit", False),
   )
+  paired: dict[str, Any] = {}
   target_lines: list[str] = []
   for title, tune_stage, test_stage, key, lm in sections:
-    tune = suite.load_runs(root, tune_stage)
+    tune = suite.load_runs(root, tune_stage) if tune_stage else []
     test = suite.load_runs(root, test_stage)
     if key == "cnn":  # the best ablation and the old default beside the others
       test += suite.load_runs(root, "best")
@@ -356,7 +452,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       png = out / f"curves_{key}.png"
       plot_curves(test, png, f"{title}: test curves (mean ± sd over seeds)", lm)
       md += [f"![{title} curves]({png.name})", ""]
-      target_lines += targets(stats, lm, title)
+      if key in ("lm5", "vit") or any(_label(r["_name"]) == "nysact-graft" for r in test):
+        lines, paired[key] = paired_table(test, lm)
+        md += ["Paired seeds (NysAct-graft minus each other optimizer, same seed):", "",
+               *lines, ""]
+      if key not in ("lm5", "vit"):
+        target_lines += targets(stats, lm, title)
   abl = suite.load_runs(root, "ablate")
   if abl:
     md += ["## Ablations (Fashion-MNIST CNN, validation split, NysAct's tuned lr)", "",
@@ -376,6 +477,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ms_per_step": [1e3 * r["timing"]["train_s_per_step"] for r in rs]}
         for label, rs in _by_label(abl)}
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
+  cost_path = out / "step_cost_lm5.json"
+  cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
+  tf = tf_targets(summary, paired, cost)
+  if tf:
+    md += ["## Targets of issue 13 (transformers and grafting)", "", *tf, ""]
+    summary["paired"] = paired
   (out / "summary.md").write_text("\n".join(md) + "\n")
   (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
   print("\n".join(md))

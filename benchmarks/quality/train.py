@@ -7,8 +7,18 @@ Tasks (data from ``benchmarks.data``, models from ``benchmarks.models``):
   horizontal flip;
 * ``fmnist_resnet``: :class:`ResNet20` (BatchNorm) on Fashion-MNIST, same
   augmentation;
+* ``fmnist_vit``: :class:`ViT` (patches of 4, width 128, depth 4) on
+  Fashion-MNIST, same augmentation;
 * ``char_lm``: :class:`CharTransformer` on the King James Bible, validation loss
   in bits per character on held-out books at a fixed token budget.
+
+Optimizers: ``sgd`` (momentum), ``adamw``, ``kfac`` (kfac-jax), ``nysact``
+(:func:`nysact_optax.nysact`; ``graft=rmsprop`` among ``--nysact`` options
+gives the grafted mode), ``muon`` (``optax.contrib.muon``: Newton-Schulz
+orthogonalised momentum on 2-D kernels, Adam at ``--adam-lr`` on the other
+parameters) and ``graft-identity`` (the control of NysAct's grafted mode:
+the same graft, EMA momentum and decoupled weight decay with an identity
+direction, i.e. layer-wise RMSProp-normalised momentum SGD).
 
 ``--split val`` trains on the training set minus a validation split carved
 from it (the last 10000 images of a fixed permutation; for the LM, 10% of
@@ -58,10 +68,11 @@ from benchmarks import _common, data as bdata, models
 from nysact_optax import _nystrom, _sketch, _statistics
 from tests import _reference
 
-OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact")
-TASKS = ("digits", "fmnist_cnn", "fmnist_resnet", "char_lm")
+OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact", "muon", "graft-identity")
+TASKS = ("digits", "fmnist_cnn", "fmnist_resnet", "fmnist_vit", "char_lm")
 # Defaults per optimizer family; every one can be overridden in a RunConfig.
-WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "kfac": 5e-4, "nysact": 5e-4}
+WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "kfac": 5e-4, "nysact": 5e-4,
+                "muon": 1e-2, "graft-identity": 1e-2}
 # K-FAC's fixed damping: 1e-3 (kfac-jax's usual start for adaptive damping)
 # collapses to chance at the first inverse refresh with a fixed damping; 0.1
 # trained on digits (the suite also tries 0.01 and 1.0 at the tuned lr).
@@ -100,6 +111,7 @@ class RunConfig:
   eval_every: int = 100
   eval_size: int = 2000
   track_layer: str | None = None
+  adam_lr: float | None = None  # muon: the peak lr of its Adam parameters
 
   def to_json(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
@@ -122,7 +134,14 @@ class RunConfig:
     return (self.task, self.optimizer, self.batch_size, self.momentum,
             self.resolved_weight_decay, self.resolved_damping, self.nysact,
             self.kfac_periods, self.kfac_norm_constraint, self.model,
-            self.track_layer, self.steps, self.warmup)
+            self.track_layer, self.steps, self.warmup, self.adam_ratio)
+
+  @property
+  def adam_ratio(self) -> float | None:
+    """Muon: its Adam learning rate over its (peak) learning rate."""
+    if self.optimizer != "muon":
+      return None
+    return (self.adam_lr if self.adam_lr is not None else 0.05 * self.lr) / self.lr
 
 
 # --------------------------------------------------------------------------
@@ -176,7 +195,7 @@ def _load_data(task, split, train_limit, eval_limit, context) -> Data:
       n = len(xtr) // 5
       (xtr, ytr), (xte, yte) = (xtr[n:], ytr[n:]), (xtr[:n], ytr[:n])
     name, kind, classes = "sklearn digits 8x8", "images", 10
-  elif cfg.task in ("fmnist_cnn", "fmnist_resnet"):
+  elif cfg.task in ("fmnist_cnn", "fmnist_resnet", "fmnist_vit"):
     xtr, ytr = bdata.load_fashion_mnist("train")
     if cfg.split == "val":
       (xtr, ytr), (xte, yte) = _carve(xtr, ytr)
@@ -246,6 +265,8 @@ def make_model(cfg: RunConfig, d: Data) -> tuple[nn.Module, int]:
     return models.FashionCNN(**kw), 1
   if cfg.task == "fmnist_resnet":
     return models.ResNet20(**kw), 1
+  if cfg.task == "fmnist_vit":
+    return models.ViT(**kw), 1
   kw.setdefault("num_layers", 2)
   kw.setdefault("width", 128)
   kw.setdefault("num_heads", 4)
@@ -319,9 +340,33 @@ def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
   if cfg.optimizer == "adamw":
     return optax.adamw(sched, weight_decay=wd)
   if cfg.optimizer == "nysact":
+    kw = dict(cfg.nysact)
+    if kw.pop("graft_group", "layer") == "leaf":  # the grouping ablation
+      direction = nysact_optax.scale_by_nysact(damping=cfg.resolved_damping, seed=seed,
+                                               **{k: v for k, v in kw.items() if k != "graft"})
+      rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
+      return optax.chain(
+          nysact_optax.graft(direction, rms, mask=nysact_optax.preconditioned_mask(direction),
+                             group="leaf"),
+          optax.ema(cfg.momentum, debias=True), optax.add_decayed_weights(wd),
+          optax.scale_by_learning_rate(sched))
     return nysact_optax.nysact(sched, momentum=cfg.momentum, weight_decay=wd,
-                               damping=cfg.resolved_damping, seed=seed,
-                               **dict(cfg.nysact))
+                               damping=cfg.resolved_damping, seed=seed, **kw)
+  if cfg.optimizer == "muon":
+    ratio = cfg.adam_ratio
+    return optax.contrib.muon(sched, adam_learning_rate=lambda t: ratio * sched(t),
+                              weight_decay=wd, adam_weight_decay=wd)
+  if cfg.optimizer == "graft-identity":
+    # NysAct's grafted mode with the identity for its direction: the same
+    # groups (NysAct's layers; the rest get RMSProp's step), momentum and
+    # decay, no preconditioner.
+    mask = nysact_optax.preconditioned_mask(nysact_optax.scale_by_nysact(**{
+        k: v for k, v in dict(cfg.nysact).items() if k in ("exclude", "include")}))
+    rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
+    return optax.chain(nysact_optax.graft(optax.identity(), rms, mask=mask),
+                       optax.ema(cfg.momentum, debias=True),
+                       optax.add_decayed_weights(wd),
+                       optax.scale_by_learning_rate(sched))
   raise ValueError(f"{cfg.optimizer!r} is not an optax optimizer here")
 
 
@@ -390,7 +435,7 @@ class OptaxTrainer:
   def nysact_state(self):
     if self.cfg.optimizer != "nysact":
       return None
-    return self.opt_state[0]  # chain(scale_by_nysact, ...)
+    return nysact_optax.find_nysact_state(self.opt_state)
 
 
 class KfacTrainer:
@@ -737,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--eval-size", type=int, default=2000)
   p.add_argument("--track-layer", default=None,
                  help="NysAct: layer whose preconditioner error is tracked (e.g. Dense_0)")
+  p.add_argument("--adam-lr", type=float, default=None,
+                 help="muon: peak lr of the Adam parameters (default 0.05 x --lr)")
   p.add_argument("--out", required=True, help="JSON path")
   a = p.parse_args(argv)
   cfg = RunConfig(
@@ -746,6 +793,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       model=_parse_kv(a.model), augment=not a.no_augment, train_limit=a.train_limit,
       eval_limit=a.eval_limit,
       eval_every=a.eval_every, eval_size=a.eval_size, track_layer=a.track_layer,
+      adam_lr=a.adam_lr,
   )
   result = run(cfg, a.out, progress=lambda s: print(s, file=sys.stderr, flush=True))
   f = result["final"]
