@@ -68,9 +68,14 @@ def nysact(
   does not precondition (embeddings, LayerNorm) get the RMSProp step itself.
   Then Adam-style debiased momentum and AdamW-style decoupled weight decay:
   with ``momentum=0.9`` and an identity preconditioner this is AdamW with
-  a per-layer instead of a per-coordinate normalisation. Start from AdamW's
-  learning rate times 1-3 and its weight decay (``README.md``, "Coming from
-  AdamW / SGD").
+  a per-layer instead of a per-coordinate normalisation. Its learning rate
+  is on AdamW's scale: start from 1e-2 and AdamW's weight decay, and tune
+  over {3e-3, 1e-2, 3e-2} (``README.md``, "Coming from AdamW / SGD").
+  Measured (``benchmarks/quality``): below AdamW on a small char
+  transformer at 300 steps (3.009 against 3.187 bits/char, 3 seeds), above
+  plain NysAct on a Fashion-MNIST CNN (84.2 against 83.1 %, 5 seeds), but
+  below AdamW on a small ViT and below ``optax.contrib.muon`` everywhere
+  it was compared.
 
   Args:
     learning_rate: a float or an optax schedule.

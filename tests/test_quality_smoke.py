@@ -201,4 +201,4 @@ def test_vit_shapes_and_stage_tf_plan(tmp_path):
   assert ("lm_test", "char_lm__nysact-graft__s0") in waiting
   assert ("vit_test", "fmnist_vit__nysact-graft__s2") in waiting
   muon = next(r for r in ready if r.name == "char_lm__muon__s0" and r.stage == "lm5_test")
-  assert muon.cfg.steps == 1500 and muon.cfg.lr == 0.05 and muon.cfg.adam_ratio == 0.05
+  assert muon.cfg.steps == 1500 and muon.cfg.lr == 0.05 and muon.cfg.adam_ratio == pytest.approx(0.05)
