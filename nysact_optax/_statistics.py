@@ -255,8 +255,7 @@ def layer_statistics(
 
   def one(key, layer_inputs):
     key = _sketch.next_sketch_key(key, config.sketch_refresh, layer.exact)
-    s = _sketch.draw_sketch(key, layer.p, layer.rank, config.sketch,
-                            orthonormal=config.orthonormal, dtype=config.dtype)
+    s = config.draw(layer, key)
     return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype,
                                     config.precision)
 

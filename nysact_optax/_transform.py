@@ -62,8 +62,7 @@ def _factors(layer, cov, key, count, *, config, factorise, stat_decay, damping,
   """``(U, lam, damping_scale)`` of one layer copy from its EMA statistics."""
   correction = 1.0 - jnp.asarray(stat_decay, cov.dtype) ** count
   c_hat = cov / jnp.where(count > 0, correction, 1.0)
-  s = _sketch.draw_sketch(key, layer.p, layer.rank, config.sketch,
-                          orthonormal=config.orthonormal, dtype=config.dtype)
+  s = config.draw(layer, key)
   scale = jnp.ones((), cov.dtype)
   if relative_damping:  # tr(S^T C S) / r estimates tr(C) / p
     mean = jnp.trace(jnp.matmul(s.matrix.T, c_hat, precision=lax.Precision.HIGHEST))

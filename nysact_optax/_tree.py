@@ -74,8 +74,9 @@ class Layer:
     bias_perm: transposes the bias (after its stack axes) to the kernel's
       output-axis order; ``None`` when the bias is only reshaped (another
       number of axes than the kernel's outputs).
-    bias_perm_ambiguous: the bias's axis sizes repeat, so ``bias_perm`` (the
-      identity) was a choice; the captured layer spec is checked against it.
+    bias_perm_ambiguous: the bias's axis sizes repeat, so ``bias_perm`` was a
+      choice (the identity where it fits). Either way the captured layer spec
+      is checked against ``bias_perm`` at every update.
 
   Examples:
     >>> import jax.numpy as jnp
