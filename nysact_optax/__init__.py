@@ -14,17 +14,21 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # The capture and TrainState are the only parts that need flax; import them
-  # on first use, so that the optimizer and its math load without flax
-  # (tests/test_imports.py).
+  # The captures, TrainState and value_and_grad are the only parts that need
+  # flax; import them on first use, so that the optimizer and its math load
+  # without flax (tests/test_paths.py).
   if name == "capture_activations":
     from nysact_optax._capture import capture_activations
 
     return capture_activations
-  if name == "TrainState":
-    from nysact_optax._train_state import TrainState
+  if name in ("TrainState", "apply_gradients"):
+    from nysact_optax import _train_state
 
-    return TrainState
+    return getattr(_train_state, name)
+  if name in ("grad", "value_and_grad"):
+    from nysact_optax import _grad
+
+    return getattr(_grad, name)
   raise AttributeError(f"module 'nysact_optax' has no attribute {name!r}")
 
 __all__ = [
@@ -37,9 +41,11 @@ __all__ = [
     "NysActLayerState",
     "ScaleByNysActState",
     "TrainState",
+    "apply_gradients",
     "capture_activations",
     "diagnostics",
     "find_nysact_state",
+    "grad",
     "graft",
     "nysact",
     "preconditioned_mask",
@@ -47,4 +53,5 @@ __all__ = [
     "save_checkpoint",
     "scale_by_nysact",
     "sketched_statistics",
+    "value_and_grad",
 ]

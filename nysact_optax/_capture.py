@@ -36,6 +36,26 @@ def _kind(module: nn.Module) -> str | None:
   return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
 
 
+def layer_call(context: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | None:
+  """``(spec, input)`` of an intercepted ``__call__`` of a covered layer,
+  else ``None`` (other modules and methods)."""
+  module = context.module
+  kind = _kind(module) if context.method_name == "__call__" else None
+  if kind is None:
+    return None
+  einsum_str = kwargs.get("einsum_str") or (
+      args[1] if kind == "einsum" and len(args) > 1 else None)
+  x = args[0] if args else kwargs["inputs"]
+  return _record.spec_of(module, kind, einsum_str), x
+
+
+def kernel_shape(module: nn.Module) -> tuple[int, ...] | None:
+  """The shape of a bound layer's kernel (after its call has created it)."""
+  kernel = module.variables.get("params", {}).get("kernel")
+  kernel = getattr(kernel, "value", kernel)  # nn.Partitioned and other boxes
+  return None if kernel is None else tuple(kernel.shape)
+
+
 def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """Wraps a ``flax.linen`` ``Module.apply`` (or an ``nnx.Module``) to also
   return layer inputs.
@@ -89,21 +109,15 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     calls: dict[tuple[str, ...], list[_record.Call]] = {}
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      module = context.module
-      kind = _kind(module) if context.method_name == "__call__" else None
-      if kind is None:
+      found = layer_call(context, call_args, call_kwargs)
+      if found is None:
         return next_fun(*call_args, **call_kwargs)
-      einsum_str = call_kwargs.get("einsum_str") or (
-          call_args[1] if kind == "einsum" and len(call_args) > 1 else None)
-      spec = _record.spec_of(module, kind, einsum_str)
+      spec, x = found
+      module = context.module
       if not isinstance(spec, Unsupported):
-        x = call_args[0] if call_args else call_kwargs["inputs"]
         module.sow(COLLECTION, "inputs", jax.lax.stop_gradient(x))
       out = next_fun(*call_args, **call_kwargs)
-      kernel = module.variables.get("params", {}).get("kernel")
-      kernel = getattr(kernel, "value", kernel)  # nn.Partitioned and other boxes
-      shape = None if kernel is None else tuple(kernel.shape)
-      calls.setdefault(tuple(module.path), []).append(_record.Call(spec, shape))
+      calls.setdefault(tuple(module.path), []).append(_record.Call(spec, kernel_shape(module)))
       return out
 
     mutable = kwargs.pop("mutable", False)

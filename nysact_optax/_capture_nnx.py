@@ -35,7 +35,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nysact_optax import _record
+from nysact_optax import _grad, _record
 from nysact_optax._layers import LayerInputs, Unsupported
 
 __all__ = ["capture_nnx", "is_nnx"]
@@ -103,13 +103,17 @@ def _ours(layer: nnx.Module) -> bool:
 def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(call)
   def __call__(self, inputs, *args, **kwargs):
-    if _ours(self):
+    recorder = _grad.active()
+    path = None if recorder is None else recorder.nnx_paths.get(id(self))
+    if _ours(self) or path is not None:
       kind = _layer_kind(self)
       einsum_str = kwargs.get("einsum_str", args[0] if args else None)
       spec = _record.spec_of(self, kind, einsum_str if kind == "einsum" else None)
-      calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
-      entry = LayerInputs(calls, spec, tuple(self.kernel.shape))
-      self.sow(_LayerInputsVar, "inputs", entry)
+      if path is not None:  # nysact_optax.value_and_grad
+        recorder.add(path, _record.Call(spec, tuple(self.kernel.shape)), inputs)
+      if _ours(self):  # capture_activations
+        calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
+        self.sow(_LayerInputsVar, "inputs", LayerInputs(calls, spec, tuple(self.kernel.shape)))
     return call(self, inputs, *args, **kwargs)
 
   __call__._nysact_original = call
@@ -121,7 +125,7 @@ _DEPTH = [0]
 
 
 @contextlib.contextmanager
-def _wrapped_layer_classes():
+def wrapped_layer_classes():
   """Wraps ``__call__`` of the covered classes while any capture runs."""
   with _LOCK:
     if _DEPTH[0] == 0:
@@ -138,7 +142,7 @@ def _wrapped_layer_classes():
           cls.__call__ = cls.__dict__["__call__"]._nysact_original
 
 
-def _covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
+def covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
   return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, _LAYER_TYPES)]
 
 
@@ -158,7 +162,7 @@ def input_axes_of(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     {'': (1,)}
   """
   axes = {}
-  for path, layer in _covered(model):
+  for path, layer in covered(model):
     kind = _layer_kind(layer)
     if kind == "einsum" and not layer.einsum_str:
       continue
@@ -214,8 +218,8 @@ def _with_activations(fn: Callable[..., Any], model: nnx.Module | None) -> Calla
   """``fn`` also returning activations; ``model=None``: the first argument."""
 
   def call(*args, **kwargs):
-    layers = _covered(model if model is not None else args[0])
-    with _wrapped_layer_classes(), _sowing_into(layers):
+    layers = covered(model if model is not None else args[0])
+    with wrapped_layer_classes(), _sowing_into(layers):
       outputs = fn(*args, **kwargs)
       activations = _collect(layers)
     return outputs, activations

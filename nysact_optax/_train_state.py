@@ -19,7 +19,7 @@ from flax.training import train_state
 
 from nysact_optax._state import ScaleByNysActState
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "apply_gradients"]
 
 
 def _needs_activations(opt_state: Any) -> bool:
@@ -91,15 +91,76 @@ class TrainState(train_state.TrainState):
     if not extra and _needs_activations(self.opt_state):
       raise ValueError(
           "TrainState.apply_gradients(grads=...) needs activations=... with a "
-          "NysAct optimizer: in the loss, call "
-          "nysact_optax.capture_activations(state.apply_fn)(variables, x) in "
-          "place of state.apply_fn(variables, x), return its activations as "
-          "aux (has_aux=True), and pass them: "
-          "state.apply_gradients(grads=grads, activations=activations)"
+          "NysAct optimizer: take the gradient with "
+          "nysact_optax.value_and_grad(loss_fn, ...) in place of "
+          "jax.value_and_grad(loss_fn, ...); it returns ((value, grads), "
+          "activations). Pass them: state.apply_gradients(grads=grads, "
+          "activations=activations)"
       )
-    tx = self.tx
-    with_extra = optax.with_extra_args_support(tx)  # other optimizers ignore them
-    bound = optax.GradientTransformationExtraArgs(
-        with_extra.init, functools.partial(with_extra.update, **extra))
-    new = super(TrainState, self.replace(tx=bound)).apply_gradients(grads=grads, **kwargs)
-    return new.replace(tx=tx)
+    return _with_extra_args(self, grads, extra, kwargs, super(TrainState, self).apply_gradients)
+
+
+def _with_extra_args(state, grads, extra, kwargs, apply):
+  """``apply(grads=grads, **kwargs)`` on ``state`` with its ``tx.update``
+  given ``**extra``; the result keeps the original ``tx``."""
+  tx = state.tx
+  with_extra = optax.with_extra_args_support(tx)  # other optimizers ignore them
+  bound = optax.GradientTransformationExtraArgs(
+      with_extra.init, functools.partial(with_extra.update, **extra))
+  new = apply.__func__(state.replace(tx=bound), grads=grads, **kwargs)
+  return new.replace(tx=tx)
+
+
+def apply_gradients(state: train_state.TrainState, *, grads: Any, activations: Any = None,
+                    statistics: Any = None, **kwargs: Any) -> train_state.TrainState:
+  """``state.apply_gradients(grads=grads, **kwargs)`` for flax's own
+  ``TrainState`` (or a subclass), with ``activations=`` passed to ``tx.update``.
+
+  Flax's ``TrainState.apply_gradients`` cannot hand ``activations=`` to the
+  optimizer; this function can, so that a linen train step keeps its
+  ``TrainState`` class unchanged and swaps one line:
+  ``state = nysact_optax.apply_gradients(state, grads=grads,
+  activations=acts)``. Fields added by subclasses go in ``**kwargs`` as with
+  flax (``batch_stats=...``). With any other optax optimizer the extra
+  arguments are ignored.
+
+  Args:
+    state: a ``flax.training.train_state.TrainState`` (or subclass, or
+      :class:`~nysact_optax.TrainState`).
+    grads: gradients with the structure of ``state.params``.
+    activations: what :func:`~nysact_optax.value_and_grad` or
+      :func:`~nysact_optax.capture_activations` returned for this batch.
+    statistics: instead of ``activations``, averaged
+      :func:`~nysact_optax.sketched_statistics`.
+    **kwargs: other fields to ``replace``.
+
+  Returns:
+    The updated state, of the same class and with the same ``tx``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, nysact_optax
+    >>> from flax.training import train_state
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((8, 3))
+    >>> state = train_state.TrainState.create(
+    ...     apply_fn=model.apply, params=model.init(jax.random.PRNGKey(0), x)["params"],
+    ...     tx=nysact_optax.nysact(0.1, rank=2))
+    >>> loss_fn = lambda params: jnp.mean(state.apply_fn({"params": params}, x) ** 2)
+    >>> (loss, grads), acts = nysact_optax.value_and_grad(loss_fn)(state.params)
+    >>> state = nysact_optax.apply_gradients(state, grads=grads, activations=acts)
+    >>> int(state.step)
+    1
+  """
+  if isinstance(state, TrainState):
+    return state.apply_gradients(grads=grads, activations=activations, statistics=statistics,
+                                 **kwargs)
+  extra = {"activations": activations, "statistics": statistics}
+  extra = {k: v for k, v in extra.items() if v is not None}
+  if not extra and _needs_activations(state.opt_state):
+    raise ValueError(
+        "nysact_optax.apply_gradients(state, grads=...) needs activations=... "
+        "with a NysAct optimizer: take the gradient with "
+        "nysact_optax.value_and_grad(loss_fn, ...), which returns ((value, "
+        "grads), activations)"
+    )
+  return _with_extra_args(state, grads, extra, kwargs, state.apply_gradients)

@@ -219,11 +219,12 @@ def check_activations(layers, activations, include=None, exclude=(), *, extra_ok
     if not layers:
       return {}
     raise ValueError(
-        "scale_by_nysact.update needs activations=...: wrap your model's apply "
-        "with nysact_optax.capture_activations and pass the activations it "
-        f"returns (layers expecting them: {[l.name for l in layers]}). flax's "
-        "TrainState.apply_gradients cannot pass them: use nysact_optax.TrainState "
-        "and state.apply_gradients(grads=grads, activations=acts)"
+        "scale_by_nysact.update needs activations=...: take the gradient with "
+        "nysact_optax.value_and_grad(loss_fn) in place of jax.value_and_grad "
+        "(it returns ((value, grads), activations)) and pass the activations "
+        f"(layers expecting them: {[l.name for l in layers]}). flax's "
+        "TrainState.apply_gradients cannot pass them: use "
+        "nysact_optax.apply_gradients(state, grads=grads, activations=acts)"
     )
   table = _tree.activation_table(activations)
   known = {layer.name for layer in layers}

@@ -56,11 +56,12 @@ def test_activations_missing_entirely(net):
   tx = nysact_optax.scale_by_nysact(rank=2)
   _raises(
       ValueError,
-      "scale_by_nysact.update needs activations=...: wrap your model's apply "
-      "with nysact_optax.capture_activations and pass the activations it "
-      "returns (layers expecting them: ['Conv_0', 'Dense_0']). flax's "
-      "TrainState.apply_gradients cannot pass them: use nysact_optax.TrainState "
-      "and state.apply_gradients(grads=grads, activations=acts)",
+      "scale_by_nysact.update needs activations=...: take the gradient with "
+      "nysact_optax.value_and_grad(loss_fn) in place of jax.value_and_grad "
+      "(it returns ((value, grads), activations)) and pass the activations "
+      "(layers expecting them: ['Conv_0', 'Dense_0']). flax's "
+      "TrainState.apply_gradients cannot pass them: use "
+      "nysact_optax.apply_gradients(state, grads=grads, activations=acts)",
       tx.update, params, tx.init(params),
   )
 

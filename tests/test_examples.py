@@ -4,12 +4,12 @@ a new user following the README would change them.
 Each pattern is written once as a plain optax training script (a string, run
 with ``exec`` as the README blocks are), and the NysAct version is that script
 with a few whole lines replaced. The replacements are listed, so the diff is
-the test's own data: every pattern makes the README's three changes (the
-optimizer, the captured apply, ``activations=`` where the update happens), and
-two more lines thread the activations out of the loss through ``has_aux``
-(its ``return`` and the unpacking of ``value_and_grad``). No pattern passes
-``input_axes`` or needs a workaround (a mesh context, a hand-written update,
-a changed model).
+the test's own data: every pattern makes the README's three changes and no
+more: the optimizer, ``nysact_optax.value_and_grad`` in place of
+``jax.value_and_grad`` (or ``nnx.value_and_grad``), and ``activations=``
+where the update happens (``nysact_optax.apply_gradients`` for flax's own
+``TrainState``). No pattern passes ``input_axes`` or needs a workaround (a
+mesh context, a hand-written update, a changed model or a changed loss).
 
 - ``mnist``-like: a ``flax.linen`` CNN trained through ``TrainState``.
 - ``lm1b``-like: a ``flax.linen`` decoder LM, bias-free attention, output
@@ -34,13 +34,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.training import train_state as flax_train_state
 
 import nysact_optax
 from nysact_optax import demo
 
-# Lines that thread the activations through has_aux (the loss's return and
-# the unpacking of value_and_grad) besides the README's three changes.
-THREADING = 2
+# The README's changes: the optimizer, the gradient, the update.
+CHANGES = 3
 
 
 def _edit(source: str, edits: dict[str, tuple[str, str]]) -> str:
@@ -119,16 +119,12 @@ def train(steps):
 CNN_EDITS = {
     "optimizer": (
         "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1, momentum=0.9))",
-        "  state = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=nysact_optax.nysact(0.1, momentum=0.9))"),
-    "capture": (
-        '      logits = state.apply_fn({"params": params}, images)',
-        '      logits, acts = nysact_optax.capture_activations(state.apply_fn)({"params": params}, images)'),
-    "thread: return": ("      return loss, logits", "      return loss, (logits, acts)"),
-    "thread: unpack": (
+        "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=nysact_optax.nysact(0.1, momentum=0.9))"),
+    "gradient": (
         "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    (loss, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "pass": ("    return state.apply_gradients(grads=grads), loss, accuracy",
-             "    return state.apply_gradients(grads=grads, activations=acts), loss, accuracy"),
+        "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
+    "update": ("    return state.apply_gradients(grads=grads), loss, accuracy",
+               "    return nysact_optax.apply_gradients(state, grads=grads, activations=acts), loss, accuracy"),
 }
 
 
@@ -142,13 +138,13 @@ def test_linen_cnn_through_train_state():
   model = CNN()
   params = model.init(jax.random.PRNGKey(0), data.x_train[:1])["params"]
   ns = dict(model=model, params=params, x_train=data.x_train, y_train=data.y_train)
-  assert len(CNN_EDITS) == 3 + THREADING
+  assert len(CNN_EDITS) == CHANGES
   optax_run = _run(CNN_OPTAX, 20, **ns)
   nysact_run = _run(_edit(CNN_OPTAX, CNN_EDITS), 20, **ns)
   _assert_trains(optax_run["losses"], 0.7)
   _assert_trains(nysact_run["losses"], 0.7)
   state = nysact_run["state"]
-  assert isinstance(state, nysact_optax.TrainState) and int(state.step) == 20
+  assert type(state) is flax_train_state.TrainState and int(state.step) == 20
   assert _layers(state.opt_state) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
 
 
@@ -216,17 +212,11 @@ def train(steps):
 
 LM_EDITS = {
     "optimizer": ("  tx = optax.adamw(3e-3, weight_decay=0.01)", "  tx = nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2)"),
-    "train state": (
-        "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)",
-        "  state = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)"),
-    "capture": ('      logits = state.apply_fn({"params": params}, inputs)',
-                '      logits, acts = nysact_optax.capture_activations(state.apply_fn)({"params": params}, inputs)'),
-    "thread: return": ("      return loss, logits", "      return loss, (logits, acts)"),
-    "thread: unpack": (
+    "gradient": (
         "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    (loss, (logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "pass": ("    new_state = state.apply_gradients(grads=grads)",
-             "    new_state = state.apply_gradients(grads=grads, activations=acts)"),
+        "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
+    "update": ("    new_state = state.apply_gradients(grads=grads)",
+               "    new_state = nysact_optax.apply_gradients(state, grads=grads, activations=acts)"),
 }
 LM_LAYERS = ["Dense_0", "Dense_1"] + [
     f"MultiHeadDotProductAttention_0/{n}" for n in ("key", "out", "query", "value")]
@@ -252,8 +242,7 @@ def test_linen_decoder_lm_with_named_shardings_and_no_mesh_context():
   """No input_axes: the bias-free query/key/value kernels follow flax's
   attention layout (one input axis)."""
   ns = _lm_namespace()
-  # The optimizer takes two lines here (tx, then TrainState.create(tx=tx)).
-  assert len(LM_EDITS) == 3 + 1 + THREADING
+  assert len(LM_EDITS) == CHANGES
   _assert_trains(_run(LM_OPTAX, 12, **ns)["losses"], 0.8)
   _check_lm(_run(_edit(LM_OPTAX, LM_EDITS), 12, **ns))
 
@@ -331,13 +320,10 @@ def train(steps):
 NNX_EDITS = {
     "optimizer": ("  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)",
                   "  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2, model=model), wrt=nnx.Param)"),
-    "capture": ("      logits, intermediates = forward(inputs)",
-                "      (logits, intermediates), acts = nysact_optax.capture_activations(forward)(inputs)"),
-    "thread: return": ("      return loss, intermediates", "      return loss, (intermediates, acts)"),
-    "thread: unpack": (
+    "gradient": (
         "    (loss, intermediates), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)",
-        "    (loss, (intermediates, acts)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)"),
-    "pass": ("    optimizer.update(model, grads)", "    optimizer.update(model, grads, activations=acts)"),
+        "    ((loss, intermediates), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(model)"),
+    "update": ("    optimizer.update(model, grads)", "    optimizer.update(model, grads, activations=acts)"),
 }
 NNX_LAYERS = ["block/attn/attn_vec_einsum", "block/attn/kv_einsum", "block/attn/q_einsum",
               "block/down", "block/up"]
@@ -359,7 +345,7 @@ def _nnx_namespace():
 def test_nnx_einsum_transformer_under_the_users_nnx_capture():
   """No input_axes: model=model on the optimizer line reads the einsum
   equations (their contracted D is not the kernels' leading axis)."""
-  assert len(NNX_EDITS) == 3 + THREADING
+  assert len(NNX_EDITS) == CHANGES
   _assert_trains(_run(NNX_OPTAX, 12, **_nnx_namespace())["losses"], 0.8)
   _check_nnx(_run(_edit(NNX_OPTAX, NNX_EDITS), 12, **_nnx_namespace()))
 
@@ -429,22 +415,14 @@ def train(steps):
 
 RESNET_EDITS = {
     "optimizer": (
-        "class TrainState(train_state.TrainState):",
-        "class TrainState(nysact_optax.TrainState):"),
-    "optimizer (tx)": (
         '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(0.3, momentum=0.9))',
         '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=nysact_optax.nysact(0.1, momentum=0.9, axis_name="batch"))'),
-    "capture": (
-        '      logits, new_model_state = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"], mutable=["batch_stats"])',
-        '      (logits, new_model_state), acts = nysact_optax.capture_activations(state.apply_fn)({"params": params, "batch_stats": state.batch_stats}, batch["image"], mutable=["batch_stats"])'),
-    "thread: return": ("      return loss, (new_model_state, logits)",
-                       "      return loss, (new_model_state, logits, acts)"),
-    "thread: unpack": (
+    "gradient": (
         "    (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    (loss, (new_model_state, logits, acts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "pass": (
+        "    ((loss, (new_model_state, logits)), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
+    "update": (
         '    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])',
-        '    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"], activations=acts)'),
+        '    new_state = nysact_optax.apply_gradients(state, grads=grads, batch_stats=new_model_state["batch_stats"], activations=acts)'),
 }
 
 
@@ -455,8 +433,7 @@ def test_linen_resnet_with_batch_norm_under_pmap():
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), data.x_train[:2])
   ns = dict(model=model, variables=variables, x_train=data.x_train, y_train=data.y_train,
             devices=jax.devices()[:2], Any=Any)
-  # The optimizer takes two lines here (the TrainState base class, the tx).
-  assert len(RESNET_EDITS) == 3 + 1 + THREADING
+  assert len(RESNET_EDITS) == CHANGES
   _assert_trains(_run(RESNET_OPTAX, 20, **ns)["losses"], 0.8)
   run = _run(_edit(RESNET_OPTAX, RESNET_EDITS), 20, **ns)
   _assert_trains(run["losses"], 0.8)

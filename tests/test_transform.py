@@ -258,7 +258,7 @@ def test_excluded_layer_passes_through_and_missing_layer_is_an_error():
 def test_missing_activations_argument_is_an_error():
   params, x, grads_and_acts = _net_setup(None)
   tx = nysact_optax.scale_by_nysact()
-  with pytest.raises(ValueError, match="needs activations=.*capture_activations"):
+  with pytest.raises(ValueError, match="needs activations=.*nysact_optax.value_and_grad"):
     tx.update(params, tx.init(params))
 
 

@@ -1,0 +1,250 @@
+"""Gradients and layer inputs in one call: ``nysact_optax.value_and_grad``.
+
+:func:`capture_activations` wraps the model's apply, so its activations must
+be threaded out of the loss through ``has_aux``. :func:`value_and_grad` and
+:func:`grad` take the loss function as it is and record the inputs of every
+covered layer that runs inside it, so that swapping ``jax.value_and_grad`` for
+``nysact_optax.value_and_grad`` is the whole change to a train step's
+gradient line:
+
+- ``flax.linen`` layers (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
+  ``nn.Einsum``) through :func:`flax.linen.intercept_methods`, whatever calls
+  ``apply`` inside the loss (``state.apply_fn``, a ``mutable=`` apply);
+- ``flax.nnx`` layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
+  ``nnx.Einsum``) of an ``nnx.Module`` argument, through the wrapped
+  ``__call__`` of :mod:`nysact_optax._capture_nnx`; an ``nnx.capture`` inside
+  the loss keeps its own intermediates. NNX arguments are differentiated with
+  ``nnx.value_and_grad``.
+
+The inputs are recorded where the loss itself is traced. A layer that runs
+under a further JAX transform inside the loss (``nn.scan``, ``nn.remat``,
+``jax.vmap``, ``nnx.remat``) cannot hand its inputs out that way; it raises
+and names :func:`capture_activations`, which carries inputs through flax's
+lifted transforms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import tracers
+
+from nysact_optax import _record
+from nysact_optax._layers import LayerInputs, Unsupported
+
+__all__ = ["grad", "value_and_grad"]
+
+_ACTIVE = threading.local()
+
+
+class _Recorder:
+  """The inputs of the layers that run while one differentiated call traces."""
+
+  def __init__(self, nnx_paths: dict[int, tuple[Any, ...]]):
+    self.trace = tracers.current_trace()
+    self.nnx_paths = nnx_paths  # id(layer) -> its path in the NNX model
+    self.calls: dict[tuple[Any, ...], list[_record.Call]] = {}
+    self.inputs: dict[tuple[Any, ...], list[jax.Array]] = {}
+
+  def add(self, path: tuple[Any, ...], call: _record.Call, x: Any) -> None:
+    if tracers.current_trace() != self.trace:
+      name = "/".join(map(str, path))
+      raise ValueError(
+          f"layer {name!r} runs under a JAX transform inside the loss "
+          "(nn.scan, nn.remat, nn.vmap, jax.vmap, jax.checkpoint, nnx.remat, "
+          "...), where nysact_optax.value_and_grad cannot record its inputs. "
+          "Wrap the model's apply with nysact_optax.capture_activations inside "
+          "the loss instead and return its activations as aux: it carries "
+          "them through flax's lifted transforms"
+      )
+    self.calls.setdefault(path, []).append(call)
+    if not isinstance(call.spec, Unsupported):
+      self.inputs.setdefault(path, []).append(jax.lax.stop_gradient(x))
+
+  def activations(self, nnx_model: bool) -> Any:
+    table = {
+        path: _record.layer_inputs("/".join(map(str, path)), calls, self.inputs.get(path, ()))
+        for path, calls in self.calls.items()
+    }
+    if not nnx_model:
+      return {"/".join(path): inputs for path, inputs in table.items()}
+    from flax import nnx
+
+    if () in table:  # the model is itself a layer
+      root = table.pop(())
+      if not table:
+        return root
+      table[("",)] = root
+    return nnx.from_flat_state(table)
+
+
+def active() -> _Recorder | None:
+  """The recorder of the innermost running :func:`value_and_grad`, if any."""
+  stack = getattr(_ACTIVE, "stack", ())
+  return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder):
+  stack = getattr(_ACTIVE, "stack", ())
+  _ACTIVE.stack = (*stack, recorder)
+  try:
+    yield recorder
+  finally:
+    _ACTIVE.stack = stack
+
+
+def _linen_interceptor(recorder: _Recorder):
+  from nysact_optax import _capture
+
+  def interceptor(next_fun, args, kwargs, context):
+    found = _capture.layer_call(context, args, kwargs)
+    if found is None:
+      return next_fun(*args, **kwargs)
+    spec, x = found
+    out = next_fun(*args, **kwargs)
+    recorder.add(tuple(context.module.path), _record.Call(spec, _capture.kernel_shape(context.module)), x)
+    return out
+
+  return interceptor
+
+
+def _nnx_argnums(args: Sequence[Any], argnums: int | Sequence[int]) -> list[int]:
+  """The differentiated positions that hold an ``nnx.Module``."""
+  if "flax.nnx" not in sys.modules:  # then no argument is one
+    return []
+  from flax import nnx
+
+  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  return [i for i in nums if i < len(args) and isinstance(args[i], nnx.Module)]
+
+
+def value_and_grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    **kwargs: Any,
+) -> Callable[..., tuple[Any, Any]]:
+  """``jax.value_and_grad`` that also returns the layer inputs NysAct needs.
+
+  ``fun`` is the loss function as written for any optax optimizer: it calls
+  the model (``state.apply_fn(...)``, ``model.apply(...)``, or an
+  ``nnx.Module``) however it likes. The returned function returns ``(what
+  jax.value_and_grad returns, activations)``: ``((value, grads),
+  activations)``, or ``(((value, aux), grads), activations)`` with
+  ``has_aux=True``. Pass the activations to the optimizer:
+  ``tx.update(grads, opt_state, params, activations=activations)``,
+  :func:`~nysact_optax.apply_gradients` (flax's ``TrainState``) or
+  ``nnx.Optimizer.update(model, grads, activations=activations)``.
+
+  Where ``argnums`` selects an ``nnx.Module``, the gradient is taken with
+  ``nnx.value_and_grad`` (so ``grads`` is an ``nnx.State``), and the
+  activations mirror ``nnx.state(model, nnx.Param)``; otherwise with
+  ``jax.value_and_grad``, and the activations map each linen layer's path in
+  ``variables['params']`` to its :class:`~nysact_optax.LayerInputs`.
+
+  Args:
+    fun: the loss function.
+    argnums: which positional argument(s) to differentiate, as in
+      ``jax.value_and_grad``.
+    has_aux: whether ``fun`` returns ``(loss, aux)``.
+    **kwargs: passed on to ``jax.value_and_grad`` (or
+      ``nnx.value_and_grad``), e.g. ``allow_int``.
+
+  Returns:
+    ``f(*args, **kw) -> (jax.value_and_grad(fun, ...)(*args, **kw),
+    activations)``.
+
+  Raises:
+    ValueError: a covered layer runs under a further JAX transform inside
+      ``fun`` (use :func:`~nysact_optax.capture_activations` there), or a
+      layer is called with two configurations.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, nysact_optax
+    >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(1)])
+    >>> x = jnp.ones((3, 5))
+    >>> params = model.init(jax.random.PRNGKey(0), x)["params"]
+    >>> def loss_fn(params):
+    ...   return jnp.mean(model.apply({"params": params}, x) ** 2)
+    >>> (loss, grads), acts = nysact_optax.value_and_grad(loss_fn)(params)
+    >>> sorted(acts), acts["layers_2"].inputs[0].shape
+    (['layers_0', 'layers_2'], (3, 4))
+    >>> tx = nysact_optax.nysact(0.1, rank=2)
+    >>> updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+  """
+
+  @functools.wraps(fun)
+  def call(*args, **call_kwargs):
+    modules = _nnx_argnums(args, argnums)
+    if len(modules) > 1:
+      raise ValueError(
+          f"nysact_optax.value_and_grad differentiates {len(modules)} nnx.Modules "
+          f"(argnums={argnums!r}); the activations mirror one model: "
+          "differentiate one, or capture each with capture_activations"
+      )
+
+    def inner(*inner_args, **inner_kwargs):
+      with contextlib.ExitStack() as contexts:
+        nnx_paths = {}
+        if modules:
+          from nysact_optax import _capture_nnx
+
+          layers = _capture_nnx.covered(inner_args[modules[0]])
+          nnx_paths = {id(layer): path for path, layer in layers}
+          contexts.enter_context(_capture_nnx.wrapped_layer_classes())
+        recorder = contexts.enter_context(_recording(_Recorder(nnx_paths)))
+        contexts.enter_context(nn.intercept_methods(_linen_interceptor(recorder)))
+        out = fun(*inner_args, **inner_kwargs)
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, recorder.activations(bool(modules)))
+
+    if modules:
+      from flax import nnx
+
+      differentiate = nnx.value_and_grad(inner, argnums=argnums, has_aux=True, **kwargs)
+    else:
+      differentiate = jax.value_and_grad(inner, argnums=argnums, has_aux=True, **kwargs)
+    (loss, (aux, activations)), grads = differentiate(*args, **call_kwargs)
+    value = (loss, aux) if has_aux else loss
+    return (value, grads), activations
+
+  return call
+
+
+def grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    **kwargs: Any,
+) -> Callable[..., tuple[Any, Any]]:
+  """``jax.grad`` that also returns the layer inputs NysAct needs.
+
+  As :func:`value_and_grad`, returning ``(grads, activations)``, or
+  ``((grads, aux), activations)`` with ``has_aux=True``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, nysact_optax
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((4, 3))
+    >>> params = model.init(jax.random.PRNGKey(0), x)["params"]
+    >>> loss_fn = lambda p: jnp.sum(model.apply({"params": p}, x))
+    >>> grads, acts = nysact_optax.grad(loss_fn)(params)
+    >>> grads["kernel"].shape, acts[""].inputs[0].shape
+    ((3, 2), (4, 3))
+  """
+  fn = value_and_grad(fun, argnums, has_aux, **kwargs)
+
+  @functools.wraps(fun)
+  def call(*args, **call_kwargs):
+    ((value, grads), activations) = fn(*args, **call_kwargs)
+    return ((grads, value[1]) if has_aux else grads), activations
+
+  return call
