@@ -2,11 +2,11 @@
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax._accumulate import sketched_statistics
+from nysact_optax._alias import nysact
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
-from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
-from nysact_optax._alias import nysact
 from nysact_optax._graft import GraftState, graft, preconditioned_mask
+from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._state import NysActLayerState, ScaleByNysActState, find_nysact_state
 from nysact_optax._transform import scale_by_nysact
 
@@ -31,27 +31,28 @@ def __getattr__(name: str):
     return getattr(_grad, name)
   raise AttributeError(f"module 'nysact_optax' has no attribute {name!r}")
 
+
 __all__ = [
-    "ConvSpec",
-    "GraftState",
-    "DenseSpec",
-    "EinsumSpec",
-    "LayerDiagnostics",
-    "LayerInputs",
-    "NysActLayerState",
-    "ScaleByNysActState",
-    "TrainState",
-    "apply_gradients",
-    "capture_activations",
-    "diagnostics",
-    "find_nysact_state",
-    "grad",
-    "graft",
-    "nysact",
-    "preconditioned_mask",
-    "restore_checkpoint",
-    "save_checkpoint",
-    "scale_by_nysact",
-    "sketched_statistics",
-    "value_and_grad",
+  "ConvSpec",
+  "DenseSpec",
+  "EinsumSpec",
+  "GraftState",
+  "LayerDiagnostics",
+  "LayerInputs",
+  "NysActLayerState",
+  "ScaleByNysActState",
+  "TrainState",
+  "apply_gradients",
+  "capture_activations",
+  "diagnostics",
+  "find_nysact_state",
+  "grad",
+  "graft",
+  "nysact",
+  "preconditioned_mask",
+  "restore_checkpoint",
+  "save_checkpoint",
+  "scale_by_nysact",
+  "sketched_statistics",
+  "value_and_grad",
 ]

@@ -83,11 +83,14 @@ def sketched_statistics(opt_state: Any, activations: Mapping[str, Any]) -> dict[
     for layer in layers:
       with jax.named_scope(f"nysact/micro_batch_statistics/{layer.name}"):
         _, stats[layer.name] = _statistics.layer_statistics(
-            layer, state.layers[layer.name].sketch_key, table[layer.name], config)
+          layer, state.layers[layer.name].sketch_key, table[layer.name], config
+        )
     return stats
 
   if config.cov_update_every == 1:
     return compute(None)
-  zeros = {layer.name: jnp.zeros(layer.stack_shape + (layer.p, layer.rank), config.dtype)
-           for layer in layers}
+  zeros = {
+    layer.name: jnp.zeros(layer.stack_shape + (layer.p, layer.rank), config.dtype)
+    for layer in layers
+  }
   return lax.cond(state.count % config.cov_update_every == 0, compute, lambda _: zeros, None)

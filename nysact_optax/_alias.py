@@ -18,32 +18,32 @@ GRAFTS = (None, "rmsprop")
 
 
 def nysact(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    rank: _tree.RankRule = 10,
-    sketch: str = "gaussian",
-    damping: float = 1.0,
-    stat_decay: float = 0.95,
-    cov_update_every: int = 5,
-    inv_update_every: int = 50,
-    seed: int = 0,
-    sketch_refresh: str = "fixed",
-    nystrom: str = "stable",
-    exclude: _tree.LayerFilter = (),
-    input_axes: Mapping[str, int | Sequence[int]] | None = None,
-    include: _tree.LayerFilter | None = None,
-    stack_axes: Mapping[str, int] | None = None,
-    stats_dtype: Any = "float32",
-    axis_name: str | None = None,
-    relative_damping: bool = False,
-    model: Any = None,
-    precision: Any = "highest",
-    graft: str | None = None,
-    graft_decay: float = 0.999,
-    graft_eps: float = 1e-8,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+  rank: _tree.RankRule = 10,
+  sketch: str = "gaussian",
+  damping: float = 1.0,
+  stat_decay: float = 0.95,
+  cov_update_every: int = 5,
+  inv_update_every: int = 50,
+  seed: int = 0,
+  sketch_refresh: str = "fixed",
+  nystrom: str = "stable",
+  exclude: _tree.LayerFilter = (),
+  input_axes: Mapping[str, int | Sequence[int]] | None = None,
+  include: _tree.LayerFilter | None = None,
+  stack_axes: Mapping[str, int] | None = None,
+  stats_dtype: Any = "float32",
+  axis_name: str | None = None,
+  relative_damping: bool = False,
+  model: Any = None,
+  precision: Any = "highest",
+  graft: str | None = None,
+  graft_decay: float = 0.999,
+  graft_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The NysAct optimizer: precondition, (graft,) momentum, weight decay, step.
 
@@ -70,7 +70,7 @@ def nysact(
   with ``momentum=0.9`` and an identity preconditioner this is AdamW with
   a per-layer instead of a per-coordinate normalisation. Its learning rate
   is on AdamW's scale: start from 1e-2 and AdamW's weight decay, and tune
-  over {3e-3, 1e-2, 3e-2} (``README.md``, "Coming from AdamW / SGD").
+  over {3e-3, 1e-2, 3e-2} (docs, "Coming from AdamW / SGD").
   Measured (``benchmarks/quality``): below AdamW on a small char
   transformer at 300 steps (3.009 against 3.187 bits/char, 3 seeds), above
   plain NysAct on a Fashion-MNIST CNN (84.2 against 83.1 %, 5 seeds), but
@@ -92,10 +92,12 @@ def nysact(
     graft_decay: ``graft="rmsprop"``: the EMA decay of ``g^2`` (Adam's
       ``b2``).
     graft_eps: ``graft="rmsprop"``: added to ``sqrt(v_hat)``.
-    rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
-    seed, sketch_refresh, nystrom, exclude, input_axes, include, stack_axes,
-    stats_dtype, axis_name, relative_damping, model, precision: see
-    :func:`scale_by_nysact`.
+    rank: as are ``sketch``, ``damping``, ``stat_decay``,
+      ``cov_update_every``, ``inv_update_every``, ``seed``,
+      ``sketch_refresh``, ``nystrom``, ``exclude``, ``input_axes``,
+      ``include``, ``stack_axes``, ``stats_dtype``, ``axis_name``,
+      ``relative_damping``, ``model`` and ``precision``: see
+      :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -125,32 +127,45 @@ def nysact(
     raise ValueError(f"graft must be one of {GRAFTS}, got graft={graft!r}")
   if graft is not None and nesterov:
     raise ValueError(
-        f"nesterov=True applies to graft=None only (graft={graft!r} uses a "
-        "debiased EMA momentum), got nesterov=True"
+      f"nesterov=True applies to graft=None only (graft={graft!r} uses a "
+      "debiased EMA momentum), got nesterov=True"
     )
   precondition = scale_by_nysact(
-      rank=rank, sketch=sketch, damping=damping, stat_decay=stat_decay,
-      cov_update_every=cov_update_every, inv_update_every=inv_update_every,
-      seed=seed, sketch_refresh=sketch_refresh, nystrom=nystrom,
-      exclude=exclude, input_axes=input_axes, include=include,
-      stack_axes=stack_axes, stats_dtype=stats_dtype, axis_name=axis_name,
-      relative_damping=relative_damping, model=model, precision=precision,
+    rank=rank,
+    sketch=sketch,
+    damping=damping,
+    stat_decay=stat_decay,
+    cov_update_every=cov_update_every,
+    inv_update_every=inv_update_every,
+    seed=seed,
+    sketch_refresh=sketch_refresh,
+    nystrom=nystrom,
+    exclude=exclude,
+    input_axes=input_axes,
+    include=include,
+    stack_axes=stack_axes,
+    stats_dtype=stats_dtype,
+    axis_name=axis_name,
+    relative_damping=relative_damping,
+    model=model,
+    precision=precision,
   )
   # One chain shape per mode whatever the values: a zero weight decay or
   # momentum keeps its (empty or zero) state, as optax's own aliases do, so
   # that a state saved with one setting restores into another.
   if graft == "rmsprop":
-    rms = optax.scale_by_rms(decay=graft_decay, eps=graft_eps, eps_in_sqrt=False,
-                             bias_correction=True)
+    rms = optax.scale_by_rms(
+      decay=graft_decay, eps=graft_eps, eps_in_sqrt=False, bias_correction=True
+    )
     return optax.chain(
-        graft_transform(precondition, rms, mask=preconditioned_mask(precondition)),
-        optax.ema(momentum, debias=True),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
+      graft_transform(precondition, rms, mask=preconditioned_mask(precondition)),
+      optax.ema(momentum, debias=True),
+      optax.add_decayed_weights(weight_decay),
+      optax.scale_by_learning_rate(learning_rate),
     )
   return optax.chain(
-      precondition,
-      optax.add_decayed_weights(weight_decay),
-      optax.trace(decay=momentum, nesterov=nesterov),
-      optax.scale_by_learning_rate(learning_rate),
+    precondition,
+    optax.add_decayed_weights(weight_decay),
+    optax.trace(decay=momentum, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -28,6 +28,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _bias_perm(layer: Layer) -> tuple[int, ...]:
   s = layer.stack_axes
+  assert layer.bias_perm is not None, layer.name  # only called for layers with a bias
   return tuple(range(s)) + tuple(s + a for a in layer.bias_perm)
 
 
@@ -58,8 +59,9 @@ def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array 
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
 
 
-def precondition(g: jax.Array, u: jax.Array, lam: jax.Array, rho, *,
-                 precision: jax.lax.Precision = _HIGHEST) -> jax.Array:
+def precondition(
+  g: jax.Array, u: jax.Array, lam: jax.Array, rho, *, precision: jax.lax.Precision = _HIGHEST
+) -> jax.Array:
   """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
 
   ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``: with the zero

@@ -23,13 +23,17 @@ from flax.core import scope as flax_scope
 from nysact_optax import _record
 from nysact_optax._layers import LayerInputs, Unsupported
 
-__all__ = ["capture_activations", "COLLECTION"]
+__all__ = ["COLLECTION", "capture_activations"]
 
 COLLECTION = "nysact_inputs"
 
 # Order matters where classes are related; see _record.spec_of for each kind.
-_KINDS = ((nn.Einsum, "einsum"), (nn.Dense, "dense"), (nn.DenseGeneral, "general"),
-          (nn.Conv, "conv"))
+_KINDS = (
+  (nn.Einsum, "einsum"),
+  (nn.Dense, "dense"),
+  (nn.DenseGeneral, "general"),
+  (nn.Conv, "conv"),
+)
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -43,8 +47,7 @@ def layer_call(context: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
   kind = _kind(module) if context.method_name == "__call__" else None
   if kind is None:
     return None
-  einsum_str = kwargs.get("einsum_str") or (
-      args[1] if kind == "einsum" and len(args) > 1 else None)
+  einsum_str = kwargs.get("einsum_str") or (args[1] if kind == "einsum" and len(args) > 1 else None)
   x = args[0] if args else kwargs["inputs"]
   return _record.spec_of(module, kind, einsum_str), x
 
@@ -130,11 +133,11 @@ def capture_activations(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
         if "'mutable'" not in str(e):
           raise
         raise TypeError(
-            f"capture_activations took {apply_fn!r} for a flax.linen apply and "
-            f"passed it mutable=, which it does not accept ({e}). Pass a linen "
-            "model's apply (model.apply), an nnx.Module or a method bound to "
-            "one; to combine with nnx.capture, use "
-            "nnx.capture(capture_activations(model), ...)"
+          f"capture_activations took {apply_fn!r} for a flax.linen apply and "
+          f"passed it mutable=, which it does not accept ({e}). Pass a linen "
+          "model's apply (model.apply), an nnx.Module or a method bound to "
+          "one; to combine with nnx.capture, use "
+          "nnx.capture(capture_activations(model), ...)"
         ) from e
     variables = dict(variables)
     sown = variables.pop(COLLECTION, {})

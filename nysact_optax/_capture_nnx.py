@@ -41,8 +41,12 @@ from nysact_optax._layers import LayerInputs, Unsupported
 __all__ = ["capture_nnx", "is_nnx"]
 
 # Order matters where classes are related; see _record.spec_of for each kind.
-_KINDS = ((nnx.Einsum, "einsum"), (nnx.LinearGeneral, "general"), (nnx.Linear, "dense"),
-          (nnx.Conv, "conv"))
+_KINDS = (
+  (nnx.Einsum, "einsum"),
+  (nnx.LinearGeneral, "general"),
+  (nnx.Linear, "dense"),
+  (nnx.Conv, "conv"),
+)
 _LAYER_TYPES = tuple(cls for cls, _ in _KINDS)
 
 
@@ -61,9 +65,9 @@ def is_nnx(fn: Any) -> bool:
     (True, True, False)
   """
   return (
-      isinstance(fn, nnx.Module)
-      or (inspect.ismethod(fn) and isinstance(fn.__self__, nnx.Module))
-      or _nnx_capture_parts(fn) is not None
+    isinstance(fn, nnx.Module)
+    or (inspect.ismethod(fn) and isinstance(fn.__self__, nnx.Module))
+    or _nnx_capture_parts(fn) is not None
   )
 
 
@@ -77,9 +81,9 @@ def _nnx_capture_parts(fn: Any) -> dict[str, Any] | None:
   names = ("fn", "var_types", "init", "method_outputs", "module_instance")
   if not all(n in parts for n in names):  # a flax we do not know: say what works
     raise TypeError(
-        "capture_activations cannot look inside this flax version's "
-        "nnx.capture; put nnx.capture outside instead: "
-        "nnx.capture(nysact_optax.capture_activations(model), ...)"
+      "capture_activations cannot look inside this flax version's "
+      "nnx.capture; put nnx.capture outside instead: "
+      "nnx.capture(nysact_optax.capture_activations(model), ...)"
     )
   return {n: parts[n] for n in names}
 
@@ -109,14 +113,14 @@ def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
       kind = _layer_kind(self)
       einsum_str = kwargs.get("einsum_str", args[0] if args else None)
       spec = _record.spec_of(self, kind, einsum_str if kind == "einsum" else None)
-      if path is not None:  # nysact_optax.value_and_grad
+      if recorder is not None and path is not None:  # nysact_optax.value_and_grad
         recorder.add(path, _record.Call(spec, tuple(self.kernel.shape)), inputs)
       if _ours(self):  # capture_activations
         calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
         self.sow(_LayerInputsVar, "inputs", LayerInputs(calls, spec, tuple(self.kernel.shape)))
     return call(self, inputs, *args, **kwargs)
 
-  __call__._nysact_original = call
+  __call__._nysact_original = call  # type: ignore[attr-defined]
   return __call__
 
 
@@ -130,7 +134,7 @@ def wrapped_layer_classes():
   with _LOCK:
     if _DEPTH[0] == 0:
       for cls in _LAYER_TYPES:
-        cls.__call__ = _wrap(cls.__dict__["__call__"])
+        setattr(cls, "__call__", _wrap(cls.__dict__["__call__"]))  # noqa: B010
     _DEPTH[0] += 1
   try:
     yield
@@ -139,7 +143,7 @@ def wrapped_layer_classes():
       _DEPTH[0] -= 1
       if _DEPTH[0] == 0:
         for cls in _LAYER_TYPES:
-          cls.__call__ = cls.__dict__["__call__"]._nysact_original
+          setattr(cls, "__call__", cls.__dict__["__call__"]._nysact_original)  # noqa: B010
 
 
 def covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
@@ -164,7 +168,7 @@ def input_axes_of(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   axes = {}
   for path, layer in covered(model):
     kind = _layer_kind(layer)
-    if kind == "einsum" and not layer.einsum_str:
+    if kind == "einsum" and not getattr(layer, "einsum_str", None):
       continue
     spec = _record.spec_of(layer, kind)
     if not isinstance(spec, Unsupported):
@@ -180,16 +184,14 @@ def _sowing_into(layers: list[tuple[tuple, nnx.Module]]):
   for _, layer in layers:
     had[id(layer)] = hasattr(layer, "__captures__")
     existing = tuple(getattr(layer, "__captures__", ()))
-    layer.__captures__ = nnx.data(existing + (_LayerInputsVar({}),))
+    setattr(layer, "__captures__", nnx.data(existing + (_LayerInputsVar({}),)))  # noqa: B010
   try:
     yield
   finally:
     for _, layer in layers:
-      rest = tuple(
-          v for v in getattr(layer, "__captures__", ()) if type(v) is not _LayerInputsVar
-      )
+      rest = tuple(v for v in getattr(layer, "__captures__", ()) if type(v) is not _LayerInputsVar)
       if had[id(layer)]:
-        layer.__captures__ = nnx.data(rest)
+        setattr(layer, "__captures__", nnx.data(rest))  # noqa: B010
       elif hasattr(layer, "__captures__"):
         delattr(layer, "__captures__")
 
@@ -197,14 +199,14 @@ def _sowing_into(layers: list[tuple[tuple, nnx.Module]]):
 def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State | LayerInputs:
   flat = {}
   for path, layer in layers:
-    var = next(v for v in layer.__captures__ if type(v) is _LayerInputsVar)
+    var = next(v for v in getattr(layer, "__captures__") if type(v) is _LayerInputsVar)  # noqa: B009
     calls = var.get_value().get("inputs", ())
     if not calls:  # the layer did not run
       continue
     flat[path] = _record.layer_inputs(
-        "/".join(map(str, path)),
-        [_record.Call(c.spec, c.kernel_shape) for c in calls],
-        [x for c in calls for x in c.inputs],
+      "/".join(map(str, path)),
+      [_record.Call(c.spec, c.kernel_shape) for c in calls],
+      [x for c in calls for x in c.inputs],
     )
   if () in flat:  # the model is itself a layer: its name is ""
     root = flat.pop(())
@@ -237,7 +239,7 @@ def _bound(call: Callable[..., Any], model: nnx.Module, like: Any) -> types.Meth
 
   captured.__name__ = captured.__qualname__ = getattr(like, "__name__", type(like).__name__)
   captured.__doc__ = getattr(like, "__doc__", None)
-  captured._nysact_capture = True
+  captured._nysact_capture = True  # type: ignore[attr-defined]
   return types.MethodType(captured, model)
 
 
@@ -253,8 +255,9 @@ def _around_nnx_capture(parts: dict[str, Any]) -> Callable[..., Any]:
   core = _with_activations(parts["fn"], model)
   if model is not None:
     core = _bound(core, model, parts["fn"])
-  swapped = nnx.capture(core, *parts["var_types"], init=parts["init"],
-                        method_outputs=parts["method_outputs"])
+  swapped = nnx.capture(
+    core, *parts["var_types"], init=parts["init"], method_outputs=parts["method_outputs"]
+  )
 
   @functools.wraps(parts["fn"])
   def wrapped(*args, **kwargs):
@@ -311,15 +314,15 @@ def capture_nnx(fn: nnx.Module | Callable[..., Any]) -> Callable[..., Any]:
   parts = _nnx_capture_parts(fn)
   if _is_ours(fn) or (parts is not None and _is_ours(parts["fn"])):
     raise TypeError(
-        f"{fn!r} already returns activations: call capture_activations once "
-        "(nnx.capture may go inside or outside it)"
+      f"{fn!r} already returns activations: call capture_activations once "
+      "(nnx.capture may go inside or outside it)"
     )
   if parts is not None:
     return _around_nnx_capture(parts)
   if not is_nnx(fn):
     raise TypeError(
-        f"capture_nnx needs an nnx.Module, a method bound to one or what "
-        f"nnx.capture returns, got {fn!r}"
+      f"capture_nnx needs an nnx.Module, a method bound to one or what "
+      f"nnx.capture returns, got {fn!r}"
     )
-  model = fn if isinstance(fn, nnx.Module) else fn.__self__
+  model = fn if isinstance(fn, nnx.Module) else getattr(fn, "__self__")  # noqa: B009
   return _bound(_with_activations(fn, model), model, fn)

@@ -27,8 +27,7 @@ def _orbax():
     import orbax.checkpoint as ocp
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "nysact_optax checkpoints need orbax-checkpoint: pip install "
-        "'nysact-optax[checkpoint]'"
+      "nysact_optax checkpoints need orbax-checkpoint: pip install 'nysact-optax[checkpoint]'"
     ) from e
   return ocp
 
@@ -76,8 +75,7 @@ def _nysact_states(target: Any) -> dict[tuple[str, ...], ScaleByNysActState]:
 def _mismatches(saved: dict[tuple[str, ...], tuple[int, ...]], target: Any) -> list[str]:
   """Human-readable differences between saved shapes and ``target``."""
   wanted = {
-      _keys(path): tuple(leaf.shape)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+    _keys(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
   }
   problems = []
   covered = set()
@@ -88,22 +86,25 @@ def _mismatches(saved: dict[tuple[str, ...], tuple[int, ...]], target: Any) -> l
     where = _show(prefix) or "the root"
     if in_ckpt != in_target:
       problems.append(
-          f"the NysAct state at {where} preconditions different layers: "
-          f"only in the checkpoint: {sorted(in_ckpt - in_target)}, only in the "
-          f"target: {sorted(in_target - in_ckpt)} (a different model, or "
-          "different exclude=/input_axes=?)"
+        f"the NysAct state at {where} preconditions different layers: "
+        f"only in the checkpoint: {sorted(in_ckpt - in_target)}, only in the "
+        f"target: {sorted(in_target - in_ckpt)} (a different model, or "
+        "different exclude=/input_axes=?)"
       )
     for name in sorted(in_ckpt & in_target):
       for field in ("cov", "basis", "eigvals"):
         key = layers_key + (name, field)
         got, want = saved.get(key), wanted.get(key)
-        if got is not None and got != want:
+        if got is not None and want is not None and got != want:
           problems.append(
-              f"layer {name!r}: {field} has shape {got} in the checkpoint but "
-              f"{want} in the target (p, rank): the checkpoint was written with "
-              f"rank {got[-1]}, the target expects rank {want[-1]}"
-              + ("" if got[:1] == want[:1] or field == "eigvals" else
-                 f" and input width p={got[0]}, not p={want[0]}")
+            f"layer {name!r}: {field} has shape {got} in the checkpoint but "
+            f"{want} in the target (p, rank): the checkpoint was written with "
+            f"rank {got[-1]}, the target expects rank {want[-1]}"
+            + (
+              ""
+              if got[:1] == want[:1] or field == "eigvals"
+              else f" and input width p={got[0]}, not p={want[0]}"
+            )
           )
     covered |= {k for k in set(saved) | set(wanted) if k[: len(layers_key)] == layers_key}
   for key in sorted((set(saved) | set(wanted)) - covered):
@@ -113,8 +114,7 @@ def _mismatches(saved: dict[tuple[str, ...], tuple[int, ...]], target: Any) -> l
       problems.append(f"{_show(key)} is in the target but not in the checkpoint")
     elif saved[key] != wanted[key]:
       problems.append(
-          f"{_show(key)} has shape {saved[key]} in the checkpoint but "
-          f"{wanted[key]} in the target"
+        f"{_show(key)} has shape {saved[key]} in the checkpoint but {wanted[key]} in the target"
       )
   return problems
 
@@ -160,15 +160,15 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any) -> Any:
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.metadata(directory).item_metadata.tree
     saved = {
-        _keys(path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if hasattr(leaf, "shape")
+      _keys(path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+      if hasattr(leaf, "shape")
     }
     problems = _mismatches(saved, target)
     if problems:
       raise ValueError(
-          f"the checkpoint at {directory} does not fit the target state:\n  - "
-          + "\n  - ".join(problems)
+        f"the checkpoint at {directory} does not fit the target state:\n  - "
+        + "\n  - ".join(problems)
       )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return checkpointer.restore(directory, abstract)

@@ -90,10 +90,10 @@ def diagnostics(state: Any, *, damping: Any) -> dict[str, LayerDiagnostics]:
     floor = eig_min if r >= p else jnp.zeros_like(eig_min)
     layer_rho = rho * ls.damping_scale  # relative_damping=True scales it per layer
     report[name] = LayerDiagnostics(
-        failures=ls.failures,
-        stat_skips=ls.stat_skips,
-        eig_min=eig_min,
-        eig_max=eig_max,
-        condition_number=(eig_max + layer_rho) / (floor + layer_rho),
+      failures=ls.failures,
+      stat_skips=ls.stat_skips,
+      eig_min=eig_min,
+      eig_max=eig_max,
+      condition_number=(eig_max + layer_rho) / (floor + layer_rho),
     )
   return report

@@ -37,7 +37,7 @@ import jax
 from flax.core import tracers
 
 from nysact_optax import _record
-from nysact_optax._layers import LayerInputs, Unsupported
+from nysact_optax._layers import Unsupported
 
 __all__ = ["grad", "value_and_grad"]
 
@@ -57,12 +57,12 @@ class _Recorder:
     if tracers.current_trace() != self.trace:
       name = "/".join(map(str, path))
       raise ValueError(
-          f"layer {name!r} runs under a JAX transform inside the loss "
-          "(nn.scan, nn.remat, nn.vmap, jax.vmap, jax.checkpoint, nnx.remat, "
-          "...), where nysact_optax.value_and_grad cannot record its inputs. "
-          "Wrap the model's apply with nysact_optax.capture_activations inside "
-          "the loss instead and return its activations as aux: it carries "
-          "them through flax's lifted transforms"
+        f"layer {name!r} runs under a JAX transform inside the loss "
+        "(nn.scan, nn.remat, nn.vmap, jax.vmap, jax.checkpoint, nnx.remat, "
+        "...), where nysact_optax.value_and_grad cannot record its inputs. "
+        "Wrap the model's apply with nysact_optax.capture_activations inside "
+        "the loss instead and return its activations as aux: it carries "
+        "them through flax's lifted transforms"
       )
     self.calls.setdefault(path, []).append(call)
     if not isinstance(call.spec, Unsupported):
@@ -70,8 +70,8 @@ class _Recorder:
 
   def activations(self, nnx_model: bool) -> Any:
     table = {
-        path: _record.layer_inputs("/".join(map(str, path)), calls, self.inputs.get(path, ()))
-        for path, calls in self.calls.items()
+      path: _record.layer_inputs("/".join(map(str, path)), calls, self.inputs.get(path, ()))
+      for path, calls in self.calls.items()
     }
     if not nnx_model:
       return {"/".join(path): inputs for path, inputs in table.items()}
@@ -110,7 +110,9 @@ def _linen_interceptor(recorder: _Recorder):
       return next_fun(*args, **kwargs)
     spec, x = found
     out = next_fun(*args, **kwargs)
-    recorder.add(tuple(context.module.path), _record.Call(spec, _capture.kernel_shape(context.module)), x)
+    recorder.add(
+      tuple(context.module.path), _record.Call(spec, _capture.kernel_shape(context.module)), x
+    )
     return out
 
   return interceptor
@@ -127,10 +129,10 @@ def _nnx_argnums(args: Sequence[Any], argnums: int | Sequence[int]) -> list[int]
 
 
 def value_and_grad(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    **kwargs: Any,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> Callable[..., tuple[Any, Any]]:
   """``jax.value_and_grad`` that also returns the layer inputs NysAct needs.
 
@@ -186,9 +188,9 @@ def value_and_grad(
     modules = _nnx_argnums(args, argnums)
     if len(modules) > 1:
       raise ValueError(
-          f"nysact_optax.value_and_grad differentiates {len(modules)} nnx.Modules "
-          f"(argnums={argnums!r}); the activations mirror one model: "
-          "differentiate one, or capture each with capture_activations"
+        f"nysact_optax.value_and_grad differentiates {len(modules)} nnx.Modules "
+        f"(argnums={argnums!r}); the activations mirror one model: "
+        "differentiate one, or capture each with capture_activations"
       )
 
     def inner(*inner_args, **inner_kwargs):
@@ -220,10 +222,10 @@ def value_and_grad(
 
 
 def grad(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    **kwargs: Any,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> Callable[..., tuple[Any, Any]]:
   """``jax.grad`` that also returns the layer inputs NysAct needs.
 

@@ -116,8 +116,7 @@ class EinsumSpec:
     eq = self.equation
     if eq.count("->") != 1 or eq.split("->")[0].count(",") != 1:
       raise ValueError(
-          f"einsum equation {eq!r} must be explicit with two operands, "
-          "'input,kernel->output'"
+        f"einsum equation {eq!r} must be explicit with two operands, 'input,kernel->output'"
       )
     (x, k), out = eq.split("->")[0].split(","), eq.split("->")[1]
     x_before, x_after = _einsum_labels(x)
@@ -132,8 +131,8 @@ class EinsumSpec:
     batch = [c for c in k if c in x_labels and c in out_labels]
     if batch:
       problems.append(
-          f"labels {''.join(batch)!r} in input, kernel and output (one kernel "
-          "slice per index, i.e. several layers in one kernel)"
+        f"labels {''.join(batch)!r} in input, kernel and output (one kernel "
+        "slice per index, i.e. several layers in one kernel)"
       )
     summed = [c for c in k if c not in x_labels and c not in out_labels]
     summed += [c for c in x_labels if c not in k and c not in out_labels]
@@ -143,8 +142,7 @@ class EinsumSpec:
       problems.append("no contracted label")
     if problems:
       raise NotImplementedError(
-          f"einsum {eq!r} is not a dense layer NysAct can precondition: it has "
-          + "; ".join(problems)
+        f"einsum {eq!r} is not a dense layer NysAct can precondition: it has " + "; ".join(problems)
       )
 
   def _parts(self):
@@ -157,10 +155,12 @@ class EinsumSpec:
     """The contracted input axes, in kernel order (negative after an ellipsis)."""
     x, k, _ = self._parts()
     before, after = _einsum_labels(x)
+
     def position(c):
-      if c in before:
+      if c in before or after is None:
         return before.index(c)
       return after.index(c) - len(after)
+
     return tuple(position(c) for c in k if c in before + (after or ""))
 
   @property
@@ -232,10 +232,10 @@ class LayerInputs:
   """
 
   def __init__(
-      self,
-      inputs: Sequence[Any],
-      spec: LayerSpec,
-      kernel_shape: tuple[int, ...] | None = None,
+    self,
+    inputs: Sequence[Any],
+    spec: LayerSpec,
+    kernel_shape: tuple[int, ...] | None = None,
   ):
     self.inputs = tuple(inputs)
     self.spec = spec
@@ -275,10 +275,10 @@ def conv_spec_of(conv: Any) -> ConvSpec:
   if not isinstance(padding, str):
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return ConvSpec(
-      kernel_size=ks,
-      strides=int_tuple(conv.strides, n),
-      padding=padding,
-      input_dilation=int_tuple(conv.input_dilation, n),
-      kernel_dilation=int_tuple(conv.kernel_dilation, n),
-      feature_group_count=int(conv.feature_group_count),
+    kernel_size=ks,
+    strides=int_tuple(conv.strides, n),
+    padding=padding,
+    input_dilation=int_tuple(conv.input_dilation, n),
+    kernel_dilation=int_tuple(conv.kernel_dilation, n),
+    feature_group_count=int(conv.feature_group_count),
   )

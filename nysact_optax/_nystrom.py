@@ -79,8 +79,7 @@ def _orthonormal(u: jax.Array, keep: jax.Array) -> jax.Array:
   gram = jnp.matmul(u.T, u, precision=_HIGHEST)
   gram = jnp.where(both, gram, jnp.eye(r, dtype=u.dtype))
   w, q = jnp.linalg.eigh(gram)
-  inv_sqrt = jnp.matmul(q * jax.lax.rsqrt(jnp.maximum(w, 1e-30))[None, :], q.T,
-                        precision=_HIGHEST)
+  inv_sqrt = jnp.matmul(q * jax.lax.rsqrt(jnp.maximum(w, 1e-30))[None, :], q.T, precision=_HIGHEST)
   u = jnp.where(keep[None, :], jnp.matmul(u, inv_sqrt, precision=_HIGHEST), 0.0)
   top = jnp.linalg.eigvalsh(jnp.matmul(u.T, u, precision=_HIGHEST))[-1]
   eps = jnp.finfo(u.dtype).eps

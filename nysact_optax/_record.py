@@ -19,10 +19,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from nysact_optax._layers import (
-    DenseSpec, EinsumSpec, LayerInputs, LayerSpec, Unsupported, conv_spec_of,
+  DenseSpec,
+  EinsumSpec,
+  LayerInputs,
+  LayerSpec,
+  Unsupported,
+  conv_spec_of,
 )
 
-__all__ = ["Call", "KINDS", "int_axes", "layer_inputs", "spec_of"]
+__all__ = ["KINDS", "Call", "int_axes", "layer_inputs", "spec_of"]
 
 KINDS = ("einsum", "general", "dense", "conv")
 
@@ -44,8 +49,8 @@ def _general_spec(layer: Any) -> DenseSpec:
     if int_axes(batch):
       shown = dict(batch) if isinstance(batch, Mapping) else batch
       raise NotImplementedError(
-          f"{type(layer).__name__} with {name}={shown!r} has one kernel per "
-          "batch index; exclude it with exclude=[...]"
+        f"{type(layer).__name__} with {name}={shown!r} has one kernel per "
+        "batch index; exclude it with exclude=[...]"
       )
   return DenseSpec(int_axes(layer.axis))
 
@@ -125,8 +130,8 @@ def layer_inputs(path: str, calls: Sequence[Call], inputs: Sequence[Any]) -> Lay
   distinct = set(calls)
   if len(distinct) > 1:
     raise ValueError(
-        f"layer {path!r} was called with several configurations: "
-        f"{sorted(str(tuple(c)) for c in distinct)}; use one module per "
-        "configuration"
+      f"layer {path!r} was called with several configurations: "
+      f"{sorted(str(tuple(c)) for c in distinct)}; use one module per "
+      "configuration"
     )
   return LayerInputs(inputs, calls[0].spec, calls[0].kernel_shape)

@@ -55,8 +55,13 @@ def _orthonormalise(s: jax.Array) -> jax.Array:
 
 
 def draw_sketch(
-    key: jax.Array, p: int, r: int, kind: str, *, orthonormal: bool = False,
-    dtype: Any = jnp.float32,
+  key: jax.Array,
+  p: int,
+  r: int,
+  kind: str,
+  *,
+  orthonormal: bool = False,
+  dtype: Any = jnp.float32,
 ) -> Sketch:
   """Draws a ``p x r`` sketch.
 

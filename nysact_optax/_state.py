@@ -21,12 +21,12 @@ from nysact_optax import _sketch
 from nysact_optax._tree import Layer
 
 __all__ = [
-    "NysActConfig",
-    "NysActLayerState",
-    "ScaleByNysActState",
-    "find_nysact_state",
-    "init_layer_state",
-    "nysact_states_with_path",
+  "NysActConfig",
+  "NysActLayerState",
+  "ScaleByNysActState",
+  "find_nysact_state",
+  "init_layer_state",
+  "nysact_states_with_path",
 ]
 
 
@@ -60,8 +60,9 @@ class NysActConfig:
   def draw(self, layer: Layer, key: jax.Array) -> _sketch.Sketch:
     """One layer copy's sketch for ``key``: the one draw that the statistics
     and the factors share, so they cannot use different sketches."""
-    return _sketch.draw_sketch(key, layer.p, layer.rank, self.sketch,
-                               orthonormal=self.orthonormal, dtype=self.dtype)
+    return _sketch.draw_sketch(
+      key, layer.p, layer.rank, self.sketch, orthonormal=self.orthonormal, dtype=self.dtype
+    )
 
 
 jax.tree_util.register_static(NysActConfig)
@@ -126,7 +127,7 @@ class ScaleByNysActState(NamedTuple):
     (0, ['dense'], 'gaussian')
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's field name; shadows tuple.count
   layers: dict[str, NysActLayerState]
   config: NysActConfig
 
@@ -137,14 +138,14 @@ def init_layer_state(layer: Layer, key: jax.Array, dtype: Any) -> NysActLayerSta
   if stack:  # one sketch per stacked copy
     key = jax.random.split(key, math.prod(stack)).reshape(stack + key.shape)
   return NysActLayerState(
-      sketch_key=key,
-      cov=jnp.zeros(stack + (p, r), dtype),
-      basis=jnp.zeros(stack + (p, r), dtype),
-      eigvals=jnp.zeros(stack + (r,), dtype),
-      damping_scale=jnp.ones(stack, dtype),
-      stat_count=jnp.zeros(stack, jnp.int32),
-      failures=jnp.zeros(stack, jnp.int32),
-      stat_skips=jnp.zeros(stack, jnp.int32),
+    sketch_key=key,
+    cov=jnp.zeros(stack + (p, r), dtype),
+    basis=jnp.zeros(stack + (p, r), dtype),
+    eigvals=jnp.zeros(stack + (r,), dtype),
+    damping_scale=jnp.ones(stack, dtype),
+    stat_count=jnp.zeros(stack, jnp.int32),
+    failures=jnp.zeros(stack, jnp.int32),
+    stat_skips=jnp.zeros(stack, jnp.int32),
   )
 
 
@@ -174,9 +175,9 @@ def find_nysact_state(opt_state: Any) -> ScaleByNysActState:
   if len(found) != 1:
     where = [jax.tree_util.keystr(path) or "the root" for path, _ in found]
     raise ValueError(
-        f"expected exactly one ScaleByNysActState in the optimizer state, found "
-        f"{len(found)}{f' (at {where})' if where else ''}: pass the state of a "
-        "transformation built with nysact_optax.nysact or "
-        f"nysact_optax.scale_by_nysact, got a {type(opt_state).__name__}"
+      f"expected exactly one ScaleByNysActState in the optimizer state, found "
+      f"{len(found)}{f' (at {where})' if where else ''}: pass the state of a "
+      "transformation built with nysact_optax.nysact or "
+      f"nysact_optax.scale_by_nysact, got a {type(opt_state).__name__}"
     )
   return found[0][1]

@@ -7,8 +7,8 @@ is that convolution's kernel-gradient for the output cotangent ``Z``
 (design note, section 4), written as a canonical convolution of the
 transposed input with ``Z`` as its kernel: XLA:CPU emits the kernel-gradient
 form as a naive loop inside ``lax.cond``, where the optimizer runs the
-statistics (10-70x slower, ``python -m benchmarks.conv_stats``). With a bias, a constant 1 is appended to each row of
-``A``; its column needs only sums.
+statistics (10-70x slower, ``python -m benchmarks.conv_stats``). With a bias,
+a constant 1 is appended to each row of ``A``; its column needs only sums.
 
 Grouped convolutions (``feature_group_count = G``, depthwise included) share
 one kernel row space of width ``p_in = prod(kernel_size) * c_in / G`` across
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
   from nysact_optax._state import NysActConfig
 
 __all__ = ["layer_statistics", "sketched_covariance"]
+
 
 def _dense_rows(x: jax.Array, spec: DenseSpec) -> jax.Array:
   """Moves the contracted axes last and merges them into one feature axis.
@@ -68,14 +69,19 @@ def _dense_stats(x, spec, sketch, has_bias, dtype, precision):
   z = _sketch_rows(x, sketch, has_bias, precision)
   row_axes = tuple(range(x.ndim - 1))
   # Contracts the row axes in place (they may be sharded over a batch axis).
-  y = jnp.tensordot(x, z, axes=(row_axes, row_axes), precision=precision,
-                    out_sharding=_distributed.contraction_out_sharding(x, z))
+  y = jnp.tensordot(
+    x,
+    z,
+    axes=(row_axes, row_axes),
+    precision=precision,
+    out_sharding=_distributed.contraction_out_sharding(x, z),
+  )
   if has_bias:
     y = jnp.concatenate([y, z.sum(row_axes)[None]], axis=0)
   return y, math.prod(x.shape[:-1])
 
 
-def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, object]:
+def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, Any]:
   """Merges batch axes into one and applies flax's non-lax paddings.
 
   Returns the input as ``(batch, *spatial, c_in)`` and the padding to hand to
@@ -101,16 +107,16 @@ def prepare_conv_input(x: jax.Array, spec: ConvSpec) -> tuple[jax.Array, object]
 def _conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
   spatial = tuple(range(1, ndim - 1))
   return lax.ConvDimensionNumbers(
-      lhs_spec=(0, ndim - 1) + spatial,
-      rhs_spec=(ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
-      out_spec=(0, ndim - 1) + spatial,
+    lhs_spec=(0, ndim - 1) + spatial,
+    rhs_spec=(ndim - 1, ndim - 2) + tuple(range(ndim - 2)),
+    out_spec=(0, ndim - 1) + spatial,
   )
 
 
 _CANONICAL = {
-    1: ("NHC", "HIO", "NHC"),
-    2: ("NHWC", "HWIO", "NHWC"),
-    3: ("NDHWC", "DHWIO", "NDHWC"),
+  1: ("NHC", "HIO", "NHC"),
+  2: ("NHWC", "HWIO", "NHWC"),
+  3: ("NDHWC", "DHWIO", "NDHWC"),
 }
 
 
@@ -119,13 +125,12 @@ def _conv_pads(x: jax.Array, spec: ConvSpec, padding) -> list[tuple[int, int]]:
   if not isinstance(padding, str):
     return [tuple(p) for p in padding]
   dilated = [(k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.kernel_dilation)]
-  return [tuple(p) for p in lax.padtype_to_pads(
-      x.shape[1:-1], dilated, spec.strides, padding)]
+  return [tuple(p) for p in lax.padtype_to_pads(x.shape[1:-1], dilated, spec.strides, padding)]
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
   spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-  return bool(spec) and any(entry is not None for entry in spec)
+  return spec is not None and any(entry is not None for entry in spec)
 
 
 def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
@@ -147,9 +152,16 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
     # sharded batch axis into a feature axis.
     def conv(k):
       return lax.conv_general_dilated(
-          x, k, spec.strides, padding, lhs_dilation=spec.input_dilation,
-          rhs_dilation=spec.kernel_dilation, dimension_numbers=dnums,
-          feature_group_count=groups, precision=precision)
+        x,
+        k,
+        spec.strides,
+        padding,
+        lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=dnums,
+        feature_group_count=groups,
+        precision=precision,
+      )
 
     z, conv_vjp = jax.vjp(conv, kernel)  # z = A S for every group: (..., G * r)
     if has_bias:
@@ -160,12 +172,23 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
     # Input dilation and padding applied once, explicitly, so both products
     # below are plain strided convolutions.
     pads = _conv_pads(x, spec, padding)
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [
-        (lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)] + [(0, 0, 0)])
+    xp = lax.pad(
+      x,
+      jnp.zeros((), x.dtype),
+      [(0, 0, 0)]
+      + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)]
+      + [(0, 0, 0)],
+    )
     z = lax.conv_general_dilated(
-        xp, kernel, spec.strides, "VALID", rhs_dilation=spec.kernel_dilation,
-        dimension_numbers=dnums, feature_group_count=groups,
-        precision=precision)  # A S: (b, *out, G*r)
+      xp,
+      kernel,
+      spec.strides,
+      "VALID",
+      rhs_dilation=spec.kernel_dilation,
+      dimension_numbers=dnums,
+      feature_group_count=groups,
+      precision=precision,
+    )  # A S: (b, *out, G*r)
     if has_bias:
       z = z + _row(jnp.tile(s[p_in], groups), z.ndim)
     # A^T Z as a canonical convolution (the kernel-gradient transposed by
@@ -181,9 +204,14 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
     zt = jnp.moveaxis(zt, (0, nsp + 1), (-2, -3))  # (*out, G, b, r)
     zt = zt.reshape(zt.shape[:nsp] + (groups * b, r))
     y = lax.conv_general_dilated(
-        xt, zt, spec.kernel_dilation, "VALID", rhs_dilation=spec.strides,
-        dimension_numbers=lax.conv_dimension_numbers(xt.shape, zt.shape, _CANONICAL[nsp]),
-        precision=precision)  # (cg, >= k..., r)
+      xt,
+      zt,
+      spec.kernel_dilation,
+      "VALID",
+      rhs_dilation=spec.strides,
+      dimension_numbers=lax.conv_dimension_numbers(xt.shape, zt.shape, _CANONICAL[nsp]),
+      precision=precision,
+    )  # (cg, >= k..., r)
     y = y[(slice(None),) + tuple(slice(0, k) for k in spec.kernel_size)]
     y = jnp.moveaxis(y, 0, -2).reshape(p_in, r)  # kernel order (*k, cg)
   if has_bias:
@@ -193,8 +221,11 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
 
 
 def sketched_covariance(
-    layer: LayerInputs, sketch: Sketch, has_bias: bool, dtype: Any = jnp.float32,
-    precision: lax.Precision = lax.Precision.HIGHEST,
+  layer: LayerInputs,
+  sketch: Sketch,
+  has_bias: bool,
+  dtype: Any = jnp.float32,
+  precision: lax.Precision = lax.Precision.HIGHEST,
 ) -> jax.Array:
   """``A^T A S / n`` over every call of the layer (``p x r``, in ``dtype``).
 
@@ -224,15 +255,18 @@ def sketched_covariance(
            [ 2.,  3.,  1.]], dtype=float32)
   """
   stats = _conv_stats if isinstance(layer.spec, ConvSpec) else _dense_stats
-  total, rows = 0.0, 0
+  total: jax.Array | None = None
+  rows = 0
   for x in layer.inputs:
     y, n = stats(x, layer.spec, sketch, has_bias, dtype, precision)
-    total, rows = total + y, rows + n
+    total, rows = (y if total is None else total + y), rows + n
+  if total is None:
+    raise ValueError(f"no inputs to compute statistics from (spec {layer.spec})")
   return total / rows
 
 
 def layer_statistics(
-    layer: _tree.Layer, sketch_key: jax.Array, inputs: LayerInputs, config: NysActConfig
+  layer: _tree.Layer, sketch_key: jax.Array, inputs: LayerInputs, config: NysActConfig
 ) -> tuple[jax.Array, jax.Array]:
   """The next sketch key and ``Y = A^T A S / n`` of one layer.
 
@@ -256,7 +290,6 @@ def layer_statistics(
   def one(key, layer_inputs):
     key = _sketch.next_sketch_key(key, config.sketch_refresh, layer.exact)
     s = config.draw(layer, key)
-    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype,
-                                    config.precision)
+    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype, config.precision)
 
   return _tree.over_stack(layer, one, sketch_key, inputs)

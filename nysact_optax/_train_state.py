@@ -90,14 +90,14 @@ class TrainState(train_state.TrainState):
     extra = {k: v for k, v in extra.items() if v is not None}
     if not extra and _needs_activations(self.opt_state):
       raise ValueError(
-          "TrainState.apply_gradients(grads=...) needs activations=... with a "
-          "NysAct optimizer: take the gradient with "
-          "nysact_optax.value_and_grad(loss_fn, ...) in place of "
-          "jax.value_and_grad(loss_fn, ...); it returns ((value, grads), "
-          "activations). Pass them: state.apply_gradients(grads=grads, "
-          "activations=activations)"
+        "TrainState.apply_gradients(grads=...) needs activations=... with a "
+        "NysAct optimizer: take the gradient with "
+        "nysact_optax.value_and_grad(loss_fn, ...) in place of "
+        "jax.value_and_grad(loss_fn, ...); it returns ((value, grads), "
+        "activations). Pass them: state.apply_gradients(grads=grads, "
+        "activations=activations)"
       )
-    return _with_extra_args(self, grads, extra, kwargs, super(TrainState, self).apply_gradients)
+    return _with_extra_args(self, grads, extra, kwargs, super().apply_gradients)
 
 
 def _with_extra_args(state, grads, extra, kwargs, apply):
@@ -106,13 +106,20 @@ def _with_extra_args(state, grads, extra, kwargs, apply):
   tx = state.tx
   with_extra = optax.with_extra_args_support(tx)  # other optimizers ignore them
   bound = optax.GradientTransformationExtraArgs(
-      with_extra.init, functools.partial(with_extra.update, **extra))
+    with_extra.init, functools.partial(with_extra.update, **extra)
+  )
   new = apply.__func__(state.replace(tx=bound), grads=grads, **kwargs)
   return new.replace(tx=tx)
 
 
-def apply_gradients(state: train_state.TrainState, *, grads: Any, activations: Any = None,
-                    statistics: Any = None, **kwargs: Any) -> train_state.TrainState:
+def apply_gradients(
+  state: train_state.TrainState,
+  *,
+  grads: Any,
+  activations: Any = None,
+  statistics: Any = None,
+  **kwargs: Any,
+) -> train_state.TrainState:
   """``state.apply_gradients(grads=grads, **kwargs)`` for flax's own
   ``TrainState`` (or a subclass), with ``activations=`` passed to ``tx.update``.
 
@@ -152,15 +159,16 @@ def apply_gradients(state: train_state.TrainState, *, grads: Any, activations: A
     1
   """
   if isinstance(state, TrainState):
-    return state.apply_gradients(grads=grads, activations=activations, statistics=statistics,
-                                 **kwargs)
+    return state.apply_gradients(
+      grads=grads, activations=activations, statistics=statistics, **kwargs
+    )
   extra = {"activations": activations, "statistics": statistics}
   extra = {k: v for k, v in extra.items() if v is not None}
   if not extra and _needs_activations(state.opt_state):
     raise ValueError(
-        "nysact_optax.apply_gradients(state, grads=...) needs activations=... "
-        "with a NysAct optimizer: take the gradient with "
-        "nysact_optax.value_and_grad(loss_fn, ...), which returns ((value, "
-        "grads), activations)"
+      "nysact_optax.apply_gradients(state, grads=...) needs activations=... "
+      "with a NysAct optimizer: take the gradient with "
+      "nysact_optax.value_and_grad(loss_fn, ...), which returns ((value, "
+      "grads), activations)"
     )
   return _with_extra_args(state, grads, extra, kwargs, state.apply_gradients)

@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from nysact_optax import _apply, _distributed, _nystrom, _sketch, _statistics, _tree
-from nysact_optax import _validation
+from nysact_optax import _apply, _distributed, _nystrom, _sketch, _statistics, _tree, _validation
 from nysact_optax._state import (
-    NysActConfig,
-    NysActLayerState,
-    ScaleByNysActState,
-    init_layer_state,
+  NysActConfig,
+  NysActLayerState,
+  ScaleByNysActState,
+  init_layer_state,
 )
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "scale_by_nysact"]
@@ -50,15 +49,14 @@ def _accumulate(ls: NysActLayerState, key, y, stat_decay, axis_name, dtype) -> N
   cov = (stat_decay * ls.cov + (1.0 - stat_decay) * y).astype(dtype)
   ok = jnp.isfinite(cov).all((-2, -1))  # per stacked copy
   return ls._replace(
-      sketch_key=jnp.where(ok[..., None], key, ls.sketch_key),
-      cov=jnp.where(ok[..., None, None], cov, ls.cov),
-      stat_count=ls.stat_count + ok.astype(jnp.int32),
-      stat_skips=ls.stat_skips + (~ok).astype(jnp.int32),
+    sketch_key=jnp.where(ok[..., None], key, ls.sketch_key),
+    cov=jnp.where(ok[..., None, None], cov, ls.cov),
+    stat_count=ls.stat_count + ok.astype(jnp.int32),
+    stat_skips=ls.stat_skips + (~ok).astype(jnp.int32),
   )
 
 
-def _factors(layer, cov, key, count, *, config, factorise, stat_decay, damping,
-             relative_damping):
+def _factors(layer, cov, key, count, *, config, factorise, stat_decay, damping, relative_damping):
   """``(U, lam, damping_scale)`` of one layer copy from its EMA statistics."""
   correction = 1.0 - jnp.asarray(stat_decay, cov.dtype) ** count
   c_hat = cov / jnp.where(count > 0, correction, 1.0)
@@ -74,8 +72,7 @@ def _factors(layer, cov, key, count, *, config, factorise, stat_decay, damping,
   return u, lam, scale
 
 
-def _update_statistics(layer_states, *, layers, config, inputs, statistics, stat_decay,
-                       axis_name):
+def _update_statistics(layer_states, *, layers, config, inputs, statistics, stat_decay, axis_name):
   """Every layer's new statistics (from ``inputs``, or given) into its EMA."""
   new = dict(layer_states)
   for layer in layers:
@@ -84,8 +81,11 @@ def _update_statistics(layer_states, *, layers, config, inputs, statistics, stat
       if statistics is None:
         key, y = _statistics.layer_statistics(layer, ls.sketch_key, inputs[layer.name], config)
       else:
-        key = _tree.over_stack(layer, lambda k, layer=layer: _sketch.next_sketch_key(
-            k, config.sketch_refresh, layer.exact), ls.sketch_key)
+        key = _tree.over_stack(
+          layer,
+          lambda k, layer=layer: _sketch.next_sketch_key(k, config.sketch_refresh, layer.exact),
+          ls.sketch_key,
+        )
         y = jnp.asarray(statistics[layer.name], config.dtype)
       new[layer.name] = _accumulate(ls, key, y, stat_decay, axis_name, config.dtype)
   return new
@@ -97,17 +97,23 @@ def _refresh(layer_states, *, layers, config, factorise, stat_decay, damping, re
   for layer in layers:
     with jax.named_scope(f"nysact/factors/{layer.name}"):
       ls = layer_states[layer.name]
-      one = functools.partial(_factors, layer, config=config, factorise=factorise,
-                              stat_decay=stat_decay, damping=damping,
-                              relative_damping=relative_damping)
+      one = functools.partial(
+        _factors,
+        layer,
+        config=config,
+        factorise=factorise,
+        stat_decay=stat_decay,
+        damping=damping,
+        relative_damping=relative_damping,
+      )
       u, lam, scale = _tree.over_stack(layer, one, ls.cov, ls.sketch_key, ls.stat_count)
       ok = jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(lam).all(-1)  # per copy
       dtype = config.dtype
       new[layer.name] = ls._replace(
-          basis=jnp.where(ok[..., None, None], u, ls.basis).astype(dtype),
-          eigvals=jnp.where(ok[..., None], lam, ls.eigvals).astype(dtype),
-          damping_scale=jnp.where(ok, scale, ls.damping_scale).astype(dtype),
-          failures=ls.failures + (~ok).astype(jnp.int32),
+        basis=jnp.where(ok[..., None, None], u, ls.basis).astype(dtype),
+        eigvals=jnp.where(ok[..., None], lam, ls.eigvals).astype(dtype),
+        damping_scale=jnp.where(ok, scale, ls.damping_scale).astype(dtype),
+        failures=ls.failures + (~ok).astype(jnp.int32),
       )
   return new
 
@@ -124,9 +130,15 @@ def _precondition_all(updates, layers, layer_states, damping, dtype, precision):
       bias = leaves[position[layer.bias_path]] if layer.has_bias else None
       g = _apply.to_matrix(layer, kernel, bias, dtype)
       pg = _tree.over_stack(
-          layer, lambda g, u, lam, scale: _apply.precondition(
-              g, u, lam, damping * scale, precision=precision),
-          g, ls.basis, ls.eigvals, ls.damping_scale)
+        layer,
+        lambda g, u, lam, scale: _apply.precondition(
+          g, u, lam, damping * scale, precision=precision
+        ),
+        g,
+        ls.basis,
+        ls.eigvals,
+        ls.damping_scale,
+      )
       kernel, bias = _apply.from_matrix(layer, pg, kernel, bias)
       leaves[position[layer.kernel_path]] = kernel
       if layer.has_bias:
@@ -141,35 +153,34 @@ def _model_input_axes(model: Any, input_axes):
 
   if not _capture_nnx.is_nnx(model) or not isinstance(model, _capture_nnx.nnx.Module):
     raise TypeError(
-        f"model must be an nnx.Module (its layers' layouts are read from it), got "
-        f"model={type(model).__name__}; for flax.linen models pass input_axes= "
-        "where the error message asks for it"
+      f"model must be an nnx.Module (its layers' layouts are read from it), got "
+      f"model={type(model).__name__}; for flax.linen models pass input_axes= "
+      "where the error message asks for it"
     )
-  found = {f"^{re.escape(name)}$": axes
-           for name, axes in _capture_nnx.input_axes_of(model).items()}
+  found = {f"^{re.escape(name)}$": axes for name, axes in _capture_nnx.input_axes_of(model).items()}
   return {**found, **(input_axes or {})}
 
 
 def scale_by_nysact(
-    *,
-    rank: _tree.RankRule = 10,
-    sketch: str = "gaussian",
-    damping: float = 1.0,
-    stat_decay: float = 0.95,
-    cov_update_every: int = 5,
-    inv_update_every: int = 50,
-    seed: int = 0,
-    sketch_refresh: str = "fixed",
-    nystrom: str = "stable",
-    exclude: _tree.LayerFilter = (),
-    input_axes: Mapping[str, int | Sequence[int]] | None = None,
-    include: _tree.LayerFilter | None = None,
-    stack_axes: Mapping[str, int] | None = None,
-    stats_dtype: Any = "float32",
-    axis_name: str | None = None,
-    relative_damping: bool = False,
-    model: Any = None,
-    precision: Any = "highest",
+  *,
+  rank: _tree.RankRule = 10,
+  sketch: str = "gaussian",
+  damping: float = 1.0,
+  stat_decay: float = 0.95,
+  cov_update_every: int = 5,
+  inv_update_every: int = 50,
+  seed: int = 0,
+  sketch_refresh: str = "fixed",
+  nystrom: str = "stable",
+  exclude: _tree.LayerFilter = (),
+  input_axes: Mapping[str, int | Sequence[int]] | None = None,
+  include: _tree.LayerFilter | None = None,
+  stack_axes: Mapping[str, int] | None = None,
+  stats_dtype: Any = "float32",
+  axis_name: str | None = None,
+  relative_damping: bool = False,
+  model: Any = None,
+  precision: Any = "highest",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Preconditions each layer's gradient with a Nyström-approximated FOOF inverse.
 
@@ -298,38 +309,64 @@ def scale_by_nysact(
     Nyström Approximation", IEEE BigData 2024; arXiv:2506.08360.
   """
   _validation.validate_settings(
-      rank, sketch, damping, stat_decay, cov_update_every, inv_update_every,
-      sketch_refresh, nystrom, seed, exclude, input_axes, stats_dtype,
-      relative_damping, precision)
+    rank,
+    sketch,
+    damping,
+    stat_decay,
+    cov_update_every,
+    inv_update_every,
+    sketch_refresh,
+    nystrom,
+    seed,
+    exclude,
+    input_axes,
+    stats_dtype,
+    relative_damping,
+    precision,
+  )
   stats_precision, apply_precision = _validation.resolve_precision(precision)
   if model is not None:
     input_axes = _model_input_axes(model, input_axes)
   factorise = {
-      "shifted": _nystrom.nystrom_shifted,
-      "stable": _nystrom.nystrom_stable,
+    "shifted": _nystrom.nystrom_shifted,
+    "stable": _nystrom.nystrom_stable,
   }[nystrom]
   dtype = jnp.dtype(stats_dtype)
 
   def layers_of(tree):
-    return _tree.find_layers(tree, rank=rank, exclude=exclude, input_axes=input_axes,
-                             include=include, stack_axes=stack_axes)
+    return _tree.find_layers(
+      tree,
+      rank=rank,
+      exclude=exclude,
+      input_axes=input_axes,
+      include=include,
+      stack_axes=stack_axes,
+    )
 
   def config_of(layers):
-    return NysActConfig(sketch, sketch_refresh, nystrom == "stable", dtype.name,
-                        cov_update_every, tuple(layers), stats_precision)
+    return NysActConfig(
+      sketch,
+      sketch_refresh,
+      nystrom == "stable",
+      dtype.name,
+      cov_update_every,
+      tuple(layers),
+      stats_precision,
+    )
 
   def init_fn(params):
     layers = layers_of(params)
     base = jax.random.PRNGKey(seed)
     return ScaleByNysActState(
-        count=jnp.zeros([], jnp.int32),
-        layers={layer.name: init_layer_state(layer, jax.random.fold_in(base, i), dtype)
-                for i, layer in enumerate(layers)},
-        config=config_of(layers),
+      count=jnp.zeros([], jnp.int32),
+      layers={
+        layer.name: init_layer_state(layer, jax.random.fold_in(base, i), dtype)
+        for i, layer in enumerate(layers)
+      },
+      config=config_of(layers),
     )
 
-  def update_fn(updates, state, params=None, *, activations=None,
-                statistics=None, **extra_args):
+  def update_fn(updates, state, params=None, *, activations=None, statistics=None, **extra_args):
     del params, extra_args
     layers = layers_of(updates)
     _validation.check_state(layers, state)
@@ -339,23 +376,45 @@ def scale_by_nysact(
       inputs = _validation.check_activations(layers, activations, include, exclude)
     elif activations is not None:
       raise ValueError(
-          "scale_by_nysact.update got both activations= and statistics=: pass "
-          "statistics= (from nysact_optax.sketched_statistics) when "
-          "accumulating micro-batches, activations= otherwise"
+        "scale_by_nysact.update got both activations= and statistics=: pass "
+        "statistics= (from nysact_optax.sketched_statistics) when "
+        "accumulating micro-batches, activations= otherwise"
       )
     else:
       _validation.check_statistics(layers, statistics)
 
-    layer_states = _periodic(state.count, cov_update_every, functools.partial(
-        _update_statistics, layers=layers, config=config, inputs=inputs,
-        statistics=statistics, stat_decay=stat_decay, axis_name=axis_name), state.layers)
-    layer_states = _periodic(state.count, inv_update_every, functools.partial(
-        _refresh, layers=layers, config=config, factorise=factorise, stat_decay=stat_decay,
-        damping=damping, relative_damping=relative_damping), layer_states)
-    updates = _precondition_all(updates, layers, layer_states, damping, dtype,
-                                apply_precision)
+    layer_states = _periodic(
+      state.count,
+      cov_update_every,
+      functools.partial(
+        _update_statistics,
+        layers=layers,
+        config=config,
+        inputs=inputs,
+        statistics=statistics,
+        stat_decay=stat_decay,
+        axis_name=axis_name,
+      ),
+      state.layers,
+    )
+    layer_states = _periodic(
+      state.count,
+      inv_update_every,
+      functools.partial(
+        _refresh,
+        layers=layers,
+        config=config,
+        factorise=factorise,
+        stat_decay=stat_decay,
+        damping=damping,
+        relative_damping=relative_damping,
+      ),
+      layer_states,
+    )
+    updates = _precondition_all(updates, layers, layer_states, damping, dtype, apply_precision)
     new_state = ScaleByNysActState(
-        count=optax.safe_increment(state.count), layers=layer_states, config=state.config)
+      count=optax.safe_increment(state.count), layers=layer_states, config=state.config
+    )
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,8 +24,15 @@ import jax
 from nysact_optax._layers import LayerInputs
 
 __all__ = [
-    "ATTENTION_PROJECTIONS", "Layer", "activation_table", "default_input_axes",
-    "find_layers", "key_name", "over_stack", "path_name", "selected",
+  "ATTENTION_PROJECTIONS",
+  "Layer",
+  "activation_table",
+  "default_input_axes",
+  "find_layers",
+  "key_name",
+  "over_stack",
+  "path_name",
+  "selected",
 ]
 
 LayerFilter = Sequence[str] | Callable[[str], bool]
@@ -161,8 +168,9 @@ def over_stack(layer: Layer, fn, *args):
 ATTENTION_PROJECTIONS = ("query", "key", "value")
 
 
-def default_input_axes(name: str, kernel_dims: tuple[int, ...],
-                       bias_dims: tuple[int, ...] | None) -> tuple[int, ...]:
+def default_input_axes(
+  name: str, kernel_dims: tuple[int, ...], bias_dims: tuple[int, ...] | None
+) -> tuple[int, ...]:
   """The kernel axes that meet the input, as far as the shapes tell.
 
   With a bias, the output axes are the kernel axes whose sizes are the
@@ -191,11 +199,17 @@ def default_input_axes(name: str, kernel_dims: tuple[int, ...],
     return tuple(range(ndim - 1))
   n_out = max(min(len(bias_dims), ndim - 1), 1)
   trailing = tuple(range(ndim - n_out))
-  if (len(bias_dims) != n_out or sorted(kernel_dims[ndim - n_out:]) == sorted(bias_dims)
-      or _stack_hint(kernel_dims, bias_dims)):  # stacked copies: the error says so
+  if (
+    len(bias_dims) != n_out
+    or sorted(kernel_dims[ndim - n_out :]) == sorted(bias_dims)
+    or _stack_hint(kernel_dims, bias_dims)
+  ):  # stacked copies: the error says so
     return trailing
-  fits = [out for out in itertools.combinations(range(ndim), n_out)
-          if sorted(kernel_dims[a] for a in out) == sorted(bias_dims)]
+  fits = [
+    out
+    for out in itertools.combinations(range(ndim), n_out)
+    if sorted(kernel_dims[a] for a in out) == sorted(bias_dims)
+  ]
   if len(fits) != 1:
     return trailing  # no one layout fits: the update's check names the fix
   return tuple(a for a in range(ndim) if a not in fits[0])
@@ -206,8 +220,9 @@ def _bias_perm(out_dims: tuple[int, ...], bias_dims: tuple[int, ...]):
   if len(bias_dims) != len(out_dims) or len(out_dims) > 6:
     return None, False  # reshaped, not transposed
   identity = tuple(range(len(out_dims)))
-  perms = [q for q in itertools.permutations(identity)
-           if tuple(bias_dims[i] for i in q) == out_dims]
+  perms = [
+    q for q in itertools.permutations(identity) if tuple(bias_dims[i] for i in q) == out_dims
+  ]
   if identity in perms:
     return identity, len(perms) > 1
   return (perms[0], len(perms) > 1) if perms else (None, False)
@@ -240,8 +255,8 @@ def _layer_rank(rank: RankRule, name: str, p: int) -> int:
   r = rank(name, p) if callable(rank) else rank
   if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
     raise ValueError(
-        f"layer {name!r}: rank({name!r}, {p}) returned {r!r}; the rank rule must "
-        "return an integer >= 1"
+      f"layer {name!r}: rank({name!r}, {p}) returned {r!r}; the rank rule must "
+      "return an integer >= 1"
     )
   return min(int(r), p)
 
@@ -251,19 +266,23 @@ def _stack_hint(kernel_shape: tuple[int, ...], bias_shape: tuple[int, ...]) -> i
   plain layer (bias = the kernel's trailing axes), or 0."""
   for k in range(1, min(len(kernel_shape) - 1, len(bias_shape))):
     rest = bias_shape[k:]
-    if kernel_shape[:k] == bias_shape[:k] and rest and kernel_shape[len(kernel_shape) - len(rest):] == rest:
+    if (
+      kernel_shape[:k] == bias_shape[:k]
+      and rest
+      and kernel_shape[len(kernel_shape) - len(rest) :] == rest
+    ):
       return k
   return 0
 
 
 def find_layers(
-    tree: Any,
-    *,
-    rank: RankRule,
-    exclude: LayerFilter = (),
-    input_axes: Mapping[str, int | Sequence[int]] | None = None,
-    include: LayerFilter | None = None,
-    stack_axes: Mapping[str, int] | None = None,
+  tree: Any,
+  *,
+  rank: RankRule,
+  exclude: LayerFilter = (),
+  input_axes: Mapping[str, int | Sequence[int]] | None = None,
+  include: LayerFilter | None = None,
+  stack_axes: Mapping[str, int] | None = None,
 ) -> list[Layer]:
   """The preconditioned layers of a parameter (or gradient) tree, by name.
 
@@ -288,39 +307,48 @@ def find_layers(
     if not selected(name, include, exclude):
       continue
     bias_path = next(
-        (q for q in by_path
-         if names[q][:-1] == node[:-1] and names[q] and key_name(names[q][-1]) == "bias"),
-        None,
+      (
+        q
+        for q in by_path
+        if names[q][:-1] == node[:-1] and names[q] and key_name(names[q][-1]) == "bias"
+      ),
+      None,
     )
     stack = _lookup(stack_axes, name) or 0
-    if isinstance(stack, bool) or not isinstance(stack, numbers.Integral) or not (
-        0 <= stack <= leaf.ndim - 2
+    if (
+      isinstance(stack, bool)
+      or not isinstance(stack, numbers.Integral)
+      or not (0 <= int(stack) <= leaf.ndim - 2)
     ):
       raise ValueError(
-          f"layer {name!r}: stack_axes={stack!r} must be an integer between 0 "
-          f"and {leaf.ndim - 2} for a kernel of shape {tuple(leaf.shape)}"
+        f"layer {name!r}: stack_axes={stack!r} must be an integer between 0 "
+        f"and {leaf.ndim - 2} for a kernel of shape {tuple(leaf.shape)}"
       )
+    stack = int(stack)
     ndim = leaf.ndim - stack
     axes = _lookup(input_axes, name)
     if axes is None:
-      bias_dims = (None if bias_path is None
-                   else tuple(by_path[bias_path].shape[stack:]))
+      bias_dims = None if bias_path is None else tuple(by_path[bias_path].shape[stack:])
       axes = default_input_axes(name, tuple(leaf.shape[stack:]), bias_dims)
     if isinstance(axes, numbers.Integral):
-      if not 1 <= axes < ndim:
+      if not 1 <= int(axes) < ndim:
         raise ValueError(
-            f"layer {name!r}: input_axes={axes} must be between 1 and "
-            f"{ndim - 1} for a kernel of shape {tuple(leaf.shape)}"
-            + (f" with {stack} stack axes" if stack else "")
+          f"layer {name!r}: input_axes={axes} must be between 1 and "
+          f"{ndim - 1} for a kernel of shape {tuple(leaf.shape)}"
+          + (f" with {stack} stack axes" if stack else "")
         )
       axes = tuple(range(axes))
     axes = tuple(int(a) % ndim if -ndim <= a < ndim else a for a in axes)
-    if (not axes or len(set(axes)) != len(axes) or len(axes) >= ndim
-        or any(not 0 <= a < ndim for a in axes)):
+    if (
+      not axes
+      or len(set(axes)) != len(axes)
+      or len(axes) >= ndim
+      or any(not 0 <= a < ndim for a in axes)
+    ):
       raise ValueError(
-          f"layer {name!r}: input_axes={axes} must be distinct axes of the "
-          f"{ndim}-axis kernel {tuple(leaf.shape[stack:])}, leaving at least "
-          "one output axis"
+        f"layer {name!r}: input_axes={axes} must be distinct axes of the "
+        f"{ndim}-axis kernel {tuple(leaf.shape[stack:])}, leaving at least "
+        "one output axis"
       )
     axes = tuple(sorted(axes))
     out_axes = tuple(a for a in range(ndim) if a not in axes)
@@ -332,23 +360,32 @@ def find_layers(
       bias_perm, ambiguous = _bias_perm(out_dims, bias_shape[stack:])
       reshaped = len(bias_shape) - stack != len(out_dims)
       if bias_shape[:stack] != tuple(leaf.shape[:stack]) or (
-          math.prod(bias_shape[stack:]) != math.prod(out_dims)
-          or (not reshaped and bias_perm is None)):
+        math.prod(bias_shape[stack:]) != math.prod(out_dims) or (not reshaped and bias_perm is None)
+      ):
         hint = "pass input_axes= and stack_axes= that describe the layer"
         stacked = _stack_hint(tuple(leaf.shape), bias_shape)
         if not stack and stacked:
-          hint = (f"it looks stacked by nn.scan/nn.vmap: pass "
-                  f"stack_axes={{{name!r}: {stacked}}}")
+          hint = f"it looks stacked by nn.scan/nn.vmap: pass stack_axes={{{name!r}: {stacked}}}"
         raise ValueError(
-            f"layer {name!r}: the bias of shape {bias_shape} does not match the "
-            f"outputs {out_dims} of the kernel {tuple(leaf.shape)} (input axes {axes}"
-            + (f", {stack} stack axes" if stack else "")
-            + f"); {hint}, or exclude it with exclude=[{name!r}]"
+          f"layer {name!r}: the bias of shape {bias_shape} does not match the "
+          f"outputs {out_dims} of the kernel {tuple(leaf.shape)} (input axes {axes}"
+          + (f", {stack} stack axes" if stack else "")
+          + f"); {hint}, or exclude it with exclude=[{name!r}]"
         )
     p = math.prod(leaf.shape[stack + a] for a in axes) + int(bias_path is not None)
     layers.append(
-        Layer(name, path, bias_path, tuple(leaf.shape), _layer_rank(rank, name, p),
-              axes, stack, bias_shape, bias_perm, ambiguous)
+      Layer(
+        name,
+        path,
+        bias_path,
+        tuple(leaf.shape),
+        _layer_rank(rank, name, p),
+        axes,
+        stack,
+        bias_shape,
+        bias_perm,
+        ambiguous,
+      )
     )
   return sorted(layers, key=lambda layer: layer.name)
 
@@ -356,18 +393,19 @@ def find_layers(
 def activation_table(activations: Any) -> dict[str, LayerInputs]:
   """Maps each layer name to its :class:`LayerInputs` in an activation tree."""
   leaves = jax.tree_util.tree_flatten_with_path(
-      activations, is_leaf=lambda x: isinstance(x, LayerInputs)
+    activations, is_leaf=lambda x: isinstance(x, LayerInputs)
   )[0]
   table = {}
   for path, leaf in leaves:
     if not isinstance(leaf, LayerInputs):
       where = f"activations[{path_name(path)!r}]" if path else "activations"
-      what = (f"a {tuple(leaf.shape)} array" if hasattr(leaf, "shape")
-              else f"a {type(leaf).__name__}")
+      what = (
+        f"a {tuple(leaf.shape)} array" if hasattr(leaf, "shape") else f"a {type(leaf).__name__}"
+      )
       raise TypeError(
-          f"{where} is {what}, not LayerInputs: pass the "
-          "activations that nysact_optax.capture_activations returns (a dict "
-          "from layer path to LayerInputs)"
+        f"{where} is {what}, not LayerInputs: pass the "
+        "activations that nysact_optax.capture_activations returns (a dict "
+        "from layer path to LayerInputs)"
       )
     table[path_name(path)] = leaf
   return table

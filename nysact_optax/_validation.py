@@ -19,15 +19,29 @@ import numpy as np
 from nysact_optax import _layers, _nystrom, _sketch, _tree
 
 __all__ = [
-    "PRECISIONS", "SKETCH_REFRESH", "STATS_DTYPES", "check_activations", "check_state",
-    "check_statistics", "resolve_precision", "validate_settings",
+  "PRECISIONS",
+  "SKETCH_REFRESH",
+  "STATS_DTYPES",
+  "check_activations",
+  "check_state",
+  "check_statistics",
+  "resolve_precision",
+  "validate_settings",
 ]
 
 SKETCH_REFRESH = ("fixed", "reference")
 STATS_DTYPES = ("float32", "float64")
 # The names jax.lax.Precision accepts (its members' names are accepted too).
-PRECISIONS = ("default", "fastest", "bfloat16", "high", "bfloat16_3x", "tensorfloat32",
-              "highest", "float32")
+PRECISIONS = (
+  "default",
+  "fastest",
+  "bfloat16",
+  "high",
+  "bfloat16_3x",
+  "tensorfloat32",
+  "highest",
+  "float32",
+)
 
 
 def _one_precision(value: Any) -> jax.lax.Precision | None:
@@ -57,13 +71,13 @@ def resolve_precision(precision: Any) -> tuple[jax.lax.Precision, jax.lax.Precis
   """
   pair = precision if isinstance(precision, (tuple, list)) else (precision, precision)
   if len(pair) == 2:
-    resolved = tuple(_one_precision(v) for v in pair)
-    if all(r is not None for r in resolved):
-      return resolved
+    first, second = (_one_precision(v) for v in pair)
+    if first is not None and second is not None:
+      return first, second
   raise ValueError(
-      "precision must be a jax.lax.Precision or one of its names "
-      f"{PRECISIONS}, or a pair (statistics, apply) of them, got "
-      f"precision={precision!r}"
+    "precision must be a jax.lax.Precision or one of its names "
+    f"{PRECISIONS}, or a pair (statistics, apply) of them, got "
+    f"precision={precision!r}"
   )
 
 
@@ -78,10 +92,24 @@ def _known_now(x: Any) -> Any:
   return np.asarray(x)
 
 
-def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, refresh,
-                      nystrom, seed=0, exclude=(), input_axes=None, stats_dtype="float32",
-                      relative_damping=False, precision="highest"):
+def validate_settings(
+  rank,
+  sketch,
+  damping,
+  stat_decay,
+  cov_every,
+  inv_every,
+  refresh,
+  nystrom,
+  seed=0,
+  exclude=(),
+  input_axes=None,
+  stats_dtype="float32",
+  relative_damping=False,
+  precision="highest",
+):
   """Every setting of ``scale_by_nysact``; raises ``ValueError`` naming the first bad one."""
+
   def bad(name, value, must):
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
       value = np.asarray(value)  # NumPy's repr: no weak_type, stable
@@ -90,9 +118,13 @@ def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, r
   static = ("rank", rank), ("cov_update_every", cov_every), ("inv_update_every", inv_every)
   for name, value in static:
     if isinstance(value, (jax.Array, np.ndarray)):
-      bad(name, value, "a Python int, not an array: it fixes shapes or the "
-          "schedule, so it is static (with optax.inject_hyperparams, list it "
-          "in static_args)")
+      bad(
+        name,
+        value,
+        "a Python int, not an array: it fixes shapes or the "
+        "schedule, so it is static (with optax.inject_hyperparams, list it "
+        "in static_args)",
+      )
   if not callable(rank) and (not isinstance(rank, numbers.Integral) or rank < 1):
     bad("rank", rank, "an integer >= 1")  # or a rule rank(layer_name, p) -> int
   try:
@@ -101,11 +133,11 @@ def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, r
     dtype_name = None
   if dtype_name not in STATS_DTYPES:
     bad("stats_dtype", stats_dtype, f"one of {STATS_DTYPES}")
-  if dtype_name == "float64" and not jax.config.jax_enable_x64:
+  if dtype_name == "float64" and not jax.config.read("jax_enable_x64"):
     raise ValueError(
-        "stats_dtype='float64' needs 64-bit JAX: set "
-        "jax.config.update('jax_enable_x64', True) first, got "
-        f"stats_dtype={stats_dtype!r}"
+      "stats_dtype='float64' needs 64-bit JAX: set "
+      "jax.config.update('jax_enable_x64', True) first, got "
+      f"stats_dtype={stats_dtype!r}"
     )
   resolve_precision(precision)
   if not isinstance(relative_damping, (bool, np.bool_)):
@@ -133,31 +165,40 @@ def validate_settings(rank, sketch, damping, stat_decay, cov_every, inv_every, r
       bad(name, value, "an integer >= 1")
   if inv_every % cov_every:
     raise ValueError(
-        "inv_update_every must be a multiple of cov_update_every, got "
-        f"inv_update_every={inv_every!r} and cov_update_every={cov_every!r}"
+      "inv_update_every must be a multiple of cov_update_every, got "
+      f"inv_update_every={inv_every!r} and cov_update_every={cov_every!r}"
     )
   known = _known_now(seed)
   if known is not None and (known.ndim or not np.issubdtype(known.dtype, np.integer)):
     bad("seed", seed, "an integer")
   if not callable(exclude) and (
-      isinstance(exclude, str)
-      or not isinstance(exclude, Collection)
-      or not all(isinstance(e, str) for e in exclude)
+    isinstance(exclude, str)
+    or not isinstance(exclude, Collection)
+    or not all(isinstance(e, str) for e in exclude)
   ):
-    bad("exclude", exclude, "a list of regexes or a predicate on layer paths "
-        "(a str would be read as one pattern per letter: write "
-        "exclude=['...'])")
+    bad(
+      "exclude",
+      exclude,
+      "a list of regexes or a predicate on layer paths "
+      "(a str would be read as one pattern per letter: write "
+      "exclude=['...'])",
+    )
+
   def axes_ok(v):
     if isinstance(v, (tuple, list)):
       return all(axes_ok(a) for a in v)
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
   if input_axes is not None and not (
-      isinstance(input_axes, Mapping)
-      and all(isinstance(k, str) and axes_ok(v) for k, v in input_axes.items())
+    isinstance(input_axes, Mapping)
+    and all(isinstance(k, str) and axes_ok(v) for k, v in input_axes.items())
   ):
-    bad("input_axes", input_axes, "a mapping from layer-path regexes to an "
-        "integer or a tuple of kernel axes, e.g. input_axes={'query': 1}")
+    bad(
+      "input_axes",
+      input_axes,
+      "a mapping from layer-path regexes to an "
+      "integer or a tuple of kernel axes, e.g. input_axes={'query': 1}",
+    )
 
 
 def check_state(layers, state):
@@ -165,21 +206,21 @@ def check_state(layers, state):
   names = [layer.name for layer in layers]
   if set(state.layers) != set(names):
     raise ValueError(
-        "the optimizer state does not match the updates: the state was "
-        f"initialised for layers {sorted(state.layers)}, the updates have "
-        f"layers {names} (only in the state: "
-        f"{sorted(set(state.layers) - set(names))}; only in the updates: "
-        f"{sorted(set(names) - set(state.layers))}). Call init on the params "
-        "tree you update, with the same exclude= and input_axes=."
+      "the optimizer state does not match the updates: the state was "
+      f"initialised for layers {sorted(state.layers)}, the updates have "
+      f"layers {names} (only in the state: "
+      f"{sorted(set(state.layers) - set(names))}; only in the updates: "
+      f"{sorted(set(names) - set(state.layers))}). Call init on the params "
+      "tree you update, with the same exclude= and input_axes=."
     )
   for layer in layers:
     shape = tuple(jnp.shape(state.layers[layer.name].cov))
     if shape != layer.stack_shape + (layer.p, layer.rank):
       raise ValueError(
-          f"layer {layer.name!r}: the optimizer state holds statistics of "
-          f"shape {shape}, but its kernel {layer.kernel_shape}"
-          f"{' with bias' if layer.has_bias else ''} needs "
-          f"{layer.stack_shape + (layer.p, layer.rank)}. Call init on the params tree you update."
+        f"layer {layer.name!r}: the optimizer state holds statistics of "
+        f"shape {shape}, but its kernel {layer.kernel_shape}"
+        f"{' with bias' if layer.has_bias else ''} needs "
+        f"{layer.stack_shape + (layer.p, layer.rank)}. Call init on the params tree you update."
       )
 
 
@@ -193,17 +234,17 @@ def check_statistics(layers, statistics):
   if not isinstance(statistics, Mapping) or set(statistics) != names:
     got = sorted(statistics) if isinstance(statistics, Mapping) else type(statistics).__name__
     raise ValueError(
-        f"statistics must map every layer to its sketched covariance: expected "
-        f"layers {sorted(names)}, got {got}. Compute them with "
-        "nysact_optax.sketched_statistics(opt_state, activations)."
+      f"statistics must map every layer to its sketched covariance: expected "
+      f"layers {sorted(names)}, got {got}. Compute them with "
+      "nysact_optax.sketched_statistics(opt_state, activations)."
     )
   for layer in layers:
     shape = tuple(jnp.shape(statistics[layer.name]))
     if shape != layer.stack_shape + (layer.p, layer.rank):
       raise ValueError(
-          f"layer {layer.name!r}: statistics has shape {shape}, expected "
-          f"{layer.stack_shape + (layer.p, layer.rank)} (p, rank). Compute them with "
-          "nysact_optax.sketched_statistics from this optimizer's state."
+        f"layer {layer.name!r}: statistics has shape {shape}, expected "
+        f"{layer.stack_shape + (layer.p, layer.rank)} (p, rank). Compute them with "
+        "nysact_optax.sketched_statistics from this optimizer's state."
       )
 
 
@@ -219,43 +260,45 @@ def check_activations(layers, activations, include=None, exclude=(), *, extra_ok
     if not layers:
       return {}
     raise ValueError(
-        "scale_by_nysact.update needs activations=...: take the gradient with "
-        "nysact_optax.value_and_grad(loss_fn) in place of jax.value_and_grad "
-        "(it returns ((value, grads), activations)) and pass the activations "
-        f"(layers expecting them: {[l.name for l in layers]}). flax's "
-        "TrainState.apply_gradients cannot pass them: use "
-        "nysact_optax.apply_gradients(state, grads=grads, activations=acts)"
+      "scale_by_nysact.update needs activations=...: take the gradient with "
+      "nysact_optax.value_and_grad(loss_fn) in place of jax.value_and_grad "
+      "(it returns ((value, grads), activations)) and pass the activations "
+      f"(layers expecting them: {[l.name for l in layers]}). flax's "
+      "TrainState.apply_gradients cannot pass them: use "
+      "nysact_optax.apply_gradients(state, grads=grads, activations=acts)"
     )
   table = _tree.activation_table(activations)
   known = {layer.name for layer in layers}
   for name in table:
     if not extra_ok and name not in known and _tree.selected(name, include, exclude):
       raise ValueError(
-          f"activations were captured for layer {name!r}, which has no kernel "
-          f"in the updates tree (layers there: {sorted(known)}). Pass the "
-          "params tree of the same model (variables['params'])."
+        f"activations were captured for layer {name!r}, which has no kernel "
+        f"in the updates tree (layers there: {sorted(known)}). Pass the "
+        "params tree of the same model (variables['params'])."
       )
   axes_wanted = {}
   for layer in layers:
     if layer.name not in table:
       raise ValueError(
-          f"no activations were captured for layer {layer.name!r} (kernel "
-          f"{layer.kernel_shape}); activations hold layers {sorted(table)}. "
-          "Capture them with nysact_optax.capture_activations, or exclude the "
-          f"layer with exclude=[{layer.name!r}]."
+        f"no activations were captured for layer {layer.name!r} (kernel "
+        f"{layer.kernel_shape}); activations hold layers {sorted(table)}. "
+        "Capture them with nysact_optax.capture_activations, or exclude the "
+        f"layer with exclude=[{layer.name!r}]."
       )
     spec_axes = _check_layer_inputs(layer, table[layer.name])
     if spec_axes is not None:
       axes_wanted[layer.name] = (spec_axes, layer)
   if axes_wanted:
     lines = "; ".join(
-        f"layer {name!r}: its input meets kernel axes {axes} of the kernel "
-        f"{layer.layer_kernel_shape}, which was taken to have input axes "
-        f"{layer.input_axes}" for name, (axes, layer) in axes_wanted.items())
+      f"layer {name!r}: its input meets kernel axes {axes} of the kernel "
+      f"{layer.layer_kernel_shape}, which was taken to have input axes "
+      f"{layer.input_axes}"
+      for name, (axes, layer) in axes_wanted.items()
+    )
     fix = ", ".join(f"{name!r}: {_axes_hint(axes)}" for name, (axes, _) in axes_wanted.items())
     raise ValueError(
-        f"{len(axes_wanted)} layer(s) have a kernel layout the parameter shapes "
-        f"do not tell: {lines}. Pass input_axes={{{fix}}}."
+      f"{len(axes_wanted)} layer(s) have a kernel layout the parameter shapes "
+      f"do not tell: {lines}. Pass input_axes={{{fix}}}."
     )
   return table
 
@@ -265,51 +308,51 @@ def _check_layer_inputs(layer: _tree.Layer, entry: Any) -> tuple[int, ...] | Non
   axes the module computes with when they differ from the layout's."""
   if isinstance(entry.spec, _layers.Unsupported):
     raise NotImplementedError(
-        f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
-        f"precondition it: exclude it with exclude=[{layer.name!r}]"
+      f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
+      f"precondition it: exclude it with exclude=[{layer.name!r}]"
     )
   if not entry.inputs:
     raise ValueError(
-        f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "
-        "transform (nn.scan, nn.vmap) dropped the 'nysact_inputs' collection. "
-        "List it beside 'params' in the transform, e.g. nn.scan(..., "
-        "variable_axes={'params': 0, 'nysact_inputs': 0}), or exclude the "
-        f"layer with exclude=[{layer.name!r}]."
+      f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "
+      "transform (nn.scan, nn.vmap) dropped the 'nysact_inputs' collection. "
+      "List it beside 'params' in the transform, e.g. nn.scan(..., "
+      "variable_axes={'params': 0, 'nysact_inputs': 0}), or exclude the "
+      f"layer with exclude=[{layer.name!r}]."
     )
   n_axes = entry.spec.num_input_axes
   for x in entry.inputs:
     shape = tuple(x.shape)
     if len(shape) < n_axes:
       raise ValueError(
-          f"layer {layer.name!r}: its input of shape {shape} has fewer than "
-          f"the {n_axes} axes its {type(entry.spec).__name__} contracts. "
-          "Pass the activations that nysact_optax.capture_activations returns."
+        f"layer {layer.name!r}: its input of shape {shape} has fewer than "
+        f"the {n_axes} axes its {type(entry.spec).__name__} contracts. "
+        "Pass the activations that nysact_optax.capture_activations returns."
       )
     if n_axes >= len(layer.layer_kernel_shape):
       raise ValueError(
-          f"layer {layer.name!r}: its input of shape {shape} comes from a "
-          f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
-          f"but its kernel {layer.kernel_shape} has "
-          f"{len(layer.kernel_shape)} axes, so at most "
-          f"{len(layer.kernel_shape) - 1} can meet the input. "
-          "The activations must come from the forward pass of the model "
-          "whose gradients you update."
+        f"layer {layer.name!r}: its input of shape {shape} comes from a "
+        f"{type(entry.spec).__name__} that contracts {n_axes} kernel axes, "
+        f"but its kernel {layer.kernel_shape} has "
+        f"{len(layer.kernel_shape)} axes, so at most "
+        f"{len(layer.kernel_shape) - 1} can meet the input. "
+        "The activations must come from the forward pass of the model "
+        "whose gradients you update."
       )
   seen = entry.kernel_shape
   if seen is not None and seen != layer.layer_kernel_shape:
     extra = len(layer.kernel_shape) - len(seen)
     if not layer.stack_axes and extra > 0 and layer.kernel_shape[extra:] == seen:
       raise ValueError(
-          f"layer {layer.name!r} has a kernel of shape {layer.kernel_shape} in "
-          f"the params, but the module computes with a kernel of shape {seen}: "
-          "it is stacked by a lifted transform (nn.scan, nn.vmap). Pass "
-          f"stack_axes={{{layer.name!r}: {extra}}}."
+        f"layer {layer.name!r} has a kernel of shape {layer.kernel_shape} in "
+        f"the params, but the module computes with a kernel of shape {seen}: "
+        "it is stacked by a lifted transform (nn.scan, nn.vmap). Pass "
+        f"stack_axes={{{layer.name!r}: {extra}}}."
       )
     raise ValueError(
-        f"layer {layer.name!r}: the module computes with a kernel of shape "
-        f"{seen}, but the params have {layer.kernel_shape} with "
-        f"stack_axes={layer.stack_axes}. Pass the params tree of the same "
-        "model, and stack_axes= for layers under nn.scan/nn.vmap."
+      f"layer {layer.name!r}: the module computes with a kernel of shape "
+      f"{seen}, but the params have {layer.kernel_shape} with "
+      f"stack_axes={layer.stack_axes}. Pass the params tree of the same "
+      "model, and stack_axes= for layers under nn.scan/nn.vmap."
     )
   spec_axes = tuple(entry.spec.kernel_input_axes)
   if spec_axes != layer.input_axes:
@@ -318,20 +361,20 @@ def _check_layer_inputs(layer: _tree.Layer, entry: Any) -> tuple[int, ...] | Non
   for x in entry.inputs:
     if tuple(x.shape[: layer.stack_axes]) != layer.stack_shape:
       raise ValueError(
-          f"layer {layer.name!r} is stacked {layer.stack_shape} "
-          f"(stack_axes={layer.stack_axes}), but a captured input has shape "
-          f"{tuple(x.shape)}: the nn.scan/nn.vmap must stack the "
-          "'nysact_inputs' collection like the params, e.g. "
-          "variable_axes={'params': 0, 'nysact_inputs': 0}."
+        f"layer {layer.name!r} is stacked {layer.stack_shape} "
+        f"(stack_axes={layer.stack_axes}), but a captured input has shape "
+        f"{tuple(x.shape)}: the nn.scan/nn.vmap must stack the "
+        "'nysact_inputs' collection like the params, e.g. "
+        "variable_axes={'params': 0, 'nysact_inputs': 0}."
       )
     width = entry.spec.input_width(x.shape[layer.stack_axes :])
     if width != layer.p_in:
       raise ValueError(
-          f"layer {layer.name!r}: its input of shape {tuple(x.shape)} has {width} "
-          f"features, but its kernel {layer.kernel_shape} expects "
-          f"{layer.p_in}. The activations must come from the forward pass "
-          "of the model whose gradients you update (same params tree, same "
-          "input feature size)."
+        f"layer {layer.name!r}: its input of shape {tuple(x.shape)} has {width} "
+        f"features, but its kernel {layer.kernel_shape} expects "
+        f"{layer.p_in}. The activations must come from the forward pass "
+        "of the model whose gradients you update (same params tree, same "
+        "input feature size)."
       )
   return None
 
@@ -343,9 +386,9 @@ def _check_bias_layout(layer: _tree.Layer, spec: Any) -> None:
     return
   if tuple(want) != layer.bias_perm:
     raise ValueError(
-        f"layer {layer.name!r}: its bias of shape {layer.bias_shape} is laid "
-        f"out with axes {tuple(want)} matching the kernel's outputs, but the "
-        f"shapes alone gave {layer.bias_perm} (its axis sizes repeat, so they "
-        "cannot tell). NysAct cannot precondition this layer: exclude it with "
-        f"exclude=[{layer.name!r}]."
+      f"layer {layer.name!r}: its bias of shape {layer.bias_shape} is laid "
+      f"out with axes {tuple(want)} matching the kernel's outputs, but the "
+      f"shapes alone gave {layer.bias_perm} (its axis sizes repeat, so they "
+      "cannot tell). NysAct cannot precondition this layer: exclude it with "
+      f"exclude=[{layer.name!r}]."
     )

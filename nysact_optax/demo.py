@@ -36,8 +36,11 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.2) -> Split:
   digits = load_digits()
   x = (digits.images / 16.0).astype(np.float32)[..., None]
   xtr, xte, ytr, yte = train_test_split(
-      x, digits.target.astype(np.int32), test_size=test_fraction,
-      random_state=seed, stratify=digits.target,
+    x,
+    digits.target.astype(np.int32),
+    test_size=test_fraction,
+    random_state=seed,
+    stratify=digits.target,
   )
   return Split(xtr, ytr, xte, yte)
 
@@ -57,9 +60,9 @@ class DigitsCNN(nn.Module):
 def optimizers(steps: int) -> dict[str, tuple[optax.GradientTransformation, bool]]:
   """The compared optimizers: ``name -> (transformation, needs activations)``."""
   return {
-      "sgd-momentum": (optax.sgd(0.05, momentum=0.9), False),
-      "adamw": (optax.adamw(2e-3, weight_decay=1e-4), False),
-      "nysact": (nysact_optax.nysact(0.1, weight_decay=5e-4), True),
+    "sgd-momentum": (optax.sgd(0.05, momentum=0.9), False),
+    "adamw": (optax.adamw(2e-3, weight_decay=1e-4), False),
+    "nysact": (nysact_optax.nysact(0.1, weight_decay=5e-4), True),
   }
 
 
@@ -78,15 +81,15 @@ def _bytes(tree: Any) -> int:
 
 
 def train(
-    name: str,
-    tx: optax.GradientTransformation,
-    needs_activations: bool,
-    data: Split,
-    *,
-    steps: int = 600,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+  name: str,
+  tx: optax.GradientTransformation,
+  needs_activations: bool,
+  data: Split,
+  *,
+  steps: int = 600,
+  batch_size: int = 64,
+  seed: int = 0,
+  progress: Callable[[int], None] | None = None,
 ) -> Result:
   """Trains :class:`DigitsCNN` with ``tx`` and evaluates on the test split."""
   model = DigitsCNN()
@@ -108,25 +111,28 @@ def train(
 
   rng = np.random.default_rng(seed)
   n = len(data.x_train)
-  batches = []
+  batches: list[np.ndarray] = []
   while len(batches) < steps:
     perm = rng.permutation(n)
     batches += [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
   t0 = time.perf_counter()
-  compiled = step.lower(params, opt_state, data.x_train[:batch_size], data.y_train[:batch_size]).compile()
+  compiled = step.lower(
+    params, opt_state, data.x_train[:batch_size], data.y_train[:batch_size]
+  ).compile()
   compile_s = time.perf_counter() - t0
-  loss = jnp.zeros([])
+  last = jnp.zeros([])
   t0 = time.perf_counter()
-  for i, idx in enumerate(batches[:steps]):
-    params, opt_state, loss = compiled(params, opt_state, data.x_train[idx], data.y_train[idx])
+  for idx in batches[:steps]:
+    params, opt_state, last = compiled(params, opt_state, data.x_train[idx], data.y_train[idx])
     if progress is not None:
       progress(1)
-  loss = float(jax.block_until_ready(loss))
+  loss = float(jax.block_until_ready(last))
   elapsed = time.perf_counter() - t0
   logits = model.apply({"params": params}, data.x_test)
   accuracy = float((np.asarray(logits).argmax(-1) == data.y_test).mean())
-  return Result(name, accuracy, loss, 1e3 * elapsed / steps, compile_s,
-                _bytes(opt_state), _bytes(params))
+  return Result(
+    name, accuracy, loss, 1e3 * elapsed / steps, compile_s, _bytes(opt_state), _bytes(params)
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -151,24 +157,44 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     for seed in range(args.seeds):  # interleave optimizers so drift hits all alike
       for name, (tx, needs) in chosen.items():
         bar.set_postfix_str(f"{name} seed {seed}")
-        results[name].append(train(name, tx, needs, data, steps=args.steps,
-                                   batch_size=args.batch_size, seed=seed,
-                                   progress=bar.update))
+        results[name].append(
+          train(
+            name,
+            tx,
+            needs,
+            data,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seed=seed,
+            progress=bar.update,
+          )
+        )
 
-  table = Table(title=f"digits CNN: {args.steps} steps x batch {args.batch_size}, "
-                f"{args.seeds} seed(s), {jax.devices()[0].platform}")
-  for col in ("optimizer", "test acc %", "final loss", "ms/step", "compile s",
-              "state bytes", "state/params"):
+  table = Table(
+    title=f"digits CNN: {args.steps} steps x batch {args.batch_size}, "
+    f"{args.seeds} seed(s), {jax.devices()[0].platform}"
+  )
+  for col in (
+    "optimizer",
+    "test acc %",
+    "final loss",
+    "ms/step",
+    "compile s",
+    "state bytes",
+    "state/params",
+  ):
     table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
   for name, runs in results.items():
     acc = np.array([r.test_accuracy for r in runs]) * 100
     r0 = runs[0]
     table.add_row(
-        name, f"{acc.mean():.2f} ± {acc.std():.2f}",
-        f"{np.mean([r.final_loss for r in runs]):.4f}",
-        f"{np.mean([r.ms_per_step for r in runs]):.2f}",
-        f"{np.mean([r.compile_s for r in runs]):.2f}",
-        f"{r0.state_bytes:,}", f"{r0.state_bytes / r0.param_bytes:.2f}x",
+      name,
+      f"{acc.mean():.2f} ± {acc.std():.2f}",
+      f"{np.mean([r.final_loss for r in runs]):.4f}",
+      f"{np.mean([r.ms_per_step for r in runs]):.2f}",
+      f"{np.mean([r.compile_s for r in runs]):.2f}",
+      f"{r0.state_bytes:,}",
+      f"{r0.state_bytes / r0.param_bytes:.2f}x",
     )
   console = Console()
   Console(width=max(console.width, 100)).print(table)

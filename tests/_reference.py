@@ -29,8 +29,8 @@ def im2col(x, kernel_size, strides, padding, dilation, groups=1):
     pads = list(padding)
   x = np.pad(x, [(0, 0)] + pads + [(0, 0)])
   out_sizes = [
-      (x.shape[1 + i] - ((kernel_size[i] - 1) * dilation[i] + 1)) // strides[i] + 1
-      for i in range(nsp)
+    (x.shape[1 + i] - ((kernel_size[i] - 1) * dilation[i] + 1)) // strides[i] + 1
+    for i in range(nsp)
   ]
   c = x.shape[-1]
   cg = c // groups
@@ -115,10 +115,13 @@ def conv_patches(x, spec):
 
   x, padding = _statistics.prepare_conv_input(jnp.asarray(x), spec)
   patches = lax.conv_general_dilated_patches(
-      x, spec.kernel_size, spec.strides, padding,
-      lhs_dilation=spec.input_dilation,
-      rhs_dilation=spec.kernel_dilation,
-      dimension_numbers=_statistics._conv_dimension_numbers(x.ndim),
+    x,
+    spec.kernel_size,
+    spec.strides,
+    padding,
+    lhs_dilation=spec.input_dilation,
+    rhs_dilation=spec.kernel_dilation,
+    dimension_numbers=_statistics._conv_dimension_numbers(x.ndim),
   )  # (..., c_in * K), channel-major
   c, k = x.shape[-1], math.prod(spec.kernel_size)
   groups = spec.feature_group_count

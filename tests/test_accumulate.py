@@ -60,8 +60,10 @@ def _accumulated_step(tx, params, state, x, y):
     stats = nysact_optax.sketched_statistics(state, acts)
     return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params),
-           {k: jnp.zeros_like(v.cov) for k, v in nysact_optax.find_nysact_state(state).layers.items()})
+  zeros = (
+    jax.tree.map(jnp.zeros_like, params),
+    {k: jnp.zeros_like(v.cov) for k, v in nysact_optax.find_nysact_state(state).layers.items()},
+  )
   (grads, stats), _ = jax.lax.scan(micro_step, zeros, (xs, ys))
   grads, stats = jax.tree.map(lambda a: a / K, (grads, stats))
   updates, state = tx.update(grads, state, params, statistics=stats)
@@ -80,8 +82,9 @@ def test_micro_batches_equal_one_large_batch():
   for _ in range(STEPS):
     p1, s1 = full(p1, s1, x, y)
     p2, s2 = accumulated(p2, s2, x, y)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max()), p2, p1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max()), p2, p1
+  )
   for layer, want in s1[0].layers.items():
     got = s2[0].layers[layer]
     np.testing.assert_allclose(got.cov, want.cov, rtol=2e-5, atol=2e-5 * np.abs(want.cov).max())
@@ -98,21 +101,22 @@ def test_optax_multisteps_sees_only_the_last_micro_batch():
   the other sketch options, sketched_statistics draws the sketch the update
   draws (the state's cov is exactly (1 - stat_decay) times it)."""
   config = dict(sketch="subcolumns", sketch_refresh="fixed", nystrom="stable")
-  tx = nysact_optax.scale_by_nysact(rank=6, stat_decay=0.5, cov_update_every=1,
-                                    inv_update_every=1, **config)
+  tx = nysact_optax.scale_by_nysact(
+    rank=6, stat_decay=0.5, cov_update_every=1, inv_update_every=1, **config
+  )
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   params, x, y = _data()
   state = multi.init(params)
-  micro = [_grads(params, x[i * MICRO:(i + 1) * MICRO], y[i * MICRO:(i + 1) * MICRO])
-           for i in range(2)]
+  micro = [
+    _grads(params, x[i * MICRO : (i + 1) * MICRO], y[i * MICRO : (i + 1) * MICRO]) for i in range(2)
+  ]
   stats = [nysact_optax.sketched_statistics(state, acts) for _, acts in micro]
   update = jax.jit(multi.update)
   for grads, acts in micro:
     _, state = update(grads, state, params, activations=acts)
   for layer in ("Conv_0", "Dense_0", "Dense_1"):
     cov = state.inner_opt_state.layers[layer].cov
-    np.testing.assert_allclose(cov, 0.5 * stats[1][layer], rtol=1e-5,
-                               atol=1e-6 * np.abs(cov).max())
+    np.testing.assert_allclose(cov, 0.5 * stats[1][layer], rtol=1e-5, atol=1e-6 * np.abs(cov).max())
     mean = 0.5 * (stats[0][layer] + stats[1][layer])
     assert not np.allclose(cov, 0.5 * mean, rtol=1e-2)
 
@@ -129,7 +133,10 @@ def test_statistics_only_on_statistics_steps():
   off = stats(state, acts)
   assert all(np.array_equal(v, np.zeros_like(v)) for v in off.values())
   assert {k: v.shape for k, v in on.items()} == {
-      "Conv_0": (19, 6), "Dense_0": (65, 6), "Dense_1": (8, 6)}
+    "Conv_0": (19, 6),
+    "Dense_0": (65, 6),
+    "Dense_1": (8, 6),
+  }
 
 
 def test_errors_name_what_is_wrong():
@@ -138,19 +145,28 @@ def test_errors_name_what_is_wrong():
   state = tx.init(params)
   grads, acts = _grads(params, x, y)
   stats = nysact_optax.sketched_statistics(state, acts)
-  with pytest.raises(ValueError, match=r"expected layers \['Conv_0', 'Dense_0', "
-                     r"'Dense_1'\], got \['Conv_0', 'Dense_0'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"expected layers \['Conv_0', 'Dense_0', "
+    r"'Dense_1'\], got \['Conv_0', 'Dense_0'\]",
+  ):
     tx.update(grads, state, params, statistics={k: stats[k] for k in ("Conv_0", "Dense_0")})
-  with pytest.raises(ValueError, match=r"layer 'Dense_0': statistics has shape "
-                     r"\(65, 3\), expected \(65, 6\) \(p, rank\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'Dense_0': statistics has shape "
+    r"\(65, 3\), expected \(65, 6\) \(p, rank\)",
+  ):
     tx.update(grads, state, params, statistics=dict(stats, Dense_0=stats["Dense_0"][:, :3]))
   with pytest.raises(ValueError, match="got both activations= and statistics="):
     tx.update(grads, state, params, activations=acts, statistics=stats)
-  with pytest.raises(ValueError, match="exactly one ScaleByNysActState.*found 0"):
+  with pytest.raises(ValueError, match=r"exactly one ScaleByNysActState.*found 0"):
     nysact_optax.sketched_statistics(optax.sgd(0.1).init(params), acts)
   with pytest.raises(ValueError, match=r"no activations were captured for layer 'Conv_0'"):
     nysact_optax.sketched_statistics(state, {k: v for k, v in acts.items() if k != "Conv_0"})
   wide = {"Dense_0": nysact_optax.LayerInputs([jnp.ones((2, 70))], nysact_optax.DenseSpec())}
-  with pytest.raises(ValueError, match=r"layer 'Dense_0': its input of shape \(2, 70\) has 70 "
-                     r"features, but its kernel \(64, 8\) expects 64"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'Dense_0': its input of shape \(2, 70\) has 70 "
+    r"features, but its kernel \(64, 8\) expects 64",
+  ):
     nysact_optax.sketched_statistics(state, dict(acts, **wide))

@@ -99,13 +99,16 @@ def test_captured_inputs_carry_no_gradient_and_work_under_jit():
       (y, _), acts = apply({**variables, "params": p}, x, train=False, mutable=["batch_stats"])
       # Using the captured input in the loss must not add a gradient path.
       return jnp.sum(y) + jnp.sum(acts["shared"].inputs[0]), acts
+
     return jax.grad(loss, has_aux=True)(params)
 
   grads, acts = f(variables["params"])
   _, ref_grads = jax.value_and_grad(
-      lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False))
+    lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False))
   )(variables["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads
+  )
   assert isinstance(acts["Conv_0"], nysact_optax.LayerInputs)
 
 
@@ -135,17 +138,23 @@ def test_layer_called_with_two_configurations_is_an_error():
 
   model, x = TwoWays(), jnp.ones((2, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
-  with pytest.raises(ValueError, match=r"layer 'Einsum_0' was called with several "
-                     r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'Einsum_0' was called with several "
+    r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration",
+  ):
     nysact_optax.capture_activations(model.apply)(variables, x)
 
 
 def test_a_function_without_mutable_gets_an_error_saying_what_to_pass():
   model, x, variables = _init()
   apply = nysact_optax.capture_activations(lambda v, x: model.apply(v, x, train=False))
-  with pytest.raises(TypeError, match=r"capture_activations took <function .*<lambda>.*> for a "
-                     r"flax.linen apply and passed it mutable=, which it does not accept .*"
-                     r"Pass a linen model's apply \(model.apply\), an nnx.Module"):
+  with pytest.raises(
+    TypeError,
+    match=r"capture_activations took <function .*<lambda>.*> for a "
+    r"flax.linen apply and passed it mutable=, which it does not accept .*"
+    r"Pass a linen model's apply \(model.apply\), an nnx.Module",
+  ):
     apply(variables, x)
 
 
@@ -167,7 +176,11 @@ def test_captured_apply_jitted_for_its_outputs_materialises_no_activations():
   # Returned, the activations are materialised: the inputs of Conv_0 (x
   # itself, copied out), Dense_0 and twice the shared Dense, in float32.
   extra = with_activations[0] - plain[0]
-  assert 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) <= extra < 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) + 1024
+  assert (
+    4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4)
+    <= extra
+    < 4 * 512 * (5 * 5 * 2 + 5 * 5 * 4 + 4 + 4) + 1024
+  )
 
 
 def test_train_state_passes_activations_on_and_says_when_they_are_missing():
@@ -179,9 +192,12 @@ def test_train_state_passes_activations_on_and_says_when_they_are_missing():
 
   tx = nysact_optax.nysact(0.1, rank=2)
   state = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  with pytest.raises(ValueError, match=r"TrainState.apply_gradients\(grads=...\) needs "
-                     r"activations=... with a NysAct optimizer: .* nysact_optax.capture_activations"
-                     r"\(state.apply_fn\).*state.apply_gradients\(grads=grads, activations=activations\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"TrainState.apply_gradients\(grads=...\) needs "
+    r"activations=... with a NysAct optimizer: .* nysact_optax.capture_activations"
+    r"\(state.apply_fn\).*state.apply_gradients\(grads=grads, activations=activations\)",
+  ):
     state.apply_gradients(grads=grads)
   new = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activations=a))(state, grads, acts)
   updates, opt_state = tx.update(grads, tx.init(params), params, activations=acts)
@@ -196,6 +212,8 @@ def test_train_state_passes_activations_on_and_says_when_they_are_missing():
   sgd = optax.sgd(0.1, momentum=0.9)
   ours = nysact_optax.TrainState.create(apply_fn=model.apply, params=params, tx=sgd)
   flax_state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=sgd)
-  jax.tree.map(np.testing.assert_array_equal,
-               ours.apply_gradients(grads=grads, activations=acts).params,
-               flax_state.apply_gradients(grads=grads).params)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    ours.apply_gradients(grads=grads, activations=acts).params,
+    flax_state.apply_gradients(grads=grads).params,
+  )

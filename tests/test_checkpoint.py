@@ -76,7 +76,9 @@ def test_resumed_run_is_bitwise_identical(tmp_path):
   assert jax.tree.structure(resumed) == jax.tree.structure(fresh)
   jax.tree.map(np.testing.assert_array_equal, resumed, saved)
   state = resumed["opt_state"][0]
-  assert int(state.count) == SAVE_AT and all(int(ls.stat_count) == SAVE_AT // 2 for ls in state.layers.values())
+  assert int(state.count) == SAVE_AT and all(
+    int(ls.stat_count) == SAVE_AT // 2 for ls in state.layers.values()
+  )
   assert sorted(state.layers) == ["Block_0/Conv_0", "Dense_0", "Dense_1"]
   assert np.abs(state.layers["Dense_0"].basis).max() > 0  # factors exist mid-run
   for _ in range(SAVE_AT, STEPS):  # crosses the refresh at step 8
@@ -97,9 +99,11 @@ def test_restoring_another_rank_names_the_layers_and_shapes(tmp_path):
   with pytest.raises(ValueError) as error:
     nysact_optax.restore_checkpoint(path, {"opt_state": tx.init(params)})
   message = str(error.value)
-  assert "layer 'Dense_0': cov has shape (65, 6) in the checkpoint but (65, 3) in " \
-         "the target (p, rank): the checkpoint was written with rank 6, the target " \
-         "expects rank 3" in message
+  assert (
+    "layer 'Dense_0': cov has shape (65, 6) in the checkpoint but (65, 3) in "
+    "the target (p, rank): the checkpoint was written with rank 6, the target "
+    "expects rank 3" in message
+  )
   assert "layer 'Block_0/Conv_0': basis has shape (19, 6) in the checkpoint but (19, 3)" in message
   assert "layer 'Dense_1': eigvals has shape (6,) in the checkpoint but (3,)" in message
 
@@ -107,9 +111,13 @@ def test_restoring_another_rank_names_the_layers_and_shapes(tmp_path):
 def test_restoring_other_layers_names_them(tmp_path):
   path = _saved_state(tmp_path)
   _, tx, params, _, _ = _setup(exclude=["Dense_1"])
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"the NysAct state at \['opt_state'\]\['0'\] preconditions different layers: "
-      r"only in the checkpoint: \['Dense_1'\], only in the target: \[\]")):
+      r"only in the checkpoint: \['Dense_1'\], only in the target: \[\]"
+    ),
+  ):
     nysact_optax.restore_checkpoint(path, {"opt_state": tx.init(params)})
 
 
@@ -119,11 +127,15 @@ def test_restoring_another_model_names_input_width_and_leaves(tmp_path):
   with pytest.raises(ValueError) as error:
     nysact_optax.restore_checkpoint(path, {"opt_state": tx.init(params)})
   message = str(error.value)
-  assert "layer 'Dense_1': cov has shape (9, 6) in the checkpoint but (6, 6) in the " \
-         "target (p, rank): the checkpoint was written with rank 6, the target " \
-         "expects rank 6 and input width p=9, not p=6" in message
-  assert "['opt_state']['2']['trace']['Dense_0']['kernel'] has shape (64, 8) in the " \
-         "checkpoint but (64, 5) in the target" in message
+  assert (
+    "layer 'Dense_1': cov has shape (9, 6) in the checkpoint but (6, 6) in the "
+    "target (p, rank): the checkpoint was written with rank 6, the target "
+    "expects rank 6 and input width p=9, not p=6" in message
+  )
+  assert (
+    "['opt_state']['2']['trace']['Dense_0']['kernel'] has shape (64, 8) in the "
+    "checkpoint but (64, 5) in the target" in message
+  )
 
 
 def test_restore_places_arrays_on_the_target_shardings(tmp_path):
@@ -132,7 +144,8 @@ def test_restore_places_arrays_on_the_target_shardings(tmp_path):
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   target = jax.device_put({"opt_state": tx.init(params)}, NamedSharding(mesh, P()))
   restored = nysact_optax.restore_checkpoint(path, target)
-  same = jax.tree.map(lambda a, b: a.sharding == b.sharding and a.dtype == b.dtype,
-                      restored, target)
+  same = jax.tree.map(
+    lambda a, b: a.sharding == b.sharding and a.dtype == b.dtype, restored, target
+  )
   assert all(jax.tree.leaves(same))
   jax.tree.map(np.testing.assert_array_equal, restored, target)

@@ -1,6 +1,5 @@
 """The main job's pieces: a real training run on the bundled digits."""
 
-import nysact_optax
 from nysact_optax import demo
 
 

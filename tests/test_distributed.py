@@ -15,7 +15,7 @@ import nysact_optax
 from tests import _params
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py simulates them)"
+  jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py simulates them)"
 )
 
 BATCH, STEPS = 16, 8
@@ -75,9 +75,12 @@ def _single_device_run():
 
 def _assert_close(actual, expected, rtol=2e-5):
   jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(
-          np.asarray(a), np.asarray(e), rtol=rtol, atol=rtol * np.abs(e).max()),
-      actual, expected)
+    lambda a, e: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(e), rtol=rtol, atol=rtol * np.abs(e).max()
+    ),
+    actual,
+    expected,
+  )
 
 
 def _assert_same_run(params, state, expected_params, expected_state):
@@ -111,8 +114,11 @@ def test_mapped_equals_single_device_on_the_whole_batch(mapper):
     # over devices: average the loss, not the gradients.
     step = functools.partial(_step, tx, loss_axis="batch")
     mesh = jax.make_mesh((n,), ("batch",), axis_types=(AxisType.Explicit,))
-    step = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")),
-                                 out_specs=(P(), P())))
+    step = jax.jit(
+      jax.shard_map(
+        step, mesh=mesh, in_specs=(P(), P(), P("batch"), P("batch")), out_specs=(P(), P())
+      )
+    )
   for _ in range(STEPS):
     run, state = step(run, state, xs, ys)
   run, state = jax.device_get((run, state))
@@ -123,8 +129,9 @@ def test_mapped_equals_single_device_on_the_whole_batch(mapper):
     run, state = jax.tree.map(lambda a: a[0], (run, state))
   expected_params, expected_state = _single_device_run()
   _assert_same_run(run, state[0], expected_params, expected_state[0])
-  assert all(int(ls.stat_count) == STEPS // KWARGS["cov_update_every"]
-             for ls in state[0].layers.values())
+  assert all(
+    int(ls.stat_count) == STEPS // KWARGS["cov_update_every"] for ls in state[0].layers.values()
+  )
 
 
 def _param_specs(params, auto):
@@ -153,8 +160,7 @@ def _same_sharding(a, b):
   return a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
-                         ids=["explicit", "auto"])
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
   """The batch over "data" (4 devices), parameters replicated, except kernels
   over "model" (2 devices) as `_param_specs` says. (Data parallelism over all
@@ -163,8 +169,10 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
   mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
   with jax.set_mesh(mesh):
     params = jax.tree.map(
-        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
-        params, _param_specs(params, axis_type == AxisType.Auto))
+      lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
+      params,
+      _param_specs(params, axis_type == AxisType.Auto),
+    )
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     y = jax.device_put(y, NamedSharding(mesh, P("data")))
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
@@ -176,8 +184,9 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
       # Steps 0-7 take every combination of the two lax.cond branches.
       same = jax.tree.map(_same_sharding, state, init_state)
       assert all(jax.tree.leaves(same)), (i, _specs(state[0].layers), _specs(init_state[0].layers))
-      kept = jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim),
-                          params, param_shardings)
+      kept = jax.tree.map(
+        lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), params, param_shardings
+      )
       assert all(jax.tree.leaves(kept)), (i, _specs(params))
     for layer in state[0].layers.values():  # the factors are replicated
       for leaf in (layer.cov, layer.basis, layer.eigvals):
@@ -185,18 +194,19 @@ def test_sharded_jit_equals_single_device_and_keeps_shardings(axis_type):
     if axis_type == AxisType.Explicit:  # the types, not only the placements
       out_types = jax.eval_shape(step, params, state, x, y)
       assert jax.tree.map(lambda t: t.sharding.spec, out_types[1][0].layers) == (
-          jax.tree.map(lambda a: jax.typeof(a).sharding.spec, init_state[0].layers))
+        jax.tree.map(lambda a: jax.typeof(a).sharding.spec, init_state[0].layers)
+      )
     full = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
     assert full(params["Dense_0"]["kernel"]) == (None, "model")
     row_parallel = ("model", None) if axis_type == AxisType.Auto else (None, None)
     assert full(params["Dense_1"]["kernel"]) == row_parallel
   expected_params, expected_state = _single_device_run()
-  _assert_same_run(jax.device_get(params), jax.device_get(state[0]),
-                   expected_params, expected_state[0])
+  _assert_same_run(
+    jax.device_get(params), jax.device_get(state[0]), expected_params, expected_state[0]
+  )
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto],
-                         ids=["explicit", "auto"])
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_sharded_jit_without_a_mesh_context_equals_single_device(axis_type):
   """``jit`` with ``NamedSharding`` in/out shardings and no ``jax.set_mesh``
   (the lm1b pattern): the mesh is only in the operands' types, and the
@@ -207,8 +217,11 @@ def test_sharded_jit_without_a_mesh_context_equals_single_device(axis_type):
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(params, replicated)
   state = jax.jit(TX.init, out_shardings=replicated)(params)
-  step = jax.jit(functools.partial(_step, TX), in_shardings=(replicated, replicated, rows, rows),
-                 out_shardings=(replicated, replicated))
+  step = jax.jit(
+    functools.partial(_step, TX),
+    in_shardings=(replicated, replicated, rows, rows),
+    out_shardings=(replicated, replicated),
+  )
   x, y = jax.device_put(x, rows), jax.device_put(y, rows)
   for _ in range(STEPS):
     params, state = step(params, state, x, y)
@@ -216,8 +229,9 @@ def test_sharded_jit_without_a_mesh_context_equals_single_device(axis_type):
     for leaf in (layer.cov, layer.basis, layer.eigvals):
       assert leaf.sharding.is_fully_replicated
   expected_params, expected_state = _single_device_run()
-  _assert_same_run(jax.device_get(params), jax.device_get(state[0]),
-                   expected_params, expected_state[0])
+  _assert_same_run(
+    jax.device_get(params), jax.device_get(state[0]), expected_params, expected_state[0]
+  )
 
 
 def test_replication_helpers_spell_out_the_mesh():
@@ -252,8 +266,9 @@ def test_conv_statistics_with_two_leading_axes_under_explicit_sharding(spec):
   conv = nysact_optax.ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
   xin, _ = _params.data((8, 8, 5, 5, 3))
   s = _sketch.Sketch(_params.data((28, 4), seed=2)[0])
-  fn = jax.jit(lambda v: _statistics.sketched_covariance(
-      nysact_optax.LayerInputs([v], conv), s, has_bias=True))
+  fn = jax.jit(
+    lambda v: _statistics.sketched_covariance(nysact_optax.LayerInputs([v], conv), s, has_bias=True)
+  )
   expected = fn(xin)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
   with jax.set_mesh(mesh):

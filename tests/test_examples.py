@@ -23,8 +23,6 @@ mesh context, a hand-written update, a changed model or a changed loss).
 
 import difflib
 import functools
-import pathlib
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -62,8 +60,16 @@ def _edit(source: str, edits: dict[str, tuple[str, str]]) -> str:
 
 def _run(source: str, steps: int, **namespace) -> dict[str, Any]:
   """Executes a training script; it must define ``train(steps) -> losses``."""
-  namespace = {"jax": jax, "jnp": jnp, "nn": nn, "nnx": nnx, "optax": optax,
-               "nysact_optax": nysact_optax, "np": np, **namespace}
+  namespace = {
+    "jax": jax,
+    "jnp": jnp,
+    "nn": nn,
+    "nnx": nnx,
+    "optax": optax,
+    "nysact_optax": nysact_optax,
+    "np": np,
+    **namespace,
+  }
   exec(compile(source, "<example>", "exec"), namespace)
   namespace["losses"] = np.asarray(namespace["train"](steps))
   return namespace
@@ -117,14 +123,18 @@ def train(steps):
 """
 
 CNN_EDITS = {
-    "optimizer": (
-        "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1, momentum=0.9))",
-        "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=nysact_optax.nysact(0.1, momentum=0.9))"),
-    "gradient": (
-        "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "update": ("    return state.apply_gradients(grads=grads), loss, accuracy",
-               "    return nysact_optax.apply_gradients(state, grads=grads, activations=acts), loss, accuracy"),
+  "optimizer": (
+    "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1, momentum=0.9))",
+    "  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=nysact_optax.nysact(0.1, momentum=0.9))",
+  ),
+  "gradient": (
+    "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+    "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+  ),
+  "update": (
+    "    return state.apply_gradients(grads=grads), loss, accuracy",
+    "    return nysact_optax.apply_gradients(state, grads=grads, activations=acts), loss, accuracy",
+  ),
 }
 
 
@@ -166,7 +176,8 @@ class DecoderLM(nn.Module):
     x = embed(tokens) + pos
     h = nn.LayerNorm()(x)
     x = x + nn.MultiHeadDotProductAttention(self.heads, use_bias=False, deterministic=True)(
-        h, mask=nn.make_causal_mask(tokens))
+      h, mask=nn.make_causal_mask(tokens)
+    )
     h = nn.LayerNorm()(x)
     x = x + nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(h)))
     return embed.attend(nn.LayerNorm()(x))  # logits via the embedding
@@ -211,15 +222,22 @@ def train(steps):
 """
 
 LM_EDITS = {
-    "optimizer": ("  tx = optax.adamw(3e-3, weight_decay=0.01)", "  tx = nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2)"),
-    "gradient": (
-        "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "update": ("    new_state = state.apply_gradients(grads=grads)",
-               "    new_state = nysact_optax.apply_gradients(state, grads=grads, activations=acts)"),
+  "optimizer": (
+    "  tx = optax.adamw(3e-3, weight_decay=0.01)",
+    "  tx = nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2)",
+  ),
+  "gradient": (
+    "    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+    "    ((loss, logits), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+  ),
+  "update": (
+    "    new_state = state.apply_gradients(grads=grads)",
+    "    new_state = nysact_optax.apply_gradients(state, grads=grads, activations=acts)",
+  ),
 }
 LM_LAYERS = ["Dense_0", "Dense_1"] + [
-    f"MultiHeadDotProductAttention_0/{n}" for n in ("key", "out", "query", "value")]
+  f"MultiHeadDotProductAttention_0/{n}" for n in ("key", "out", "query", "value")
+]
 
 
 def _lm_namespace():
@@ -318,15 +336,26 @@ def train(steps):
 """
 
 NNX_EDITS = {
-    "optimizer": ("  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)",
-                  "  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2, model=model), wrt=nnx.Param)"),
-    "gradient": (
-        "    (loss, intermediates), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)",
-        "    ((loss, intermediates), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(model)"),
-    "update": ("    optimizer.update(model, grads)", "    optimizer.update(model, grads, activations=acts)"),
+  "optimizer": (
+    "  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)",
+    "  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=8, damping=0.1, cov_update_every=1, inv_update_every=2, model=model), wrt=nnx.Param)",
+  ),
+  "gradient": (
+    "    (loss, intermediates), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)",
+    "    ((loss, intermediates), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(model)",
+  ),
+  "update": (
+    "    optimizer.update(model, grads)",
+    "    optimizer.update(model, grads, activations=acts)",
+  ),
 }
-NNX_LAYERS = ["block/attn/attn_vec_einsum", "block/attn/kv_einsum", "block/attn/q_einsum",
-              "block/down", "block/up"]
+NNX_LAYERS = [
+  "block/attn/attn_vec_einsum",
+  "block/attn/kv_einsum",
+  "block/attn/q_einsum",
+  "block/down",
+  "block/up",
+]
 
 
 def _check_nnx(run):
@@ -372,8 +401,9 @@ class ResNetBlock(nn.Module):
 class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             axis_name="batch")
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, axis_name="batch"
+    )
     x = nn.relu(norm()(nn.Conv(8, (3, 3), use_bias=False)(x)))
     x = ResNetBlock(8, norm)(x)
     x = ResNetBlock(16, norm, strides=(2, 2))(x)
@@ -414,15 +444,18 @@ def train(steps):
 """
 
 RESNET_EDITS = {
-    "optimizer": (
-        '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(0.3, momentum=0.9))',
-        '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=nysact_optax.nysact(0.1, momentum=0.9, axis_name="batch"))'),
-    "gradient": (
-        "    (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
-        "    ((loss, (new_model_state, logits)), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)"),
-    "update": (
-        '    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])',
-        '    new_state = nysact_optax.apply_gradients(state, grads=grads, batch_stats=new_model_state["batch_stats"], activations=acts)'),
+  "optimizer": (
+    '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(0.3, momentum=0.9))',
+    '  state = TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=nysact_optax.nysact(0.1, momentum=0.9, axis_name="batch"))',
+  ),
+  "gradient": (
+    "    (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+    "    ((loss, (new_model_state, logits)), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(state.params)",
+  ),
+  "update": (
+    '    new_state = state.apply_gradients(grads=grads, batch_stats=new_model_state["batch_stats"])',
+    '    new_state = nysact_optax.apply_gradients(state, grads=grads, batch_stats=new_model_state["batch_stats"], activations=acts)',
+  ),
 }
 
 
@@ -431,8 +464,14 @@ def test_linen_resnet_with_batch_norm_under_pmap():
   data = _digits()
   model = ResNet()
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), data.x_train[:2])
-  ns = dict(model=model, variables=variables, x_train=data.x_train, y_train=data.y_train,
-            devices=jax.devices()[:2], Any=Any)
+  ns = dict(
+    model=model,
+    variables=variables,
+    x_train=data.x_train,
+    y_train=data.y_train,
+    devices=jax.devices()[:2],
+    Any=Any,
+  )
   assert len(RESNET_EDITS) == CHANGES
   _assert_trains(_run(RESNET_OPTAX, 20, **ns)["losses"], 0.8)
   run = _run(_edit(RESNET_OPTAX, RESNET_EDITS), 20, **ns)
@@ -440,62 +479,8 @@ def test_linen_resnet_with_batch_norm_under_pmap():
   state = run["state"]
   for leaf in jax.tree.leaves(state):  # every replica holds the same
     np.testing.assert_array_equal(leaf[1], leaf[0])
-  assert not np.allclose(state.batch_stats["BatchNorm_0"]["mean"][0],
-                         variables["batch_stats"]["BatchNorm_0"]["mean"])
+  assert not np.allclose(
+    state.batch_stats["BatchNorm_0"]["mean"][0], variables["batch_stats"]["BatchNorm_0"]["mean"]
+  )
   layers = _layers(jax.tree.map(lambda a: a[0], state.opt_state))
   assert "Dense_0" in layers and "ResNetBlock_1/Conv_2" in layers and len(layers) == 7
-
-
-# --------------------------------------------------------------------------
-# The README's TrainState and nnx.capture forms run as written
-
-
-def _readme_block(after: str) -> str:
-  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  return re.search(r"```python\n(.*?)```", text.split(after, 1)[1], re.S).group(1)
-
-
-def test_readme_train_state_block_trains():
-  data = _digits()
-  model = demo.DigitsCNN()
-  params = model.init(jax.random.PRNGKey(0), data.x_train[:1])["params"]
-  ns = {"jax": jax, "optax": optax, "nysact_optax": nysact_optax, "model": model, "params": params}
-  exec(compile(_readme_block("**With flax's `TrainState`**"), "README.md", "exec"), ns)
-  state, losses = ns["state"], []
-  for i in range(40):
-    idx = np.arange(i * 32, (i + 1) * 32) % len(data.x_train)
-    state, loss = ns["train_step"](state, data.x_train[idx], data.y_train[idx])
-    losses.append(float(loss))
-  _assert_trains(np.asarray(losses), 0.5)
-  assert int(state.step) == 40
-
-
-@pytest.mark.filterwarnings("error")
-def test_readme_nnx_capture_block_runs():
-  class MLP(nnx.Module):
-    def __init__(self, rngs):
-      self.hidden = nnx.Linear(8, 16, rngs=rngs)
-      self.out = nnx.Linear(16, 2, rngs=rngs)
-
-    def __call__(self, x):
-      h = nnx.relu(self.hidden(x))
-      self.sow(nnx.Intermediate, "features", h)
-      return self.out(h)
-
-  x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
-  y = (x[:, 0] > 0).astype(np.int32)
-  ns = {"nnx": nnx, "optax": optax, "nysact_optax": nysact_optax, "x": x, "y": y}
-  code = _readme_block("**With `nnx.capture`**")
-  exec(compile(code, "README.md", "exec"), ns)
-  model = MLP(nnx.Rngs(0))
-  (_, (intermediates, acts)), grads = nnx.value_and_grad(ns["loss_fn"], has_aux=True)(model)
-  assert intermediates["features"].get_value()[0].shape == (32, 16)
-  assert sorted(acts) == ["hidden", "out"]
-  np.testing.assert_array_equal(acts["hidden"].inputs[0], x)
-  # The other order, from the block's comment, gives the same activations.
-  ns["model"] = model
-  exec(re.search(r"# or: (.*)\n", code).group(1), ns)
-  np.testing.assert_array_equal(ns["acts"]["out"].inputs[0], intermediates["features"].get_value()[0])
-  optimizer = nnx.Optimizer(model, nysact_optax.nysact(0.1, rank=4), wrt=nnx.Param)
-  optimizer.update(model, grads, activations=acts)
-  assert int(optimizer.step[...]) == 1

@@ -47,15 +47,18 @@ def test_linen_equals_jax_value_and_grad_and_capture_activations(model):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
-  ((loss, logits), grads), acts = jax.jit(
-      nysact_optax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+  ((loss, logits), grads), acts = jax.jit(nysact_optax.value_and_grad(loss_fn, has_aux=True))(
+    variables["params"]
+  )
   (want_loss, want_logits), want_grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      variables["params"])
+    variables["params"]
+  )
   _, want_acts = nysact_optax.capture_activations(model.apply)(variables, x)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   np.testing.assert_allclose(logits, want_logits, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads, want_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want_grads
+  )
   assert sorted(acts) == sorted(want_acts)
   for name in acts:
     assert acts[name].spec == want_acts[name].spec
@@ -65,7 +68,7 @@ def test_linen_equals_jax_value_and_grad_and_capture_activations(model):
 
 
 def test_grad_forms_and_the_update_they_feed():
-  x, y = _data()
+  x, _ = _data()
   model = MLP()
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   loss_fn = lambda p: jnp.mean(model.apply({"params": p}, x) ** 2)
@@ -106,7 +109,9 @@ def test_layer_under_a_transform_inside_the_loss_names_layer_and_the_fix(wrap):
     loss_fn = lambda p: jnp.sum(model.apply({"params": p}, x))
   else:
     loss_fn = lambda p: jnp.sum(jax.vmap(lambda row: model.apply({"params": p}, row))(x))
-  with pytest.raises(ValueError, match=r"layer 'body' runs under a JAX transform.*capture_activations"):
+  with pytest.raises(
+    ValueError, match=r"layer 'body' runs under a JAX transform.*capture_activations"
+  ):
     nysact_optax.value_and_grad(loss_fn)(params)
 
 
@@ -137,7 +142,7 @@ def test_nnx_equals_capture_activations(user_capture):
       logits, inter = model(x), None
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), inter
 
-  ((loss, inter), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(model)
+  ((_, inter), grads), acts = nysact_optax.value_and_grad(loss_fn, has_aux=True)(model)
   (_, _), want_grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   model.sow_features = False
   _, want_acts = nysact_optax.capture_activations(model)(x)
@@ -161,11 +166,12 @@ def test_nnx_two_differentiated_models_is_an_error():
 
 
 def test_apply_gradients_on_flax_train_state():
-  x, y = _data()
+  x, _ = _data()
   model = MLP()
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=nysact_optax.nysact(0.1, rank=2))
+  state = train_state.TrainState.create(
+    apply_fn=model.apply, params=params, tx=nysact_optax.nysact(0.1, rank=2)
+  )
   loss_fn = lambda p: jnp.mean(state.apply_fn({"params": p}, x) ** 2)
   (_, grads), acts = nysact_optax.value_and_grad(loss_fn)(state.params)
   new = nysact_optax.apply_gradients(state, grads=grads, activations=acts)

@@ -13,17 +13,19 @@ import nysact_optax
 def _tree(seed):
   r = np.random.default_rng(seed)
   return {
-      "Dense_0": {"kernel": jnp.asarray(r.normal(size=(3, 4)), jnp.float32),
-                  "bias": jnp.asarray(r.normal(size=(4,)), jnp.float32)},
-      "LayerNorm_0": {"scale": jnp.asarray(r.normal(size=(4,)), jnp.float32)},
+    "Dense_0": {
+      "kernel": jnp.asarray(r.normal(size=(3, 4)), jnp.float32),
+      "bias": jnp.asarray(r.normal(size=(4,)), jnp.float32),
+    },
+    "LayerNorm_0": {"scale": jnp.asarray(r.normal(size=(4,)), jnp.float32)},
   }
 
 
 def _times(tree):
   """A direction that multiplies every update by a fixed tree."""
   return optax.GradientTransformation(
-      lambda p: optax.EmptyState(),
-      lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, tree), s))
+    lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(jnp.multiply, u, tree), s)
+  )
 
 
 def _norm(*xs):
@@ -53,8 +55,9 @@ def test_graft_equals_hand_computation(group):
 def test_graft_zero_direction_gives_zero_and_mask_function():
   g = _tree(0)
   zero = jax.tree.map(jnp.zeros_like, g)
-  tx = nysact_optax.graft(_times(zero), optax.scale(2.0),
-                          mask=lambda t: jax.tree.map(lambda x: x.ndim == 2, t))
+  tx = nysact_optax.graft(
+    _times(zero), optax.scale(2.0), mask=lambda t: jax.tree.map(lambda x: x.ndim == 2, t)
+  )
   u, _ = tx.update(g, tx.init(g))
   assert np.all(np.asarray(u["Dense_0"]["kernel"]) == 0)
   assert np.all(np.isfinite(np.asarray(u["Dense_0"]["kernel"])))
@@ -94,9 +97,12 @@ def test_identity_graft_is_layerwise_rmsprop_normalised_momentum_sgd():
   mask = nysact_optax.preconditioned_mask(nysact_optax.scale_by_nysact())
   lr, mu, wd, b2, eps = 0.1, 0.9, 0.01, 0.999, 1e-8
   rms = optax.scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True)
-  tx = optax.chain(nysact_optax.graft(optax.identity(), rms, mask=mask),
-                   optax.ema(mu, debias=True), optax.add_decayed_weights(wd),
-                   optax.scale_by_learning_rate(lr))
+  tx = optax.chain(
+    nysact_optax.graft(optax.identity(), rms, mask=mask),
+    optax.ema(mu, debias=True),
+    optax.add_decayed_weights(wd),
+    optax.scale_by_learning_rate(lr),
+  )
   state = tx.init(params)
   p_np = jax.tree.map(np.asarray, params)
   v = jax.tree.map(np.zeros_like, p_np)
@@ -115,8 +121,11 @@ def test_identity_graft_is_layerwise_rmsprop_normalised_momentum_sgd():
     m = jax.tree.map(lambda m, d: mu * m + (1 - mu) * d, m, d)
     step = jax.tree.map(lambda m, p: -lr * (m / (1 - mu**t) + wd * p), m, p_np)
     p_np = jax.tree.map(np.add, p_np, step)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
-               jax.tree.map(np.asarray, params), p_np)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
+    jax.tree.map(np.asarray, params),
+    p_np,
+  )
 
 
 def _dense_model():
@@ -138,8 +147,9 @@ def test_nysact_graft_first_step_equals_hand_computation():
   the RMSProp step is g / (|g| + eps) and the debiased EMA is the update."""
   _, x, params, acts, grads = _dense_model()
   lr, wd, rho = 0.05, 0.01, 0.5
-  tx = nysact_optax.nysact(lr, graft="rmsprop", weight_decay=wd, damping=rho,
-                           rank=10**6, momentum=0.9)
+  tx = nysact_optax.nysact(
+    lr, graft="rmsprop", weight_decay=wd, damping=rho, rank=10**6, momentum=0.9
+  )
   u, _ = tx.update(grads, tx.init(params), params, activations=acts)
   a = np.concatenate([np.asarray(x), np.ones((6, 1))], 1)
   p_inv = np.linalg.inv(a.T @ a / 6 + rho * np.eye(4))
@@ -154,20 +164,27 @@ def test_nysact_graft_first_step_equals_hand_computation():
   # LayerNorm (not preconditioned): RMSProp's step, plus decay.
   s = grads["layers_2"]["scale"]
   np.testing.assert_allclose(
-      u["layers_2"]["scale"],
-      -lr * (s / (jnp.abs(s) + 1e-8) + wd * params["layers_2"]["scale"]), rtol=1e-5)
+    u["layers_2"]["scale"],
+    -lr * (s / (jnp.abs(s) + 1e-8) + wd * params["layers_2"]["scale"]),
+    rtol=1e-5,
+  )
 
 
 def test_nysact_graft_one_chain_shape_and_default_unchanged():
   _, _, params, acts, grads = _dense_model()
   a = jax.tree.structure(nysact_optax.nysact(0.1, graft="rmsprop").init(params))
-  b = jax.tree.structure(nysact_optax.nysact(
-      0.1, graft="rmsprop", momentum=0.0, weight_decay=0.0).init(params))
+  b = jax.tree.structure(
+    nysact_optax.nysact(0.1, graft="rmsprop", momentum=0.0, weight_decay=0.0).init(params)
+  )
   assert a == b
   # graft=None is today's chain: precondition, decay, heavy ball, lr.
   tx = nysact_optax.nysact(0.1, weight_decay=5e-4, momentum=0.9)
-  ref = optax.chain(nysact_optax.scale_by_nysact(), optax.add_decayed_weights(5e-4),
-                    optax.trace(0.9), optax.scale_by_learning_rate(0.1))
+  ref = optax.chain(
+    nysact_optax.scale_by_nysact(),
+    optax.add_decayed_weights(5e-4),
+    optax.trace(0.9),
+    optax.scale_by_learning_rate(0.1),
+  )
   u1, _ = tx.update(grads, tx.init(params), params, activations=acts)
   u2, _ = ref.update(grads, ref.init(params), params, activations=acts)
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
@@ -180,9 +197,9 @@ def test_preconditioned_mask_honours_exclude():
   _, _, params, _, _ = _dense_model()
   mask = nysact_optax.preconditioned_mask(nysact_optax.scale_by_nysact(exclude=["layers_3"]))
   assert mask(params) == {
-      "layers_0": {"kernel": True, "bias": True},
-      "layers_2": {"scale": False, "bias": False},
-      "layers_3": {"kernel": False, "bias": False},
+    "layers_0": {"kernel": True, "bias": True},
+    "layers_2": {"scale": False, "bias": False},
+    "layers_3": {"kernel": False, "bias": False},
   }
 
 
@@ -202,8 +219,9 @@ def test_graft_with_muon_direction():
   # Muon's direction (cosine 1), RMSProp's norm (sqrt of the entry count at step 1).
   assert np.sum(k * dk) / (_norm(k) * _norm(dk)) == pytest.approx(1.0, abs=1e-6)
   assert _norm(k) == pytest.approx(_norm(gk / (np.abs(gk) + 1e-8)), rel=1e-5)
-  np.testing.assert_allclose(u["Dense_0"]["bias"], g["Dense_0"]["bias"] / (
-      jnp.abs(g["Dense_0"]["bias"]) + 1e-8), rtol=1e-5)
+  np.testing.assert_allclose(
+    u["Dense_0"]["bias"], g["Dense_0"]["bias"] / (jnp.abs(g["Dense_0"]["bias"]) + 1e-8), rtol=1e-5
+  )
 
 
 def test_errors_name_the_argument_and_value():

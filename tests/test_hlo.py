@@ -21,8 +21,10 @@ def _lapack_shapes(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
   for line in hlo.splitlines():
     target = re.search(r'custom_call_target="(lapack_\w+)"', line)
     if target or re.search(r"= \S+ (triangular-solve|cholesky)\(", line):
-      shapes = [tuple(int(d) for d in dims.split(",") if d)
-                for dims in re.findall(r"f(?:32|64)\[([\d,]*)\]", line)]
+      shapes = [
+        tuple(int(d) for d in dims.split(",") if d)
+        for dims in re.findall(r"f(?:32|64)\[([\d,]*)\]", line)
+      ]
       calls.append((target.group(1) if target else "native", shapes))
   return calls
 
@@ -31,8 +33,9 @@ def _lapack_shapes(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
 @pytest.mark.parametrize("sketch", ["gaussian", "subcolumns"])
 def test_lapack_only_on_rank_sized_matrices(nystrom, sketch):
   params = {"d": {"kernel": jnp.ones((P_IN, 20)), "bias": jnp.zeros(20)}}
-  tx = nysact_optax.scale_by_nysact(rank=RANK, sketch=sketch, nystrom=nystrom,
-                                    cov_update_every=1, inv_update_every=1)
+  tx = nysact_optax.scale_by_nysact(
+    rank=RANK, sketch=sketch, nystrom=nystrom, cov_update_every=1, inv_update_every=1
+  )
   acts = {"d": nysact_optax.LayerInputs([jnp.ones((8, P_IN))], nysact_optax.DenseSpec())}
   step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
   hlo = step.lower(params, tx.init(params), acts).compile().as_text()

@@ -40,28 +40,38 @@ class Zoo(nn.Module):
   @nn.compact
   def __call__(self, xs):
     outs = [
-        # contracted axis leading; bias (h, n) in output order, kernel (d, n, h)
-        nn.Einsum((4, 2, 3), "btd,dnh->bthn", name="einsum_lead", **INIT)(xs["einsum_lead"]),
-        # contracted axis in the middle of the kernel, equation given at call time
-        nn.Einsum((2, 4, 3), use_bias=False, name="einsum_mid", **INIT)(
-            xs["einsum_mid"], "btd,ndh->btnh"),
-        nn.Einsum((3, 2, 4), "...hd,hdk->...k", name="einsum_ellipsis", **INIT)(
-            xs["einsum_ellipsis"]),
-        nn.remat(nn.Dense)(3, name="remat", **INIT)(xs["remat"]),
+      # contracted axis leading; bias (h, n) in output order, kernel (d, n, h)
+      nn.Einsum((4, 2, 3), "btd,dnh->bthn", name="einsum_lead", **INIT)(xs["einsum_lead"]),
+      # contracted axis in the middle of the kernel, equation given at call time
+      nn.Einsum((2, 4, 3), use_bias=False, name="einsum_mid", **INIT)(
+        xs["einsum_mid"], "btd,ndh->btnh"
+      ),
+      nn.Einsum((3, 2, 4), "...hd,hdk->...k", name="einsum_ellipsis", **INIT)(
+        xs["einsum_ellipsis"]
+      ),
+      nn.remat(nn.Dense)(3, name="remat", **INIT)(xs["remat"]),
     ]
     scan = nn.scan(Step, variable_axes=self.scan_axes, split_rngs={"params": True}, length=3)
     outs.append(scan(name="scan")(xs["scan"], None)[0])
-    vmap = nn.vmap(nn.Dense, variable_axes=COLLECTIONS, split_rngs={"params": True},
-                   in_axes=0, out_axes=0)
+    vmap = nn.vmap(
+      nn.Dense, variable_axes=COLLECTIONS, split_rngs={"params": True}, in_axes=0, out_axes=0
+    )
     outs.append(vmap(2, name="ensemble", **INIT)(xs["ensemble"]))
     shared = nn.Dense(3, name="shared", **INIT)
     outs += [Child(shared, name="a")(xs["shared_a"]), Child(shared, name="b")(xs["shared_b"])]
     return outs
 
 
-SHAPES = {"einsum_lead": (2, 3, 4), "einsum_mid": (2, 3, 4), "einsum_ellipsis": (2, 5, 3, 2),
-          "remat": (5, 4), "scan": (6, 4), "ensemble": (2, 5, 3), "shared_a": (4, 3),
-          "shared_b": (2, 3)}
+SHAPES = {
+  "einsum_lead": (2, 3, 4),
+  "einsum_mid": (2, 3, 4),
+  "einsum_ellipsis": (2, 5, 3, 2),
+  "remat": (5, 4),
+  "scan": (6, 4),
+  "ensemble": (2, 5, 3),
+  "shared_a": (4, 3),
+  "shared_b": (2, 3),
+}
 STACKED = {"scan/Dense_0": 1, "ensemble": 1}
 
 
@@ -77,7 +87,9 @@ def _setup(scan_collects_inputs=True):
 
 def _exact(rows, g, u, k_in=(0,), bias_perm=None):
   a = rows if "bias" not in g else _reference.with_bias_column(rows)
-  expected = _reference.damped_inverse(a, RHO) @ _matrix(g["kernel"], g.get("bias"), k_in, bias_perm)
+  expected = _reference.damped_inverse(a, RHO) @ _matrix(
+    g["kernel"], g.get("bias"), k_in, bias_perm
+  )
   actual = _matrix(u["kernel"], u.get("bias"), k_in, bias_perm)
   np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
 
@@ -86,19 +98,21 @@ def test_einsum_scan_vmap_remat_shared_are_exact():
   xs, params, acts = _setup()
   assert acts["scan/Dense_0"].inputs[0].shape == (3, 6, 4)  # stacked like the params
   grads = _random_like(params, 7)
-  tx = nysact_optax.scale_by_nysact(**EXACT, stack_axes=STACKED,
-                                    input_axes={"einsum_mid": (1,)})
+  tx = nysact_optax.scale_by_nysact(**EXACT, stack_axes=STACKED, input_axes={"einsum_mid": (1,)})
   state = tx.init(params)
   assert state.layers["scan/Dense_0"].basis.shape == (3, 5, 5)  # one factor per copy
   assert state.layers["ensemble"].eigvals.shape == (2, 4)
   updates, _ = jax.jit(tx.update)(grads, state, activations=acts)
   x64 = {k: np.asarray(v, np.float64) for k, v in xs.items()}
   dense = _dense_rows((-1,))
-  _exact(dense(x64["einsum_lead"]), grads["einsum_lead"], updates["einsum_lead"],
-         bias_perm=(1, 0))
+  _exact(dense(x64["einsum_lead"]), grads["einsum_lead"], updates["einsum_lead"], bias_perm=(1, 0))
   _exact(dense(x64["einsum_mid"]), grads["einsum_mid"], updates["einsum_mid"], k_in=(1,))
-  _exact(_dense_rows((-2, -1))(x64["einsum_ellipsis"]), grads["einsum_ellipsis"],
-         updates["einsum_ellipsis"], k_in=(0, 1))
+  _exact(
+    _dense_rows((-2, -1))(x64["einsum_ellipsis"]),
+    grads["einsum_ellipsis"],
+    updates["einsum_ellipsis"],
+    k_in=(0, 1),
+  )
   _exact(dense(x64["remat"]), grads["remat"], updates["remat"])
   _exact(np.concatenate([x64["shared_a"], x64["shared_b"]]), grads["shared"], updates["shared"])
   # The scanned layer: copy l sees the carry after l steps, recomputed here.
@@ -116,7 +130,7 @@ def test_einsum_scan_vmap_remat_shared_are_exact():
 
 def test_low_rank_stacked_layer_matches_each_copy_alone():
   """rank < p: each copy of a scanned layer is preconditioned by its own factors."""
-  xs, params, acts = _setup()
+  _, params, acts = _setup()
   grads = _random_like(params, 5)
   kwargs = dict(rank=2, cov_update_every=1, inv_update_every=1, damping=RHO)
   tx = nysact_optax.scale_by_nysact(**kwargs, include=["^scan/"], stack_axes=STACKED)
@@ -126,30 +140,45 @@ def test_low_rank_stacked_layer_matches_each_copy_alone():
     g = jax.tree.map(lambda a: a[l], grads["scan"]["Dense_0"])
     ls = jax.tree.map(lambda a: a[l], stacked)
     u = nysact_optax._apply.precondition(
-        _matrix(g["kernel"], g["bias"], (0,), None), ls.basis, ls.eigvals, RHO)
+      _matrix(g["kernel"], g["bias"], (0,), None), ls.basis, ls.eigvals, RHO
+    )
     np.testing.assert_allclose(
-        _matrix(updates["scan"]["Dense_0"]["kernel"][l], updates["scan"]["Dense_0"]["bias"][l],
-                (0,), None), u, rtol=1e-4, atol=1e-6)
+      _matrix(
+        updates["scan"]["Dense_0"]["kernel"][l], updates["scan"]["Dense_0"]["bias"][l], (0,), None
+      ),
+      u,
+      rtol=1e-4,
+      atol=1e-6,
+    )
   keys = np.asarray(stacked.sketch_key)
   assert len({tuple(k) for k in keys}) == 3  # a different sketch per copy
 
 
 def test_stacked_layer_errors_name_the_fix():
-  xs, params, acts = _setup()
+  _, params, acts = _setup()
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^scan/"])
-  with pytest.raises(ValueError, match=r"layer 'scan/Dense_0': the bias of shape \(3, 4\) does "
-                     r"not match.*stacked.*stack_axes=\{'scan/Dense_0': 1\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'scan/Dense_0': the bias of shape \(3, 4\) does "
+    r"not match.*stacked.*stack_axes=\{'scan/Dense_0': 1\}",
+  ):
     tx.init(params)
   # Without a bias the shapes alone look like a Dense: the captured kernel shape tells.
   no_bias = {"scan": {"Dense_0": {"kernel": params["scan"]["Dense_0"]["kernel"]}}}
-  with pytest.raises(ValueError, match=r"layer 'scan/Dense_0' has a kernel of shape \(3, 4, 4\)"
-                     r".*stacked.*stack_axes=\{'scan/Dense_0': 1\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'scan/Dense_0' has a kernel of shape \(3, 4, 4\)"
+    r".*stacked.*stack_axes=\{'scan/Dense_0': 1\}",
+  ):
     tx.update(no_bias, tx.init(no_bias), activations=acts)
-  xs, params, acts = _setup(scan_collects_inputs=False)  # collection not listed: dropped
+  _, params, acts = _setup(scan_collects_inputs=False)  # collection not listed: dropped
   assert acts["scan/Dense_0"].inputs == ()
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^scan/"], stack_axes=STACKED)
-  with pytest.raises(ValueError, match=r"layer 'scan/Dense_0' ran, but its inputs were not "
-                     r"captured.*variable_axes=\{'params': 0, 'nysact_inputs': 0\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'scan/Dense_0' ran, but its inputs were not "
+    r"captured.*variable_axes=\{'params': 0, 'nysact_inputs': 0\}",
+  ):
     tx.update(params, tx.init(params), activations=acts)
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^einsum_mid$"])
   with pytest.raises(ValueError, match=r"layer 'einsum_mid'.*input_axes=\{'einsum_mid': \(1,\)\}"):
@@ -167,20 +196,26 @@ def test_einsum_with_a_batch_label_raises_unless_excluded():
   params = Batched().init(jax.random.PRNGKey(0), x)["params"]
   _, acts = nysact_optax.capture_activations(Batched().apply)({"params": params}, x)
   tx = nysact_optax.scale_by_nysact(rank=2)
-  with pytest.raises(NotImplementedError, match=r"layer 'per_head': einsum 'bhd,hdk->bhk'.*"
-                     r"labels 'h' in input, kernel and output.*exclude=\['per_head'\]"):
+  with pytest.raises(
+    NotImplementedError,
+    match=r"layer 'per_head': einsum 'bhd,hdk->bhk'.*"
+    r"labels 'h' in input, kernel and output.*exclude=\['per_head'\]",
+  ):
     tx.update(params, tx.init(params), activations=acts)
   tx = nysact_optax.scale_by_nysact(rank=2, exclude=["per_head"])
   updates, _ = tx.update(params, tx.init(params), activations=acts)
   np.testing.assert_array_equal(updates["per_head"]["kernel"], params["per_head"]["kernel"])
 
 
-@pytest.mark.parametrize("equation, axis, kernel_axes, bias_perm", [
+@pytest.mark.parametrize(
+  "equation, axis, kernel_axes, bias_perm",
+  [
     ("btd,dk->btk", (2,), (0,), (0,)),
     ("btnh,nhd->btd", (2, 3), (0, 1), (0,)),
     ("...d,dnh->...hn", (-1,), (0,), (1, 0)),
     ("bsd,ckdh->cbskh", (2,), (2,), (0, 1, 2)),
-])
+  ],
+)
 def test_einsum_spec_reads_the_equation(equation, axis, kernel_axes, bias_perm):
   spec = nysact_optax.EinsumSpec(equation)
   assert (spec.axis, spec.kernel_input_axes, spec.bias_perm) == (axis, kernel_axes, bias_perm)
@@ -205,6 +240,7 @@ def test_nnx_scan_over_vmapped_layers_is_stacked():
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
       def body(x, block):
         return nnx.relu(block.linear(x))
+
       return nnx.remat(lambda head, x: head(x))(self.head, body(x, self.blocks))
 
   model = Model()
@@ -239,8 +275,12 @@ def test_partitioned_params_are_found_and_stay_boxed():
   assert isinstance(params["Dense_0"]["kernel"], nn.Partitioned)
   _, acts = nysact_optax.capture_activations(Partitioned().apply)({"params": params}, x)
   grads = _random_like(nn.unbox(params), 2)
-  boxed_grads = jax.tree.map(lambda p, g: p.replace_boxed(g) if isinstance(p, nn.Partitioned) else g,
-                             params, grads, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  boxed_grads = jax.tree.map(
+    lambda p, g: p.replace_boxed(g) if isinstance(p, nn.Partitioned) else g,
+    params,
+    grads,
+    is_leaf=lambda v: isinstance(v, nn.Partitioned),
+  )
   tx = nysact_optax.scale_by_nysact(**EXACT)
   boxed, _ = tx.update(boxed_grads, tx.init(params), activations=acts)
   plain, _ = tx.update(grads, tx.init(nn.unbox(params)), activations=acts)

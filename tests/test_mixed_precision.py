@@ -45,6 +45,7 @@ def _train(params, data, dtype, steps=200, batch=64):
       logits, acts = apply({"params": p}, x.astype(dtype))
       logits = logits.astype(jnp.float32)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), acts
+
     (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -89,18 +90,27 @@ def _exact_check(x, params, acts, grads, updates, atol_scale, rho=RHO):
   """Each layer's update against the float64 damped inverse of its inputs."""
   x64 = np.asarray(x, np.float64)
   rows = {
-      "Conv_0": _reference.im2col(x64, (3, 3), (1, 1), "SAME", (1, 1)),
-      "Dense_0": np.asarray(acts["Dense_0"].inputs[0], np.float64).reshape(x.shape[0], -1),
+    "Conv_0": _reference.im2col(x64, (3, 3), (1, 1), "SAME", (1, 1)),
+    "Dense_0": np.asarray(acts["Dense_0"].inputs[0], np.float64).reshape(x.shape[0], -1),
   }
   for name, a in rows.items():
     g, u = grads[name], updates[name]
-    gmat = np.concatenate([np.asarray(g["kernel"], np.float64).reshape(a.shape[1], -1),
-                           np.asarray(g["bias"], np.float64)[None]])
-    umat = np.concatenate([np.asarray(u["kernel"], np.float64).reshape(a.shape[1], -1),
-                           np.asarray(u["bias"], np.float64)[None]])
+    gmat = np.concatenate(
+      [
+        np.asarray(g["kernel"], np.float64).reshape(a.shape[1], -1),
+        np.asarray(g["bias"], np.float64)[None],
+      ]
+    )
+    umat = np.concatenate(
+      [
+        np.asarray(u["kernel"], np.float64).reshape(a.shape[1], -1),
+        np.asarray(u["bias"], np.float64)[None],
+      ]
+    )
     expected = _reference.damped_inverse(_reference.with_bias_column(a), rho) @ gmat
-    np.testing.assert_allclose(umat, expected, rtol=0, atol=atol_scale * np.abs(expected).max(),
-                               err_msg=name)
+    np.testing.assert_allclose(
+      umat, expected, rtol=0, atol=atol_scale * np.abs(expected).max(), err_msg=name
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
@@ -117,8 +127,9 @@ def test_half_precision_statistics_do_not_overflow_and_are_exact(dtype):
   tx = nysact_optax.scale_by_nysact(**{**EXACT, "damping": 1e4})
   updates, state = jax.jit(tx.update)(grads, tx.init(params), activations=acts)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))  # the parameter dtype
-  assert all(ls.cov.dtype == jnp.float32 and np.isfinite(ls.cov).all()
-             for ls in state.layers.values())
+  assert all(
+    ls.cov.dtype == jnp.float32 and np.isfinite(ls.cov).all() for ls in state.layers.values()
+  )
   # Exact up to rounding the float32 result to the half-precision update.
   _exact_check(x, params, acts, grads, updates, 2 * float(jnp.finfo(dtype).eps), rho=1e4)
 
@@ -136,12 +147,21 @@ def test_float64_statistics_when_configured():
     _exact_check(x, params, acts, grads, updates, 1e-10)
 
 
-@pytest.mark.parametrize("stats_dtype, message", [
-    ("bfloat16", r"stats_dtype must be one of \('float32', 'float64'\), got stats_dtype='bfloat16'"),
-    ("float64", r"stats_dtype='float64' needs 64-bit JAX: set "
-                r"jax.config.update\('jax_enable_x64', True\) first"),
+@pytest.mark.parametrize(
+  "stats_dtype, message",
+  [
+    (
+      "bfloat16",
+      r"stats_dtype must be one of \('float32', 'float64'\), got stats_dtype='bfloat16'",
+    ),
+    (
+      "float64",
+      r"stats_dtype='float64' needs 64-bit JAX: set "
+      r"jax.config.update\('jax_enable_x64', True\) first",
+    ),
     ("floaty", r"stats_dtype must be one of .*got stats_dtype='floaty'"),
-])
+  ],
+)
 def test_bad_stats_dtype_raises(stats_dtype, message):
   with pytest.raises(ValueError, match=message):
     nysact_optax.nysact(0.1, stats_dtype=stats_dtype)

@@ -23,7 +23,9 @@ BATCH, STEPS, PROCESSES, LOCAL_DEVICES = 16, 6, 2, 4
 KWARGS = dict(rank=4, damping=0.5, cov_update_every=2, inv_update_every=4)
 
 
-def train(process_index: int, process_count: int, distributed: bool = True) -> dict[str, np.ndarray]:
+def train(
+  process_index: int, process_count: int, distributed: bool = True
+) -> dict[str, np.ndarray]:
   """``STEPS`` NysAct steps on a mesh over every device of every process, or
   on one device with ``distributed=False``."""
   import flax.linen as nn
@@ -57,13 +59,12 @@ def train(process_index: int, process_count: int, distributed: bool = True) -> d
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Explicit,))
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  mine = slice(process_index * BATCH // process_count,
-               (process_index + 1) * BATCH // process_count)
+  mine = slice(process_index * BATCH // process_count, (process_index + 1) * BATCH // process_count)
   with jax.set_mesh(mesh):
     # Every process holds the same initial parameters and only its rows.
     params = jax.tree.map(
-        lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]),
-        params)
+      lambda a: jax.make_array_from_callback(a.shape, replicated, lambda i: a[i]), params
+    )
     xg = jax.make_array_from_process_local_data(rows, x[mine], x.shape)
     yg = jax.make_array_from_process_local_data(rows, y[mine], y.shape)
     state = jax.jit(tx.init, out_shardings=replicated)(params)
@@ -77,8 +78,10 @@ def _results(params, state, local):
   """Parameters, statistics and eigenvalues as named numpy arrays."""
   import jax
 
-  out = {f"params/{jax.tree_util.keystr(k)}": local(v)
-         for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  out = {
+    f"params/{jax.tree_util.keystr(k)}": local(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
   for name, layer in state[0].layers.items():
     out[f"cov/{name}"] = local(layer.cov)
     out[f"eigvals/{name}"] = local(layer.eigvals)
@@ -90,12 +93,14 @@ def _worker(process_id: int, port: int, out: str) -> None:
 
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=PROCESSES,
-      process_id=process_id,
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=PROCESSES,
+    process_id=process_id,
   )
   if jax.process_count() != PROCESSES or jax.local_device_count() != LOCAL_DEVICES:
-    raise RuntimeError(f"got {jax.process_count()} processes with "
-                       f"{jax.local_device_count()} devices each")
+    raise RuntimeError(
+      f"got {jax.process_count()} processes with {jax.local_device_count()} devices each"
+    )
   np.savez(out, **train(jax.process_index(), jax.process_count()))
   jax.distributed.shutdown()
 
@@ -114,15 +119,20 @@ def test_two_processes_equal_one_process(tmp_path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
   env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-      + [p for p in [env.get("PYTHONPATH")] if p])
+    [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    + [p for p in [env.get("PYTHONPATH")] if p]
+  )
   port = _free_port()
   outs = [tmp_path / f"process{i}.npz" for i in range(PROCESSES)]
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "tests.test_multiprocess", str(i), str(port), str(out)],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i, out in enumerate(outs)
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.test_multiprocess", str(i), str(port), str(out)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i, out in enumerate(outs)
   ]
   expected = train(0, 1, distributed=False)  # meanwhile, one device on the whole batch
   logs = []
@@ -140,8 +150,9 @@ def test_two_processes_equal_one_process(tmp_path):
   assert sorted(results[0]) == sorted(expected)
   for name, want in expected.items():
     np.testing.assert_array_equal(results[1][name], results[0][name])  # one model
-    np.testing.assert_allclose(results[0][name], want, rtol=2e-5,
-                               atol=2e-5 * np.abs(want).max(), err_msg=name)
+    np.testing.assert_allclose(
+      results[0][name], want, rtol=2e-5, atol=2e-5 * np.abs(want).max(), err_msg=name
+    )
 
 
 if __name__ == "__main__":

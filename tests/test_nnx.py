@@ -1,7 +1,5 @@
 """Flax NNX: capture, exactness against dense numpy, transforms, nnx.Optimizer."""
 
-import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,38 +29,92 @@ INIT = dict(kernel_init=np_init, bias_init=np_init)
 
 def _dense_rows(x_axes):
   """Rows of ``A`` for a dense-like layer contracting input axes ``x_axes``."""
+
   def rows(x):
     x = np.moveaxis(x, x_axes, tuple(range(-len(x_axes), 0)))
-    return x.reshape(-1, int(np.prod(x.shape[x.ndim - len(x_axes):])))
+    return x.reshape(-1, int(np.prod(x.shape[x.ndim - len(x_axes) :])))
+
   return rows
 
 
 # name: (constructor, input shape, rows, kernel input axes, bias permutation)
 CASES = {
-    "linear": (lambda r: nnx.Linear(4, 5, rngs=r, **INIT), (6, 4), _dense_rows((-1,)), (0,), None),
-    "linear_nobias": (lambda r: nnx.Linear(4, 3, use_bias=False, rngs=r, **INIT), (2, 3, 4),
-                      _dense_rows((-1,)), (0,), None),
-    "general_heads": (lambda r: nnx.LinearGeneral(4, (2, 3), rngs=r, **INIT), (5, 4),
-                      _dense_rows((-1,)), (0,), None),
-    "general_in": (lambda r: nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=r, **INIT),
-                   (3, 2, 3), _dense_rows((-2, -1)), (0, 1), None),
-    "general_axis1": (lambda r: nnx.LinearGeneral((2, 3), 2, axis=(1, -1), rngs=r, **INIT),
-                      (3, 2, 4, 3), _dense_rows((1, -1)), (0, 1), None),
-    "conv": (lambda r: nnx.Conv(3, 4, (3, 3), rngs=r, **INIT), (2, 5, 6, 3), _reference.conv_rows((3, 3)),
-             (0, 1, 2), None),
-    "conv_strided": (
-        lambda r: nnx.Conv(2, 4, (3, 2), strides=2, kernel_dilation=(2, 1), padding="VALID",
-                           use_bias=False, rngs=r, **INIT),
-        (2, 9, 6, 2), _reference.conv_rows((3, 2), (2, 2), "VALID", (2, 1)), (0, 1, 2), None),
-    "conv_groups": (lambda r: nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=r, **INIT),
-                    (2, 5, 5, 4), _reference.conv_rows((3, 3), groups=2), (0, 1, 2), None),
-    "conv_causal": (
-        lambda r: nnx.Conv(2, 3, (3,), padding="CAUSAL", kernel_dilation=2, rngs=r, **INIT),
-        (2, 9, 2), _reference.conv_rows((3,), padding="CAUSAL", dilation=(2,)), (0, 1), None),
-    # kernel (heads, d, head_dim): the contracted axis is not leading; bias in
-    # output order (head_dim, heads) is transposed against the kernel's (heads, head_dim).
-    "einsum": (lambda r: nnx.Einsum("btd,ndh->bthn", (2, 4, 3), (3, 2), rngs=r, **INIT),
-               (2, 3, 4), _dense_rows((-1,)), (1,), (1, 0)),
+  "linear": (lambda r: nnx.Linear(4, 5, rngs=r, **INIT), (6, 4), _dense_rows((-1,)), (0,), None),
+  "linear_nobias": (
+    lambda r: nnx.Linear(4, 3, use_bias=False, rngs=r, **INIT),
+    (2, 3, 4),
+    _dense_rows((-1,)),
+    (0,),
+    None,
+  ),
+  "general_heads": (
+    lambda r: nnx.LinearGeneral(4, (2, 3), rngs=r, **INIT),
+    (5, 4),
+    _dense_rows((-1,)),
+    (0,),
+    None,
+  ),
+  "general_in": (
+    lambda r: nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=r, **INIT),
+    (3, 2, 3),
+    _dense_rows((-2, -1)),
+    (0, 1),
+    None,
+  ),
+  "general_axis1": (
+    lambda r: nnx.LinearGeneral((2, 3), 2, axis=(1, -1), rngs=r, **INIT),
+    (3, 2, 4, 3),
+    _dense_rows((1, -1)),
+    (0, 1),
+    None,
+  ),
+  "conv": (
+    lambda r: nnx.Conv(3, 4, (3, 3), rngs=r, **INIT),
+    (2, 5, 6, 3),
+    _reference.conv_rows((3, 3)),
+    (0, 1, 2),
+    None,
+  ),
+  "conv_strided": (
+    lambda r: nnx.Conv(
+      2,
+      4,
+      (3, 2),
+      strides=2,
+      kernel_dilation=(2, 1),
+      padding="VALID",
+      use_bias=False,
+      rngs=r,
+      **INIT,
+    ),
+    (2, 9, 6, 2),
+    _reference.conv_rows((3, 2), (2, 2), "VALID", (2, 1)),
+    (0, 1, 2),
+    None,
+  ),
+  "conv_groups": (
+    lambda r: nnx.Conv(4, 6, (3, 3), feature_group_count=2, rngs=r, **INIT),
+    (2, 5, 5, 4),
+    _reference.conv_rows((3, 3), groups=2),
+    (0, 1, 2),
+    None,
+  ),
+  "conv_causal": (
+    lambda r: nnx.Conv(2, 3, (3,), padding="CAUSAL", kernel_dilation=2, rngs=r, **INIT),
+    (2, 9, 2),
+    _reference.conv_rows((3,), padding="CAUSAL", dilation=(2,)),
+    (0, 1),
+    None,
+  ),
+  # kernel (heads, d, head_dim): the contracted axis is not leading; bias in
+  # output order (head_dim, heads) is transposed against the kernel's (heads, head_dim).
+  "einsum": (
+    lambda r: nnx.Einsum("btd,ndh->bthn", (2, 4, 3), (3, 2), rngs=r, **INIT),
+    (2, 3, 4),
+    _dense_rows((-1,)),
+    (1,),
+    (1, 0),
+  ),
 }
 
 
@@ -106,7 +158,11 @@ def test_exact_mode_equals_dense_damped_inverse_for_every_nnx_layer():
   params = nnx.pure(nnx.state(model, nnx.Param))
   grads = _random_like(params, 7)
   tx = nysact_optax.scale_by_nysact(
-      rank=10**6, damping=RHO, stat_decay=0.0, cov_update_every=1, inv_update_every=1,
+    rank=10**6,
+    damping=RHO,
+    stat_decay=0.0,
+    cov_update_every=1,
+    inv_update_every=1,
   )  # no input_axes: the einsum's input axis (1,) is read off its bias's shape
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), activations=acts)
   for name, (_, _, rows, k_in, bias_perm) in CASES.items():
@@ -120,7 +176,8 @@ def test_exact_mode_equals_dense_damped_inverse_for_every_nnx_layer():
     umat = _matrix(u["kernel"], u.get("bias"), k_in, bias_perm)
     expected = _reference.damped_inverse(a, RHO) @ gmat
     np.testing.assert_allclose(
-        umat, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max(), err_msg=name)
+      umat, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max(), err_msg=name
+    )
 
 
 def test_multi_head_attention_projections_are_captured_and_exact():
@@ -138,24 +195,28 @@ def test_multi_head_attention_projections_are_captured_and_exact():
   params = nnx.pure(nnx.state(mha, nnx.Param))
   grads = _random_like(params, 3)
   tx = nysact_optax.scale_by_nysact(
-      rank=10**6, damping=RHO, stat_decay=0.0, cov_update_every=1, inv_update_every=1)
+    rank=10**6, damping=RHO, stat_decay=0.0, cov_update_every=1, inv_update_every=1
+  )
   updates, _ = tx.update(grads, tx.init(params), activations=acts)
   for name, x, k_in in (("query", xq, (0,)), ("value", xkv, (0,)), ("out", attended, (0, 1))):
     a = _dense_rows(tuple(range(-len(k_in), 0)))(np.asarray(x, np.float64))
     a = _reference.with_bias_column(a)
     expected = _reference.damped_inverse(a, RHO) @ _matrix(
-        grads[name]["kernel"], grads[name]["bias"], k_in, None)
+      grads[name]["kernel"], grads[name]["bias"], k_in, None
+    )
     actual = _matrix(updates[name]["kernel"], updates[name]["bias"], k_in, None)
-    np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max(),
-                               err_msg=name)
+    np.testing.assert_allclose(
+      actual, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max(), err_msg=name
+    )
 
 
 class Net(nnx.Module):
   def __init__(self, rngs):
     self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs, **INIT)
     self.norm = nnx.LayerNorm(4, rngs=rngs)
-    self.blocks = nnx.List([nnx.Linear(64, 8, rngs=rngs, **INIT),
-                            nnx.Linear(8, 3, rngs=rngs, **INIT)])
+    self.blocks = nnx.List(
+      [nnx.Linear(64, 8, rngs=rngs, **INIT), nnx.Linear(8, 3, rngs=rngs, **INIT)]
+    )
 
   def __call__(self, x):
     x = self.norm(nnx.relu(self.conv(x)))
@@ -176,10 +237,17 @@ def test_activations_mirror_nnx_state_paths():
   model = Net(nnx.Rngs(0))
   _, acts = nysact_optax.capture_activations(model)(_data()[0])
   assert isinstance(acts, nnx.State)
-  act_paths = {path for path, _ in jax.tree_util.tree_flatten_with_path(
-      acts, is_leaf=lambda x: isinstance(x, nysact_optax.LayerInputs))[0]}
-  kernel_nodes = {path[:-2] for path, _ in jax.tree_util.tree_flatten_with_path(
-      nnx.state(model, nnx.Param))[0] if path[-2].key == "kernel"}
+  act_paths = {
+    path
+    for path, _ in jax.tree_util.tree_flatten_with_path(
+      acts, is_leaf=lambda x: isinstance(x, nysact_optax.LayerInputs)
+    )[0]
+  }
+  kernel_nodes = {
+    path[:-2]
+    for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    if path[-2].key == "kernel"
+  }
   assert act_paths == kernel_nodes  # ('blocks', 0), ('blocks', 1), ('conv',)
   tx = nysact_optax.scale_by_nysact(rank=3)
   assert sorted(tx.init(nnx.state(model, nnx.Param)).layers) == ["blocks/0", "blocks/1", "conv"]
@@ -208,6 +276,7 @@ def test_nnx_optimizer_under_nnx_jit_equals_jax_jit_with_split_merge():
   def jax_step(params, rest, opt_state, x, y):
     def loss_fn(params):
       return _loss(nnx.merge(graphdef, params, rest), x, y)
+
     (loss, acts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -218,10 +287,13 @@ def test_nnx_optimizer_under_nnx_jit_equals_jax_jit_with_split_merge():
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   assert len(traces) == 1
   ours = nnx.pure(nnx.state(model, nnx.Param))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               ours, nnx.pure(params))
-  assert not np.allclose(ours["blocks"][0]["kernel"],
-                         nnx.pure(nnx.state(Net(nnx.Rngs(0)), nnx.Param))["blocks"][0]["kernel"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ours, nnx.pure(params)
+  )
+  assert not np.allclose(
+    ours["blocks"][0]["kernel"],
+    nnx.pure(nnx.state(Net(nnx.Rngs(0)), nnx.Param))["blocks"][0]["kernel"],
+  )
 
 
 class Shared(nnx.Module):
@@ -243,7 +315,7 @@ def test_shared_module_nested_user_capture_and_restore_on_exception():
     y, acts = nysact_optax.capture_activations(model)(x)
     return y, acts
 
-  (y, acts), inter = nnx.capture(forward, nnx.Intermediate)(model, x)
+  (_, acts), inter = nnx.capture(forward, nnx.Intermediate)(model, x)
   assert list(acts) == ["first"]  # shared: once, at nnx.state's path, both calls
   assert len(acts["first"].inputs) == 2
   np.testing.assert_allclose(acts["first"].inputs[1], model.first(x), rtol=1e-6)
@@ -269,7 +341,9 @@ def test_unsupported_nnx_layer_raises_unless_excluded():
   _, acts = nysact_optax.capture_activations(layer)(jnp.ones((4, 3)))
   params = nnx.pure(nnx.state(layer, nnx.Param))
   tx = nysact_optax.scale_by_nysact(rank=2)
-  with pytest.raises(NotImplementedError, match=r"layer '': LinearGeneral with batch_axis=\{0: 4\}"):
+  with pytest.raises(
+    NotImplementedError, match=r"layer '': LinearGeneral with batch_axis=\{0: 4\}"
+  ):
     tx.update(params, tx.init(params), activations=acts)
   tx = nysact_optax.scale_by_nysact(rank=2, exclude=["^$"])
   updates, _ = tx.update(params, tx.init(params), activations=acts)
@@ -298,7 +372,8 @@ def test_nnx_capture_in_either_order():
   (y3, inter3), acts3 = capture(nnx.capture(lambda m, x: m(x), nnx.Intermediate))(model, x)
   y4, acts4 = capture(nnx.capture(model))(x)  # no variable types: outputs alone
   (y5, inter5, perturbations), acts5 = capture(
-      nnx.capture(model.__call__, nnx.Intermediate, nnx.Perturbation))(x)
+    nnx.capture(model.__call__, nnx.Intermediate, nnx.Perturbation)
+  )(x)
   for y in (y1, y2, y3, y4, y5):
     np.testing.assert_array_equal(y, y_ref)
   for inter in (inter1, inter2, inter3, inter5):
@@ -332,6 +407,7 @@ def test_nnx_capture_outside_under_nnx_grad_and_jit():
         (logits, acts), _ = forward_of(model)(x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, acts
+
       (_, acts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
       return grads, acts
 
@@ -340,7 +416,8 @@ def test_nnx_capture_outside_under_nnx_grad_and_jit():
     return tx.update(nnx.pure(grads), tx.init(params), params, activations=acts)[0]
 
   inside = grads_and_acts(
-      lambda m: nnx.capture(nysact_optax.capture_activations(m), nnx.Intermediate))
+    lambda m: nnx.capture(nysact_optax.capture_activations(m), nnx.Intermediate)
+  )
   plain = grads_and_acts(lambda m: lambda x: (nysact_optax.capture_activations(m)(x), None))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), inside, plain)
 
@@ -350,21 +427,10 @@ def test_nnx_layer_called_with_two_equations_is_an_error():
   _, acts = nysact_optax.capture_activations(einsum)(jnp.ones((2, 3)))  # one equation
   assert acts.spec == nysact_optax.EinsumSpec("bi,io->bo")
   model = nnx.Sequential(einsum, lambda h: einsum(h, "bi,oi->bo"))
-  with pytest.raises(ValueError, match=r"layer 'layers/0' was called with several "
-                     r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration"):
+  with pytest.raises(
+    ValueError,
+    match=r"layer 'layers/0' was called with several "
+    r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration",
+  ):
     nysact_optax.capture_activations(model)(jnp.ones((2, 3)))
 
-
-def _readme_block(title):
-  text = (Path(__file__).parents[1] / "README.md").read_text()
-  section = text.split(title, 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
-
-
-def test_readme_nnx_example_runs():
-  code = _readme_block("## Flax NNX")
-  namespace = {}
-  exec(compile(code, "README.md (NNX example)", "exec"), namespace)
-  losses = namespace["losses"]
-  assert len(losses) == 20 and all(np.isfinite(losses))
-  assert losses[-1] < 0.6 * losses[0]

@@ -19,9 +19,13 @@ def test_notebook_executes(path, monkeypatch):
   monkeypatch.setenv("MPLBACKEND", "Agg")
   notebook = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
-      notebook, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(path.parent.parent)}},
+    notebook,
+    timeout=600,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(path.parent.parent)}},
   )
   client.execute()  # raises CellExecutionError on the first failing cell
-  errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+  errors = [
+    o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
+  ]
   assert not errors

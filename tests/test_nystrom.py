@@ -76,7 +76,7 @@ def test_error_no_worse_than_reference_formula(nystrom, kind, seed):
 
 
 def test_stable_nystrom_is_exact_for_a_low_rank_covariance():
-  p, r, rho = 30, 6, 1e-3
+  p, r = 30, 6
   rng = np.random.default_rng(0)
   basis = rng.standard_normal((p, 4))
   cov = basis @ basis.T  # rank 4 < r: Nyström is exact
@@ -93,7 +93,9 @@ def test_dead_layer_gives_finite_identity_scaled_preconditioner(nystrom):
   u, lam = factorise(jnp.zeros((20, 5)), s.matrix, 0.5)
   assert np.isfinite(u).all() and np.isfinite(lam).all()
   if nystrom == "stable":
-    np.testing.assert_allclose(_reference.dense_preconditioner(u, lam, 0.5), np.eye(20) / 0.5, atol=1e-5)
+    np.testing.assert_allclose(
+      _reference.dense_preconditioner(u, lam, 0.5), np.eye(20) / 0.5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("nystrom", ["shifted", "stable"])
@@ -143,6 +145,7 @@ def test_factors_are_sound_at_extreme_conditioning(nystrom, ratio):
   assert eig[-1] <= (1 + 1e-2) / rho
   # The float32 factored apply agrees with that P (to float32 round-off of 1/rho).
   g = np.random.default_rng(1).standard_normal((p, 3))
-  applied = _apply.precondition(jnp.asarray(g, jnp.float32), jnp.asarray(u, jnp.float32),
-                                jnp.asarray(lam, jnp.float32), rho)
+  applied = _apply.precondition(
+    jnp.asarray(g, jnp.float32), jnp.asarray(u, jnp.float32), jnp.asarray(lam, jnp.float32), rho
+  )
   np.testing.assert_allclose(applied, dense @ g, atol=1e-5 / rho * np.abs(g).max())

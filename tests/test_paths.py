@@ -34,7 +34,7 @@ class ConvNet(nn.Module):
 
 @functools.cache
 def _linen():
-  xs, params, acts = linen_zoo._setup()
+  _, params, acts = linen_zoo._setup()
   model, x = ConvNet(), _params.data((3, 5, 5, 4))[0]
   conv_params = _params.init_params(model, x)
   _, conv_acts = nysact_optax.capture_activations(model.apply)({"params": conv_params}, x)
@@ -56,12 +56,14 @@ def _nnx():
 
 def _both_paths(setup, dtype, sketch, rank, steps=2):
   params, acts, kwargs = setup()
-  tx = nysact_optax.scale_by_nysact(rank=rank, sketch=sketch, stats_dtype=dtype,
-                                    **PERIODS, **kwargs)
+  tx = nysact_optax.scale_by_nysact(
+    rank=rank, sketch=sketch, stats_dtype=dtype, **PERIODS, **kwargs
+  )
   by_acts = by_stats = tx.init(params)
   with_acts = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
-  with_stats = jax.jit(lambda g, s, a: tx.update(
-      g, s, statistics=nysact_optax.sketched_statistics(s, a)))
+  with_stats = jax.jit(
+    lambda g, s, a: tx.update(g, s, statistics=nysact_optax.sketched_statistics(s, a))
+  )
   for step in range(steps):
     grads = nnx_zoo._random_like(params, step)
     want, by_acts = with_acts(grads, by_acts, acts)
@@ -70,27 +72,40 @@ def _both_paths(setup, dtype, sketch, rank, steps=2):
 
 
 @pytest.mark.parametrize("setup", [_linen, _nnx], ids=["linen", "nnx"])
-@pytest.mark.parametrize("sketch, rank", [("gaussian", 2), ("subcolumns", 2), ("gaussian", 10**6)],
-                         ids=["gaussian", "subcolumns", "exact"])
+@pytest.mark.parametrize(
+  "sketch, rank",
+  [("gaussian", 2), ("subcolumns", 2), ("gaussian", 10**6)],
+  ids=["gaussian", "subcolumns", "exact"],
+)
 def test_statistics_path_equals_activations_path(setup, sketch, rank):
   """Einsum with a permuted bias, grouped conv, scanned and vmapped layers
   included (float32; float64 below)."""
   want, got, s1, s2 = _both_paths(setup, "float32", sketch, rank)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), s2.layers, s1.layers)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()),
+    s2.layers,
+    s1.layers,
+  )
 
 
-@pytest.mark.parametrize("setup, sketch", [(_linen, "gaussian"), (_linen, "subcolumns"),
-                                           (_nnx, "gaussian")], ids=["linen", "linen-sub", "nnx"])
+@pytest.mark.parametrize(
+  "setup, sketch",
+  [(_linen, "gaussian"), (_linen, "subcolumns"), (_nnx, "gaussian")],
+  ids=["linen", "linen-sub", "nnx"],
+)
 def test_statistics_path_in_float64(setup, sketch):
   """It drew a float32 sketch while the refresh drew a float64 one (200 % off)."""
   with jax.enable_x64(True):
     want, got, s1, _ = _both_paths(setup, "float64", sketch, 2)
   assert all(ls.cov.dtype == jnp.float64 for ls in s1.layers.values())
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=1e-10, atol=1e-10 * np.abs(b).max()), got, want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(b).max()),
+    got,
+    want,
+  )
 
 
 def test_einsum_bias_layout_comes_from_the_shapes():
@@ -114,8 +129,10 @@ def test_ambiguous_bias_layout_is_an_error_not_a_silent_difference():
   tx = nysact_optax.scale_by_nysact(rank=2)
   state = tx.init(params)
   grads = nnx_zoo._random_like(params, 0)
-  msg = (r"layer 'sq': its bias of shape \(3, 3\) is laid out with axes \(1, 0\) "
-         r".*shapes alone gave \(0, 1\).*exclude=\['sq'\]")
+  msg = (
+    r"layer 'sq': its bias of shape \(3, 3\) is laid out with axes \(1, 0\) "
+    r".*shapes alone gave \(0, 1\).*exclude=\['sq'\]"
+  )
   with pytest.raises(ValueError, match=msg):
     tx.update(grads, state, activations=acts)
   with pytest.raises(ValueError, match=msg):
@@ -124,8 +141,16 @@ def test_ambiguous_bias_layout_is_an_error_not_a_silent_difference():
 
 def test_sketched_statistics_needs_no_settings():
   params, acts, kwargs = _linen()
-  tx = nysact_optax.nysact(0.1, rank=3, sketch="subcolumns", sketch_refresh="reference",
-                           nystrom="shifted", cov_update_every=2, inv_update_every=4, **kwargs)
+  tx = nysact_optax.nysact(
+    0.1,
+    rank=3,
+    sketch="subcolumns",
+    sketch_refresh="reference",
+    nystrom="shifted",
+    cov_update_every=2,
+    inv_update_every=4,
+    **kwargs,
+  )
   state = tx.init(params)
   stats = jax.jit(nysact_optax.sketched_statistics)(state, acts)
   assert stats["scan/Dense_0"].shape == (3, 5, 3)  # per stacked copy
@@ -138,8 +163,9 @@ def test_first_statistics_update_skipped_does_not_bias_the_layer():
   """Each layer's bias correction counts its own updates: one that skipped
   its first statistics (non-finite) is corrected by 1 - b, not 1 - b^2."""
   params = {"a": {"kernel": jnp.ones((3, 2))}, "b": {"kernel": jnp.ones((3, 2))}}
-  tx = nysact_optax.scale_by_nysact(rank=3, damping=1.0, stat_decay=0.9,
-                                    cov_update_every=1, inv_update_every=1)
+  tx = nysact_optax.scale_by_nysact(
+    rank=3, damping=1.0, stat_decay=0.9, cov_update_every=1, inv_update_every=1
+  )
   state = tx.init(params)
   good = jnp.asarray(np.diag([4.0, 1.0, 0.25]), jnp.float32)
   _, state = tx.update(params, state, statistics={"a": good, "b": good * jnp.nan})
@@ -158,7 +184,8 @@ def test_nysact_keeps_one_chain_shape_whatever_the_values():
   full = jax.tree.structure(nysact_optax.nysact(0.1, momentum=0.9, weight_decay=1e-3).init(params))
   assert plain == full
   inject = optax.inject_hyperparams(
-      nysact_optax.nysact, static_args=("rank", "cov_update_every", "inv_update_every"))
+    nysact_optax.nysact, static_args=("rank", "cov_update_every", "inv_update_every")
+  )
   for momentum in (0.0, 0.9):  # momentum as an array: the same chain
     state = inject(learning_rate=0.1, momentum=momentum).init(params)
     assert jax.tree.structure(state.inner_state) == full
@@ -166,13 +193,13 @@ def test_nysact_keeps_one_chain_shape_whatever_the_values():
 
 def test_math_modules_import_no_flax():
   code = (
-      "import sys\n"
-      "import nysact_optax\n"
-      "from nysact_optax import _apply, _nystrom, _sketch, _statistics, _transform\n"
-      "from nysact_optax import _accumulate, _alias, _state, _validation, _diagnostics\n"
-      "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.'))\n"
-      "assert not loaded, loaded\n"
-      "nysact_optax.capture_activations\n"
-      "assert 'flax' in sys.modules\n"
+    "import sys\n"
+    "import nysact_optax\n"
+    "from nysact_optax import _apply, _nystrom, _sketch, _statistics, _transform\n"
+    "from nysact_optax import _accumulate, _alias, _state, _validation, _diagnostics\n"
+    "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.'))\n"
+    "assert not loaded, loaded\n"
+    "nysact_optax.capture_activations\n"
+    "assert 'flax' in sys.modules\n"
   )
   subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

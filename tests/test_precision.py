@@ -102,7 +102,8 @@ def _setup(**kw):
   def grads_and_acts(p):
     def loss(p):
       y, acts = apply({"params": p}, x)
-      return jnp.sum(y ** 2), acts
+      return jnp.sum(y**2), acts
+
     (_, acts), grads = jax.value_and_grad(loss, has_aux=True)(p)
     return grads, acts
 
@@ -110,12 +111,15 @@ def _setup(**kw):
 
 
 SETTINGS = [
-    ("highest", HIGHEST, HIGHEST, {}),
-    (("default", "high"), jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGH, {}),
-    (("tensorfloat32", jax.lax.Precision.DEFAULT), jax.lax.Precision.HIGH,
-     jax.lax.Precision.DEFAULT, {"nystrom": "shifted", "relative_damping": True}),
-    ("bfloat16", jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT,
-     {"sketch": "subcolumns"}),
+  ("highest", HIGHEST, HIGHEST, {}),
+  (("default", "high"), jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGH, {}),
+  (
+    ("tensorfloat32", jax.lax.Precision.DEFAULT),
+    jax.lax.Precision.HIGH,
+    jax.lax.Precision.DEFAULT,
+    {"nystrom": "shifted", "relative_damping": True},
+  ),
+  ("bfloat16", jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT, {"sketch": "subcolumns"}),
 ]
 
 
@@ -148,8 +152,7 @@ def test_micro_batch_statistics_use_the_state_precision():
     _, acts = grads_and_acts(params)
     return nysact_optax.sketched_statistics(state, acts)
 
-  counts = _check(jax.make_jaxpr(stats)(params, state).jaxpr,
-                  jax.lax.Precision.DEFAULT, HIGHEST)
+  counts = _check(jax.make_jaxpr(stats)(params, state).jaxpr, jax.lax.Precision.DEFAULT, HIGHEST)
   assert counts["statistics", "conv_general_dilated"] >= 3, counts
 
 
@@ -158,8 +161,7 @@ def test_walker_sees_a_product_without_precision():
 
   def f(a, b):
     with jax.named_scope("nysact/apply/layer"):
-      return jax.lax.cond(a.sum() > 0, lambda: a @ b, lambda: jnp.matmul(
-          a, b, precision=HIGHEST))
+      return jax.lax.cond(a.sum() > 0, lambda: a @ b, lambda: jnp.matmul(a, b, precision=HIGHEST))
 
   jaxpr = jax.make_jaxpr(f)(jnp.ones((2, 2)), jnp.ones((2, 2))).jaxpr
   found = [p for w, _, p in _products(jaxpr) if "nysact/apply/" in w]
@@ -185,8 +187,9 @@ def test_precision_changes_nothing_on_cpu():
   grads, acts = grads_and_acts(params)
   out = {}
   for precision in ("highest", "default"):
-    tx = nysact_optax.scale_by_nysact(rank=4, cov_update_every=1, inv_update_every=1,
-                                      precision=precision)
+    tx = nysact_optax.scale_by_nysact(
+      rank=4, cov_update_every=1, inv_update_every=1, precision=precision
+    )
     out[precision], _ = tx.update(grads, tx.init(params), params, activations=acts)
   if jax.default_backend() == "cpu":
     jax.tree.map(np.testing.assert_array_equal, out["highest"], out["default"])

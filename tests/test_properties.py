@@ -33,8 +33,13 @@ def _updates(gs, x, damping, *, rank, nystrom, sketch, has_bias):
   """The update of each gradient matrix in ``gs`` (k, p, o) after one step on ``x``."""
   p_in = x.shape[-1]
   tx = nysact_optax.scale_by_nysact(
-      rank=rank, nystrom=nystrom, sketch=sketch, damping=damping, stat_decay=0.0,
-      cov_update_every=1, inv_update_every=1,
+    rank=rank,
+    nystrom=nystrom,
+    sketch=sketch,
+    damping=damping,
+    stat_decay=0.0,
+    cov_update_every=1,
+    inv_update_every=1,
   )
   acts = {"l": LayerInputs([x], DenseSpec())}
   state = tx.init(_as_grads(gs[0], p_in, has_bias))
@@ -49,7 +54,8 @@ def _updates(gs, x, damping, *, rank, nystrom, sketch, has_bias):
   return jax.vmap(one, out_axes=(0, None))(gs)
 
 
-layer_cases = st.fixed_dictionaries({
+layer_cases = st.fixed_dictionaries(
+  {
     "p_in": st.integers(1, 7),
     "has_bias": st.booleans(),
     "rows": st.integers(2, 8),
@@ -60,7 +66,8 @@ layer_cases = st.fixed_dictionaries({
     "nystrom": st.sampled_from(["shifted", "stable"]),
     "sketch": st.sampled_from(["gaussian", "subcolumns"]),
     "seed": st.integers(0, 2**16),
-})
+  }
+)
 
 
 @settings(max_examples=16, deadline=None, derandomize=True, database=None)
@@ -71,15 +78,21 @@ def test_preconditioner_properties(case):
   rho = 10.0 ** case["log_damping"]
   rng = np.random.default_rng(case["seed"])
   k = min(case["data_rank"], p_in)
-  x = (rng.standard_normal((case["rows"], k)) @ rng.standard_normal((k, p_in))
-       * 10.0 ** case["log_scale"] / np.sqrt(k))
+  x = (
+    rng.standard_normal((case["rows"], k))
+    @ rng.standard_normal((k, p_in))
+    * 10.0 ** case["log_scale"]
+    / np.sqrt(k)
+  )
   g1, g2 = rng.standard_normal((2, p, p))
   a, b = rng.standard_normal(2)
   gs = np.stack([np.eye(p), g1, g2, a * g1 + b * g2])
-  static = dict(rank=case["rank"], nystrom=case["nystrom"], sketch=case["sketch"],
-                has_bias=has_bias)
+  static = dict(
+    rank=case["rank"], nystrom=case["nystrom"], sketch=case["sketch"], has_bias=has_bias
+  )
   (p_mat, u1, u2, u12), ls = _updates(
-      jnp.asarray(gs, jnp.float32), jnp.asarray(x, jnp.float32), rho, **static)
+    jnp.asarray(gs, jnp.float32), jnp.asarray(x, jnp.float32), rho, **static
+  )
   p_mat = np.asarray(p_mat, np.float64)
   lam = np.asarray(ls.eigvals, np.float64)
   # Errors are measured against ||P|| = 1 / rho; float32 round-off grows with
@@ -96,8 +109,11 @@ def test_preconditioner_properties(case):
 
   # Linear in the gradient: U(G) = P G, and U(a G1 + b G2) = a U(G1) + b U(G2).
   np.testing.assert_allclose(u1, p_mat @ g1, atol=tol * np.abs(g1).sum(0).max())
-  np.testing.assert_allclose(u12, a * np.asarray(u1) + b * np.asarray(u2),
-                             atol=tol * (abs(a) + abs(b)) * np.abs(gs[1:3]).sum(1).max())
+  np.testing.assert_allclose(
+    u12,
+    a * np.asarray(u1) + b * np.asarray(u2),
+    atol=tol * (abs(a) + abs(b)) * np.abs(gs[1:3]).sum(1).max(),
+  )
 
   # Exact mode (rank >= p) is the dense damped inverse.
   if case["rank"] >= p:
@@ -107,7 +123,9 @@ def test_preconditioner_properties(case):
   # The order of the batch rows does not matter.
   perm = rng.permutation(case["rows"])
   (p_perm, *_), ls_perm = _updates(
-      jnp.asarray(gs, jnp.float32), jnp.asarray(x[perm], jnp.float32), rho, **static)
-  np.testing.assert_allclose(ls_perm.cov, ls.cov, rtol=1e-5,
-                             atol=1e-5 * np.abs(np.asarray(ls.cov)).max())
+    jnp.asarray(gs, jnp.float32), jnp.asarray(x[perm], jnp.float32), rho, **static
+  )
+  np.testing.assert_allclose(
+    ls_perm.cov, ls.cov, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(ls.cov)).max()
+  )
   np.testing.assert_allclose(p_perm, p_mat, atol=10 * tol)

@@ -122,7 +122,7 @@ def test_ablations_change_one_thing_of_their_base(tmp_path):
     _fake_run(tmp_path, "tune", f"fmnist_cnn__{base}__lr{lr:g}__s0", lr, 1.0, acc)
   runs = {f"{r.stage}/{r.name}": r.cfg for r in suite.plan(preset, ["tune", "test", "ablate"],
                                                           tmp_path)}
-  nysact = lambda name: dict(runs[name].nysact)  # noqa: E731
+  nysact = lambda name: dict(runs[name].nysact)
   shifted = {"nystrom": "shifted", "sketch_refresh": "reference"}
   assert nysact(f"tune/fmnist_cnn__{base}__lr0.1__s0") == shifted
   assert nysact("ablate/fmnist_cnn__rank5__s0") == {"rank": 5, **shifted}
@@ -185,7 +185,9 @@ def test_issue13_optimizers_train_on_digits(tmp_path, label):
 
 
 def test_vit_shapes_and_stage_tf_plan(tmp_path):
-  import jax, jax.numpy as jnp
+  import jax
+  import jax.numpy as jnp
+
   from benchmarks import models
   model = models.ViT(width=16, depth=1, num_heads=2)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 28, 28, 1)))["params"]

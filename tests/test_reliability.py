@@ -22,8 +22,13 @@ from nysact_optax._sketch import draw_sketch
 
 STEPS = 200
 FAMILIES = (
-    "normal", "dead_relu", "rank1", "constant_columns", "duplicated_columns",
-    "scale_1e-8", "scale_1e8",
+  "normal",
+  "dead_relu",
+  "rank1",
+  "constant_columns",
+  "duplicated_columns",
+  "scale_1e-8",
+  "scale_1e8",
 )
 DAMPINGS = (1e-8, 1e-4, 1.0, 1e2)
 DECAYS = (0.0, 0.95)
@@ -33,21 +38,21 @@ CONV = ConvSpec((3, 3), (1, 1), "SAME", (1, 1), (1, 1))
 # Layers are independent in these open-loop runs, so one model holds the
 # special cases (batch size 1, very wide outputs, bf16) side by side.
 LAYERS = {
-    "dense": ((4, 8), (8, 5), True, "float32"),
-    "small": ((4, 2), (2, 3), True, "float32"),  # p = 3: exact once rank >= 3
-    "conv": ((4, 4, 4, 2), (3, 3, 2, 4), False, "float32"),
-    "batch1": ((1, 8), (8, 5), True, "float32"),
-    "wide": ((4, 8), (8, 2048), True, "float32"),
-    "bf16": ((4, 8), (8, 5), True, "bfloat16"),
+  "dense": ((4, 8), (8, 5), True, "float32"),
+  "small": ((4, 2), (2, 3), True, "float32"),  # p = 3: exact once rank >= 3
+  "conv": ((4, 4, 4, 2), (3, 3, 2, 4), False, "float32"),
+  "batch1": ((1, 8), (8, 5), True, "float32"),
+  "wide": ((4, 8), (8, 2048), True, "float32"),
+  "bf16": ((4, 8), (8, 5), True, "bfloat16"),
 }
 # name: (rank, sketch, nystrom, sketch_refresh, cov_every, inv_every, layers)
 CONFIGS = {
-    "default": (3, "gaussian", "stable", "fixed", 1, 1, tuple(LAYERS)),
-    "reference": (3, "gaussian", "stable", "reference", 1, 1, ("dense", "small", "conv")),
-    "shifted": (3, "gaussian", "shifted", "reference", 1, 1, ("dense", "small", "conv")),
-    "stable_fixed": (3, "subcolumns", "stable", "fixed", 2, 4, ("dense", "small")),
-    "rank1": (1, "gaussian", "shifted", "reference", 1, 1, ("dense", "small")),
-    "rank_above_p": (64, "gaussian", "shifted", "reference", 1, 1, ("dense", "small")),
+  "default": (3, "gaussian", "stable", "fixed", 1, 1, tuple(LAYERS)),
+  "reference": (3, "gaussian", "stable", "reference", 1, 1, ("dense", "small", "conv")),
+  "shifted": (3, "gaussian", "shifted", "reference", 1, 1, ("dense", "small", "conv")),
+  "stable_fixed": (3, "subcolumns", "stable", "fixed", 2, 4, ("dense", "small")),
+  "rank1": (1, "gaussian", "shifted", "reference", 1, 1, ("dense", "small")),
+  "rank_above_p": (64, "gaussian", "shifted", "reference", 1, 1, ("dense", "small")),
 }
 
 
@@ -79,10 +84,9 @@ def _stream(family, names, seed=0):
     x_shape, k_shape, _, _ = LAYERS[name]
     rows = int(np.prod(x_shape[:-1]))
     data[name] = {
-        "x": np.stack([_rows(family, rng, rows, x_shape[-1]).reshape(x_shape)
-                       for _ in range(STEPS)]),
-        "delta": rng.standard_normal((STEPS,) + x_shape[:-1] + k_shape[-1:]),
-        "noise": rng.standard_normal((STEPS,) + k_shape),
+      "x": np.stack([_rows(family, rng, rows, x_shape[-1]).reshape(x_shape) for _ in range(STEPS)]),
+      "delta": rng.standard_normal((STEPS,) + x_shape[:-1] + k_shape[-1:]),
+      "noise": rng.standard_normal((STEPS,) + k_shape),
     }
   return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), data)
 
@@ -90,9 +94,12 @@ def _stream(family, names, seed=0):
 def _layer_grads(name, x, delta, noise):
   """``A^T delta / n`` plus noise, as the layer's kernel (and bias) gradient."""
   if name == "conv":
+
     def conv(k):
-      return lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+
     (kernel,) = jax.vjp(conv, jnp.zeros(noise.shape))[1](delta)
     return {"kernel": kernel / (delta.size // delta.shape[-1]) + noise}
   grads = {"kernel": x.T @ delta / x.shape[0] + noise}
@@ -110,16 +117,22 @@ def _as_matrix(tree, name):
   return m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _runner(config):
   """A jitted run of STEPS updates, vmapped over (damping, stat_decay)."""
   rank, sketch, nystrom, refresh, cov_every, inv_every, _ = CONFIGS[config]
 
   def run(data, rho, beta, seed):
     tx = nysact_optax.scale_by_nysact(
-        rank=rank, sketch=sketch, nystrom=nystrom, sketch_refresh=refresh,
-        damping=rho, stat_decay=beta, cov_update_every=cov_every,
-        inv_update_every=inv_every, seed=seed,
+      rank=rank,
+      sketch=sketch,
+      nystrom=nystrom,
+      sketch_refresh=refresh,
+      damping=rho,
+      stat_decay=beta,
+      cov_update_every=cov_every,
+      inv_update_every=inv_every,
+      seed=seed,
     )
 
     def inputs_of(step_data):
@@ -136,15 +149,20 @@ def _runner(config):
     def step(state, step_data):
       grads, acts = inputs_of(step_data)
       updates, state = tx.update(grads, state, activations=acts)
-      ratio = jnp.stack([
+      ratio = jnp.stack(
+        [
           # ||P g|| / (||g|| / damping) per output column: at most 1.
-          jnp.max(jnp.linalg.norm(_as_matrix(updates, name), axis=0) * rho
-                  / jnp.linalg.norm(_as_matrix(grads, name), axis=0))
+          jnp.max(
+            jnp.linalg.norm(_as_matrix(updates, name), axis=0)
+            * rho
+            / jnp.linalg.norm(_as_matrix(grads, name), axis=0)
+          )
           for name in grads
-      ]).max()
+        ]
+      ).max()
       finite = jnp.stack(
-          [jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]
-          + [jnp.isfinite(s).all() for s in jax.tree.leaves(state)]
+        [jnp.isfinite(u).all() for u in jax.tree.leaves(updates)]
+        + [jnp.isfinite(s).all() for s in jax.tree.leaves(state)]
       ).all()
       fingerprint = jnp.stack([jnp.sum(u.astype(jnp.float32)) for u in jax.tree.leaves(updates)])
       return state, (finite, ratio, fingerprint)
@@ -191,8 +209,10 @@ def test_same_seed_is_bitwise_identical_and_other_seeds_differ():
   ls0, ls1 = first[2].layers["dense"], other[2].layers["dense"]
   assert not np.array_equal(ls0.sketch_key[0], ls1.sketch_key[0])
   p, r = ls0.cov.shape[1:]
-  s0, s1 = (np.asarray(draw_sketch(k[0], p, r, "subcolumns").matrix)
-            for k in (ls0.sketch_key, ls1.sketch_key))
+  s0, s1 = (
+    np.asarray(draw_sketch(k[0], p, r, "subcolumns").matrix)
+    for k in (ls0.sketch_key, ls1.sketch_key)
+  )
   assert not np.array_equal(s0, s1)
   assert not np.array_equal(ls0.cov, ls1.cov)
   assert not np.array_equal(first[4], other[4])  # the updates differ too
@@ -206,8 +226,12 @@ def test_same_seed_is_bitwise_identical_and_other_seeds_differ():
 @functools.partial(jax.jit, static_argnames=("rank", "nystrom"))
 def _step(grads, state, acts, damping, stat_decay, rank, nystrom="shifted"):
   tx = nysact_optax.scale_by_nysact(
-      rank=rank, damping=damping, stat_decay=stat_decay, cov_update_every=1,
-      inv_update_every=1, nystrom=nystrom,
+    rank=rank,
+    damping=damping,
+    stat_decay=stat_decay,
+    cov_update_every=1,
+    inv_update_every=1,
+    nystrom=nystrom,
   )
   return tx.update(grads, state, activations=acts)
 
@@ -216,8 +240,12 @@ def _problem(rank, seed=0):
   rng = np.random.default_rng(seed)
   params = {"d": {"kernel": jnp.zeros((5, 3)), "bias": jnp.zeros((3,))}}
   x = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
-  grads = {"d": {"kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
-                 "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32)}}
+  grads = {
+    "d": {
+      "kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+      "bias": jnp.asarray(rng.standard_normal((3,)), jnp.float32),
+    }
+  }
   state = nysact_optax.scale_by_nysact(rank=rank).init(params)
   return state, {"d": LayerInputs([x], DenseSpec())}, grads
 
@@ -239,7 +267,9 @@ def test_non_finite_factors_keep_previous_factors_and_count(rank):
   state, acts, grads = _problem(rank)
   rho, beta = 0.5, 0.95
   # Statistics this large overflow the factorisation (but not the EMA).
-  updates, failed = _step(grads, _with_cov(state, 3e38), acts, rho, beta, rank=rank, nystrom="stable")
+  updates, failed = _step(
+    grads, _with_cov(state, 3e38), acts, rho, beta, rank=rank, nystrom="stable"
+  )
   assert int(failed.layers["d"].failures) == 1
   np.testing.assert_array_equal(failed.layers["d"].basis, 0.0)  # initial factors kept
   jax.tree.map(lambda u, g: np.testing.assert_array_equal(u, g / rho), updates, grads)
@@ -293,8 +323,8 @@ def test_non_finite_gradient_composes_with_apply_if_finite():
   state, acts, grads = _problem(2)
   params = jax.tree.map(jnp.zeros_like, grads)
   tx = optax.apply_if_finite(
-      nysact_optax.nysact(0.1, rank=2, cov_update_every=1, inv_update_every=2),
-      max_consecutive_errors=3,
+    nysact_optax.nysact(0.1, rank=2, cov_update_every=1, inv_update_every=2),
+    max_consecutive_errors=3,
   )
   update = jax.jit(tx.update)
   state = tx.init(params)
@@ -316,8 +346,8 @@ def test_non_finite_gradient_composes_with_apply_if_finite():
   assert list(nysact_optax.diagnostics(state, damping=1.0)) == ["d"]
   static = ("rank", "cov_update_every", "inv_update_every", "seed")
   for wrapped in (
-      optax.MultiSteps(nysact_optax.nysact(0.1, rank=2), every_k_schedule=2),
-      optax.inject_hyperparams(nysact_optax.nysact, static_args=static)(0.1, rank=2),
+    optax.MultiSteps(nysact_optax.nysact(0.1, rank=2), every_k_schedule=2),
+    optax.inject_hyperparams(nysact_optax.nysact, static_args=static)(0.1, rank=2),
   ):
     diag = nysact_optax.diagnostics(wrapped.init(params), damping=1.0)
     assert list(diag) == ["d"] and float(diag["d"].condition_number) == 1.0
@@ -347,15 +377,15 @@ def test_diagnostics_errors():
   with pytest.raises(ValueError) as err:
     nysact_optax.diagnostics(optax.sgd(0.1).init({"w": jnp.ones(2)}), damping=1.0)
   assert str(err.value) == (
-      "expected exactly one ScaleByNysActState in the optimizer state, found 0: "
-      "pass the state of a transformation built with nysact_optax.nysact or "
-      "nysact_optax.scale_by_nysact, got a tuple"
+    "expected exactly one ScaleByNysActState in the optimizer state, found 0: "
+    "pass the state of a transformation built with nysact_optax.nysact or "
+    "nysact_optax.scale_by_nysact, got a tuple"
   )
   one = nysact_optax.scale_by_nysact().init({"d": {"kernel": jnp.ones((3, 2))}})
   with pytest.raises(ValueError) as err:
     nysact_optax.diagnostics((one, one), damping=1.0)
   assert str(err.value) == (
-      "expected exactly one ScaleByNysActState in the optimizer state, found 2 "
-      "(at ['[0]', '[1]']): pass the state of a transformation built with "
-      "nysact_optax.nysact or nysact_optax.scale_by_nysact, got a tuple"
+    "expected exactly one ScaleByNysActState in the optimizer state, found 2 "
+    "(at ['[0]', '[1]']): pass the state of a transformation built with "
+    "nysact_optax.nysact or nysact_optax.scale_by_nysact, got a tuple"
   )

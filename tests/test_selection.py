@@ -40,11 +40,14 @@ def _leaf(tree, name):
 EXACT = dict(rank=10**6, cov_update_every=1, inv_update_every=1)
 
 
-@pytest.mark.parametrize("selection", [
+@pytest.mark.parametrize(
+  "selection",
+  [
     dict(include=["^enc/"], exclude=["Dense_1$"]),
     dict(include=lambda name: name.startswith("enc"), exclude=lambda name: name.endswith("_1")),
     dict(include=["Dense_0"]),
-])
+  ],
+)
 def test_unselected_layers_pass_through_unchanged(setup, selection):
   params, grads, acts = setup
   tx = nysact_optax.scale_by_nysact(**EXACT, **selection)
@@ -52,7 +55,8 @@ def test_unselected_layers_pass_through_unchanged(setup, selection):
   assert list(state.layers) == ["enc/Dense_0"]
   updates, _ = tx.update(grads, state, activations=acts)  # acts of the others are ignored
   reference, _ = nysact_optax.scale_by_nysact(**EXACT).update(
-      grads, nysact_optax.scale_by_nysact(**EXACT).init(params), activations=acts)
+    grads, nysact_optax.scale_by_nysact(**EXACT).init(params), activations=acts
+  )
   for name in ALL:
     for leaf in ("kernel", "bias"):
       got = _leaf(updates, name)[leaf]
@@ -83,13 +87,16 @@ def test_rank_rule_per_layer_capped_at_p(setup):
 def test_rank_rule_returning_a_bad_value_names_the_layer(setup, bad):
   params, _, _ = setup
   tx = nysact_optax.scale_by_nysact(rank=lambda name, p: bad if name == "head" else 2)
-  with pytest.raises(ValueError, match=rf"layer 'head': rank\('head', 5\) returned {bad!r}; "
-                     r"the rank rule must return an integer >= 1"):
+  with pytest.raises(
+    ValueError,
+    match=rf"layer 'head': rank\('head', 5\) returned {bad!r}; "
+    r"the rank rule must return an integer >= 1",
+  ):
     tx.init(params)
 
 
 def test_activations_must_still_match_some_kernel(setup):
-  params, grads, acts = setup
+  params, _, acts = setup
   trimmed = {"enc": params["enc"]}  # "head" captured but gone from the tree
   tx = nysact_optax.scale_by_nysact(rank=2, include=["^enc/", "^head$"])
   with pytest.raises(ValueError, match="captured for layer 'head', which has no kernel"):

@@ -8,18 +8,18 @@ import pytest
 from nysact_optax import ConvSpec, DenseSpec, LayerInputs
 from nysact_optax._sketch import draw_sketch
 from nysact_optax._statistics import sketched_covariance
-from tests._reference import conv_patches
 from tests import _reference
+from tests._reference import conv_patches
 
 CONVS = [
-    # kernel, strides, padding, dilation, groups, input shape (b, *spatial, c)
-    ((3, 3), (1, 1), "SAME", (1, 1), 1, (2, 6, 5, 4)),
-    ((3, 3), (2, 2), "VALID", (1, 1), 1, (2, 7, 7, 3)),
-    ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1), 1, (2, 8, 6, 2)),
-    ((3, 3), (1, 1), "SAME", (1, 1), 2, (2, 5, 5, 4)),
-    ((3, 3), (2, 2), "SAME", (1, 1), 4, (1, 6, 6, 4)),  # depthwise
-    ((5,), (2,), "SAME", (2,), 1, (3, 11, 3)),
-    ((2, 2, 2), (1, 1, 1), "VALID", (1, 1, 1), 1, (1, 3, 4, 3, 2)),
+  # kernel, strides, padding, dilation, groups, input shape (b, *spatial, c)
+  ((3, 3), (1, 1), "SAME", (1, 1), 1, (2, 6, 5, 4)),
+  ((3, 3), (2, 2), "VALID", (1, 1), 1, (2, 7, 7, 3)),
+  ((3, 2), (2, 1), ((1, 2), (0, 1)), (2, 1), 1, (2, 8, 6, 2)),
+  ((3, 3), (1, 1), "SAME", (1, 1), 2, (2, 5, 5, 4)),
+  ((3, 3), (2, 2), "SAME", (1, 1), 4, (1, 6, 6, 4)),  # depthwise
+  ((5,), (2,), "SAME", (2,), 1, (3, 11, 3)),
+  ((2, 2, 2), (1, 1, 1), "VALID", (1, 1, 1), 1, (1, 3, 4, 3, 2)),
 ]
 
 
