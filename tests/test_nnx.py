@@ -1,6 +1,5 @@
 """Flax NNX: capture, exactness against dense numpy, transforms, nnx.Optimizer."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -433,4 +432,3 @@ def test_nnx_layer_called_with_two_equations_is_an_error():
     r"configurations: .*'bi,io->bo'.*'bi,oi->bo'.*use one module per configuration",
   ):
     nysact_optax.capture_activations(model)(jnp.ones((2, 3)))
-
