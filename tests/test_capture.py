@@ -195,8 +195,9 @@ def test_train_state_passes_activations_on_and_says_when_they_are_missing():
   with pytest.raises(
     ValueError,
     match=r"TrainState.apply_gradients\(grads=...\) needs "
-    r"activations=... with a NysAct optimizer: .* nysact_optax.capture_activations"
-    r"\(state.apply_fn\).*state.apply_gradients\(grads=grads, activations=activations\)",
+    r"activations=... with a NysAct optimizer: take the gradient with "
+    r"nysact_optax.value_and_grad\(loss_fn, ...\).*"
+    r"state.apply_gradients\(grads=grads, activations=activations\)",
   ):
     state.apply_gradients(grads=grads)
   new = jax.jit(lambda s, g, a: s.apply_gradients(grads=g, activations=a))(state, grads, acts)

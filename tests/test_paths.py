@@ -71,15 +71,21 @@ def _both_paths(setup, dtype, sketch, rank, steps=2):
   return want, got, by_acts, by_stats
 
 
-@pytest.mark.parametrize("setup", [_linen, _nnx], ids=["linen", "nnx"])
 @pytest.mark.parametrize(
-  "sketch, rank",
-  [("gaussian", 2), ("subcolumns", 2), ("gaussian", 10**6)],
-  ids=["gaussian", "subcolumns", "exact"],
+  "setup, sketch, rank",
+  [
+    (_linen, "gaussian", 2),
+    (_linen, "subcolumns", 2),
+    (_linen, "gaussian", 10**6),
+    (_nnx, "gaussian", 2),
+  ],
+  ids=["linen-gaussian", "linen-subcolumns", "linen-exact", "nnx-gaussian"],
 )
 def test_statistics_path_equals_activations_path(setup, sketch, rank):
   """Einsum with a permuted bias, grouped conv, scanned and vmapped layers
-  included (float32; float64 below)."""
+  included (float32; float64 below). The sketch kinds and exact mode differ
+  after the captures, so NNX runs one of them; the linen zoo has every layer
+  kind."""
   want, got, s1, s2 = _both_paths(setup, "float32", sketch, rank)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), got, want
@@ -93,8 +99,8 @@ def test_statistics_path_equals_activations_path(setup, sketch, rank):
 
 @pytest.mark.parametrize(
   "setup, sketch",
-  [(_linen, "gaussian"), (_linen, "subcolumns"), (_nnx, "gaussian")],
-  ids=["linen", "linen-sub", "nnx"],
+  [(_linen, "gaussian"), (_nnx, "gaussian")],
+  ids=["linen", "nnx"],
 )
 def test_statistics_path_in_float64(setup, sketch):
   """It drew a float32 sketch while the refresh drew a float64 one (200 % off)."""
