@@ -249,3 +249,13 @@ def upgrade(rec: Mapping[str, Any], name: str = "") -> dict[str, Any]:
     head["machine_note"] = "an aggregate of the runs under runs/; see each run's header"
     return {**head, "config": {"runs": "runs"}, "metrics": rec}
   raise ValueError(f"unknown result layout in {name or 'a record'}: keys {sorted(rec)[:8]}")
+
+
+def config_of(args: Any, method: str | None = None, *,
+              drop: tuple[str, ...] = ("out", "plot")) -> dict[str, Any]:
+  """A script's ``config``: its parsed arguments (less the output paths) and,
+  given, a sentence on its method."""
+  out = {k: v for k, v in vars(args).items() if k not in drop}
+  if method is not None:
+    out["method"] = method
+  return out
