@@ -31,7 +31,8 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def package_version(module: str) -> str | None:
+  """The installed version of ``module`` (a distribution name), or ``None``."""
   try:
     from importlib import metadata
     return metadata.version(module)
@@ -40,7 +41,9 @@ def _version(module: str) -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-  """What ran the benchmark: CPU, cores, accelerator, library versions."""
+  """What ran the benchmark: CPU, cores, accelerator, load. Library versions,
+  the commit and the time are header fields of their own
+  (:func:`benchmarks.results.header`)."""
   devices = jax.devices()
   try:
     affinity = len(os.sched_getaffinity(0))
@@ -60,30 +63,8 @@ def machine_info() -> dict[str, Any]:
       "jax_backend": jax.default_backend(),
       "device_kind": devices[0].device_kind,
       "device_count": len(devices),
-      "versions": {
-          name: _version(name)
-          for name in ("jax", "jaxlib", "flax", "optax", "kfac-jax", "numpy", "nysact-optax")
-      },
       "load_average_at_start": None if load is None else [round(x, 2) for x in load],
-      "code": code_state(),
-      "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-
-
-def code_state() -> dict[str, Any]:
-  """The repository commit the benchmark ran on, and whether the library
-  (``nysact_optax/``) had uncommitted changes at that moment."""
-  import subprocess
-  root = pathlib.Path(__file__).resolve().parent.parent
-  def git(*a):
-    try:
-      return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,
-                            check=True, timeout=20).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a git checkout
-      return None
-  status = git("status", "--porcelain", "--", "nysact_optax")
-  return {"commit": git("rev-parse", "HEAD"),
-          "nysact_optax_uncommitted_changes": None if status is None else bool(status)}
 
 
 def load_average() -> list[float] | None:
@@ -117,10 +98,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
   return path
 
 
+# Set by ``python -m benchmarks <suite>`` (benchmarks/__main__.py): the
+# command prefix of the suite it dispatched to.
+ENTRY: str | None = None
+
+
 def command_line() -> str:
   """The command as a user would type it from the repository root."""
-  module = pathlib.Path(sys.argv[0]).stem
-  return " ".join(["python -m benchmarks." + module] + sys.argv[1:])
+  if ENTRY is not None:
+    return " ".join([ENTRY] + sys.argv[1:])
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  module = spec.name if spec is not None else "benchmarks." + pathlib.Path(sys.argv[0]).stem
+  return " ".join(["python -m " + module] + sys.argv[1:])
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int, min_time: float = 0.0,
@@ -184,28 +173,3 @@ def limit_blas_threads(n: int) -> list[dict[str, Any]]:
     _BLAS_LIMITER = threadpoolctl.threadpool_limits(n, user_api="blas")
   keep = ("user_api", "internal_api", "num_threads", "version")
   return [{k: lib.get(k) for k in keep} for lib in threadpoolctl.threadpool_info()]
-
-
-def results_header(benchmark: str, args: Any, blas: Any, method: str) -> dict[str, Any]:
-  """The fields every benchmark's JSON starts with: what ran, where, and how."""
-  return {
-      "benchmark": benchmark,
-      "command": command_line(),
-      "machine": {**machine_info(), "blas": blas},
-      "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot")},
-      "method": method,
-  }
-
-
-def write_results(args: Any, results: dict[str, Any],
-                  plot: Callable[[dict[str, Any], str], None] | None = None) -> pathlib.Path:
-  """Writes ``results`` to ``args.out`` and, given ``plot``, the PNG beside it
-  (or to ``args.plot``); prints what it wrote."""
-  out = write_json(args.out, results)
-  if plot is None:
-    print(f"wrote {out}")
-    return out
-  png = getattr(args, "plot", None) or str(out.with_suffix(".png"))
-  plot(results, png)
-  print(f"wrote {out} and {png}")
-  return out

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_digits
 
-from benchmarks import _common
+from benchmarks import _common, results as bresults
 from nysact_optax import _nystrom
 from nysact_optax._sketch import draw_sketch
 from tests._reference import dense_preconditioner, reference_preconditioner
@@ -73,10 +73,11 @@ def main(argv=None) -> None:
                                    "library_vs_literal_with_LT")}
     print(f"damping {rho}: " + "; ".join(
         f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in summary[str(rho)].items()))
-  results = _common.results_header("authors_literal", args, None,
-                                   "relative Frobenius distance of dense P, float64 reference")
-  results.update(rows=rows, summary=summary)
-  _common.write_results(args, results)
+  method = "relative Frobenius distance of dense P, float64 reference"
+  results = {"rows": rows, "summary": summary}
+  rec = bresults.record("authors_literal", config=bresults.config_of(args, method),
+                        metrics=results)
+  bresults.save(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -183,21 +183,18 @@ def main(argv=None):
                                                     "communication.json"))
   args = parser.parse_args(argv)
   _set_devices(args.devices)
-  import jax
-
-  results = {"devices": args.devices, "rank": args.rank,
-             "cov_update_every": args.cov_update_every, "jax": jax.__version__,
-             "models": {}}
+  from benchmarks import results as bresults  # imports jax: after _set_devices
+  results = {"models": {}}
   for name, (model, shape) in _models().items():
     r = measure(model, shape, rank=args.rank, cov_update_every=args.cov_update_every,
                 devices=args.devices)
     r["input_shape"] = list(shape)
     results["models"][name] = r
     print(name, json.dumps(r, indent=1))
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=1)
-  print("wrote", args.out)
+  bresults.write(args.out, "communication",
+                 config={"devices": args.devices, "rank": args.rank,
+                         "cov_update_every": args.cov_update_every},
+                 metrics=results)
 
 
 if __name__ == "__main__":

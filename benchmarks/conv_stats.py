@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common
+from benchmarks import _common, results as bresults
 from nysact_optax import ConvSpec, LayerInputs
 from nysact_optax import _sketch, _statistics
 from tests import _reference
@@ -221,17 +221,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     })
 
   targets = evaluate_targets(rows, args.kernel)
+  method = ("best-of-N wall time of AOT-compiled jitted functions (compile "
+             "excluded); memory = compiled.memory_analysis().temp_size_in_bytes")
   results = {
-      **_common.results_header(
-          "conv_stats", args, blas,
-          "best-of-N wall time of AOT-compiled jitted functions (compile "
-          "excluded); memory = compiled.memory_analysis().temp_size_in_bytes"),
       "rows": rows,
       "targets": targets,
       "wall_s": time.perf_counter() - t_start,
       "load_average_at_end": _common.load_average(),
   }
-  _common.write_results(args, results, plot)
+  rec = bresults.record("conv_stats", config=bresults.config_of(args, method), metrics=results,
+                        blas=blas)
+  bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   print("times in ms (best of runs), XLA temp memory in MiB; speedup = faster im2col / patch-free")
   print(f"{'C':>5}{'HxW':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
         f"{'MiB patches':>12}{'slices':>8}{'free':>7}{'rel.diff':>10}")
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for t in targets:
     print(("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {t['value']:.2f}x "
           f"(geometric mean {t['geometric_mean_speedup']:.2f}x)")
-  return results
+  return rec
 
 
 def plot(results: dict[str, Any], path) -> None:
@@ -263,7 +263,7 @@ def plot(results: dict[str, Any], path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = results["rows"]
+  rows = results["metrics"]["rows"]
   sizes = sorted({r["size"] for r in rows})
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for h in sizes:
@@ -288,10 +288,10 @@ def plot(results: dict[str, Any], path) -> None:
     ax.set_xlabel("input channels C")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-  s, m = results["settings"], results["machine"]
+  s, m = results["config"], results["machine"]
   fig.suptitle(f"{s['kernel']}x{s['kernel']} conv statistics, batch {s['batch']}, rank "
                f"{s['rank']}; {m['cpu_model']} ({m['cpus_usable']} cpus), jax "
-               f"{m['versions']['jax']}", fontsize=9)
+               f"{results['versions']['jax']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from benchmarks import _common, step_time
+from benchmarks import _common, results as bresults, step_time, tasks
 
 OPTIMIZERS = ("sgd", "adamw", "nysact_g10", "nysact_g50")
 MIB = 2.0**20
@@ -49,7 +49,7 @@ def device_peak_supported() -> bool:
 def measure_one(model: str, name: str, batch: int, steps: int, data: str,
                 seed: int) -> dict[str, Any]:
   """Compiled memory analysis (and the device peak) of one optimizer's step."""
-  task = step_time.build_task(model, batch, source=data, seed=seed, n_batches=2)
+  task = tasks.build_task(model, batch, source=data, seed=seed, n_batches=2)
   runner = step_time.make_runner(name, task)
   runner.init()
   args = (runner.params, runner.model_state, runner.opt_state, task.batches[0])
@@ -90,7 +90,7 @@ def plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  models_out = results["models"]
+  models_out = results["metrics"]["models"]
   fig, axes = plt.subplots(1, len(models_out), figsize=(4.5 * len(models_out), 3.6),
                            squeeze=False)
   for ax, (model, res) in zip(axes[0], models_out.items()):
@@ -104,7 +104,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax.set_title(f"{model}, batch {tuple(res['batch_shape'])}", fontsize=9)
     ax.tick_params(axis="x", rotation=30)
   m = results["machine"]
-  fig.suptitle(f"train-step peak memory; {m['device_kind']}, jax {m['versions']['jax']}",
+  fig.suptitle(f"train-step peak memory; {m['device_kind']}, jax {results['versions']['jax']}",
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -143,18 +143,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   blas = _common.limit_blas_threads(args.blas_threads)
   isolate = args.isolate == "yes" or (args.isolate == "auto" and device_peak_supported())
   names = [o for o in args.optimizers.split(",") if o]
+  method = (
+      "compiled: XLA memory_analysis() of the jitted, donated train step "
+      "(peak = argument + output - alias + temp); device: memory_stats() "
+      "peak_bytes_in_use after --steps steps"
+      + (", one subprocess per optimizer" if isolate else ""))
   results: dict[str, Any] = {
-      **_common.results_header("memory", args, blas, (
-          "compiled: XLA memory_analysis() of the jitted, donated train step "
-          "(peak = argument + output - alias + temp); device: memory_stats() "
-          "peak_bytes_in_use after --steps steps"
-          + (", one subprocess per optimizer" if isolate else ""))),
       "isolated": isolate,
       "models": {},
   }
   t0 = time.perf_counter()
   for model in [m for m in args.models.split(",") if m]:
-    task = step_time.build_task(model, batch[model], source=args.data, seed=args.seed,
+    task = tasks.build_task(model, batch[model], source=args.data, seed=args.seed,
                                 n_batches=1)
     res: dict[str, Any] = {"description": task.description,
                            "batch_shape": list(task.batch_shape), "optimizers": {}}
@@ -176,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                        / base["device"]["peak_bytes_in_use"])
     results["models"][model] = res
   results["wall_s"] = time.perf_counter() - t0
-  _common.write_results(args, results, plot)
+  rec = bresults.record("memory", config=bresults.config_of(args, method), metrics=results,
+                        blas=blas)
+  bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   for model, res in results["models"].items():
     print(f"\n{model}: batch {tuple(res['batch_shape'])}")
     print(f"  {'optimizer':<12}{'args MiB':>10}{'temp MiB':>10}{'peak MiB':>10}{'x SGD':>8}"
@@ -188,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{c.get('temp_bytes', np.nan) / MIB:>10.2f}{c.get('peak_bytes', np.nan) / MIB:>10.2f}"
             f"{row.get('compiled_peak_over_sgd', np.nan):>8.3f}"
             f"{'-' if dev is None else f'{dev / MIB:.2f}':>17}")
-  return results
+  return rec
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import optax
 from jax import lax
 
 import nysact_optax
-from benchmarks import _common, step_time
+from benchmarks import _common, results as bresults, tasks
 from nysact_optax import _apply, _nystrom, _sketch, _statistics, _tree, _validation
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
@@ -197,8 +197,8 @@ def emulated(fn: Callable, fmt: str) -> Callable:
 
 def capture(model: str, batch_size: int, train_steps: int, seed: int):
   """``(task, layers, inputs, grads)`` after ``train_steps`` NysAct steps."""
-  task = step_time.build_task(model, batch_size, seed=seed, n_batches=11)
-  loss = step_time.make_loss(task, capture=True)
+  task = tasks.build_task(model, batch_size, seed=seed, n_batches=11)
+  loss = tasks.batch_loss(task, capture=True)
   tx = nysact_optax.nysact(0.05, momentum=0.9)
   params, model_state = task.params, task.model_state
   opt_state = tx.init(params)
@@ -353,10 +353,10 @@ def plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = [(m, rho) for m in results["models"] for rho in results["models"][m]["summary"]]
+  panels = [(m, rho) for m in results["metrics"]["models"] for rho in results["metrics"]["models"][m]["summary"]]
   fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
   for j, (model, rho) in enumerate(panels):
-    summ = results["models"][model]["summary"][rho]
+    summ = results["metrics"]["models"][model]["summary"][rho]
     names = list(summ)
     ax = axes[0][j]
     ax.bar(range(len(names)), [summ[n]["pg_err_ratio_max"] for n in names], color="C0")
@@ -401,13 +401,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   dampings = [float(d) for d in args.dampings.split(",")]
   device_configs = args.device_configs == "yes" or (
       args.device_configs == "auto" and jax.default_backend() != "cpu")
+  method = (
+      "library functions traced to jaxprs and evaluated with every dot_general/"
+      "conv_general_dilated fed operands rounded to the format (round to nearest "
+      "even; bf16_3x as hi*hi+hi*lo+lo*hi), float32 accumulation; exact damped "
+      "inverse from the identity-sketch covariance (float32 products, float64 "
+      "eigh); ratios against the same layer's float32 (HIGHEST) error")
   results: dict[str, Any] = {
-      **_common.results_header("precision", args, blas, (
-          "library functions traced to jaxprs and evaluated with every dot_general/"
-          "conv_general_dilated fed operands rounded to the format (round to nearest "
-          "even; bf16_3x as hi*hi+hi*lo+lo*hi), float32 accumulation; exact damped "
-          "inverse from the identity-sketch covariance (float32 products, float64 "
-          "eigh); ratios against the same layer's float32 (HIGHEST) error")),
       "formats": MEANING,
       "configs": {n: {"statistics": a, "factors": b, "apply": c} for n, a, b, c in CONFIGS},
       "models": {},
@@ -429,7 +429,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 "layers": layers_out,
                                 "summary": summarise(layers_out, dampings)}
   results["wall_s"] = time.perf_counter() - t0
-  _common.write_results(args, results, plot)
+  rec = bresults.record("precision", config=bresults.config_of(args, method), metrics=results,
+                        blas=blas)
+  bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   for model, res in results["models"].items():
     for rho, per in res["summary"].items():
       print(f"\n{model}, damping {rho}: worst layer of {per['float32']['layers']}")
@@ -439,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"  {name:<14}{row['p_err_max']:>10.2e}{row['p_err_ratio_max']:>9.3g}"
               f"{row['pg_err_max']:>10.2e}{row['pg_err_ratio_max']:>9.3g}"
               f"{row['lam_min_min']:>14.3g}{row['indefinite_layers']:>12d}")
-  return results
+  return rec
 
 
 if __name__ == "__main__":

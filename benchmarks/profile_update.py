@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import nysact_optax
 from nysact_optax import _sketch, _statistics
-from benchmarks import _common, step_time
+from benchmarks import _common, results as bresults, tasks
 
 
 def _time(compiled, *args, repeats: int) -> float:
@@ -58,8 +58,8 @@ def naive_convs(hlo: str) -> list[dict[str, str]]:
 
 def profile_model(name: str, batch: int, configs: Sequence[dict], repeats: int,
                   source: str) -> dict[str, Any]:
-  task = step_time.build_task(name, batch, source=source)
-  loss = step_time.make_loss(task, capture=True)
+  task = tasks.build_task(name, batch, source=source)
+  loss = tasks.batch_loss(task, capture=True)
   batch0 = task.batches[0]
   grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
   (_, (_, acts)), grads = grad_fn(task.params, task.model_state, batch0)
@@ -137,12 +137,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs.append({"sketch": sketch, "rank": int(rank)})
   batch = {"cnn": args.batch_cnn, "resnet20": args.batch_resnet20,
            "transformer": args.batch_transformer}
+  method = ("best-of-N wall time of AOT-compiled functions on fixed gradients "
+             "and activations; amortised update = (40 plain + 9 statistics + "
+             "1 inverse) / 50")
   results: dict[str, Any] = {
-      **_common.results_header(
-          "profile_update", args, blas,
-          "best-of-N wall time of AOT-compiled functions on fixed gradients "
-          "and activations; amortised update = (40 plain + 9 statistics + "
-          "1 inverse) / 50"),
       "models": {},
   }
   t0 = time.perf_counter()
@@ -151,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["models"][m] = profile_model(m, batch[m], configs, args.repeats, args.data)
   results["wall_s"] = time.perf_counter() - t0
   results["load_average_at_end"] = _common.load_average()
-  _common.write_results(args, results)
+  rec = bresults.record("profile_update", config=bresults.config_of(args, method), metrics=results,
+                        blas=blas)
+  bresults.save(args.out, rec)
   for m, res in results["models"].items():
     print(f"\n{m}: batch {tuple(res['batch_shape'])}, fwd+bwd {1e3 * res['fwd_bwd_s']:.1f} ms")
     for e in res["configs"]:
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"    {k:<42} stats top-level {1e3 * l['top_level_s']:8.1f} ms, in lax.cond "
               f"{1e3 * l['in_cond_s']:8.1f} ms")
       print(f"    naive-loop convolutions in the compiled update: {len(e['naive_loop_convs'])}")
-  return results
+  return rec
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ part() {  # part NAME LIMIT_S COMMAND...: runs COMMAND under a time limit, logs 
 STEP_OPTIMIZERS=${STEP_OPTIMIZERS:-sgd,adamw,nysact_g10,nysact_s10,nysact_g50,foof}
 step_time() {
   for model in cnn transformer resnet20; do
-    "$PYTHON" -m benchmarks.step_time --models "$model" --optimizers "$STEP_OPTIMIZERS" \
+    "$PYTHON" -m benchmarks step_time --models "$model" --optimizers "$STEP_OPTIMIZERS" \
         --rounds 3 --warmup 6 --blas-threads 0 --out "$OUT/step_time_$model.json" || return
   done
 }
@@ -77,14 +77,14 @@ export -f step_time; export PYTHON OUT STEP_OPTIMIZERS
 part step_time "$T_STEP" bash -c step_time
 # 2. Peak memory of a train step: compiled memory analysis and the allocator's
 #    peak, one subprocess per optimizer.
-part memory "$T_MEMORY" "$PYTHON" -m benchmarks.memory --optimizers sgd,adamw,nysact_g10 \
+part memory "$T_MEMORY" "$PYTHON" -m benchmarks memory --optimizers sgd,adamw,nysact_g10 \
     --blas-threads 0 --out "$OUT/memory.json"
 # 3. Matmul precision: the emulated study, plus the library at
 #    precision=highest/high/default as this card computes it (the device_*
 #    rows), one JSON per model.
 precision() {
   for model in cnn transformer; do
-    "$PYTHON" -m benchmarks.precision --models "$model" --device-configs yes \
+    "$PYTHON" -m benchmarks precision --models "$model" --device-configs yes \
         --blas-threads 0 --out "$OUT/precision_$model.json" || return
   done
 }
@@ -108,9 +108,9 @@ if [[ ",$ONLY," == *",quality,"* ]]; then
   part quality "$T_QUALITY" bash -c quality
 fi
 # Extras, not in the default ten minutes: scaling and conv statistics.
-part scaling 600 "$PYTHON" -m benchmarks.scaling --blas-threads 0 --max-eigh-p 16384 \
+part scaling 600 "$PYTHON" -m benchmarks scaling --blas-threads 0 --max-eigh-p 16384 \
     --max-cholesky-p 16384 --out "$OUT/scaling.json"
-part conv_stats 600 "$PYTHON" -m benchmarks.conv_stats --blas-threads 0 \
+part conv_stats 600 "$PYTHON" -m benchmarks conv_stats --blas-threads 0 \
     --in-cond-max-elems 1000000000 --out "$OUT/conv_stats.json"
 
 "$PYTHON" - "$OUT" "${PARTS[@]}" <<'EOF'

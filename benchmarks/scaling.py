@@ -35,10 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common
+from benchmarks import _common, results as bresults
 from nysact_optax import DenseSpec, LayerInputs
 from nysact_optax import _apply, _nystrom, _sketch, _statistics
 
@@ -223,18 +222,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       worst = max(exps)
       targets.append({"target": f"{name}: fitted exponent in p <= 1.2 (worst of the fits)",
                       "value": worst, "limit": 1.2, "pass": worst <= 1.2})
+  method = ("one dense layer; best-of-N wall time of an AOT-compiled jitted "
+             "function on ready inputs (compile excluded); fits on min_s")
   results = {
-      **_common.results_header(
-          "scaling", args, blas,
-          "one dense layer; best-of-N wall time of an AOT-compiled jitted "
-          "function on ready inputs (compile excluded); fits on min_s"),
       "rows": rows,
       "fits": fits,
       "targets": targets,
       "wall_s": time.perf_counter() - t_start,
       "load_average_at_end": _common.load_average(),
   }
-  _common.write_results(args, results, plot)
+  rec = bresults.record("scaling", config=bresults.config_of(args, method), metrics=results,
+                        blas=blas)
+  bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   print(f"{'op':<28}{'fit all':>9}{'fit p>=' + str(args.fit_from):>13}")
   for name, f in fits.items():
     vals = [f"{v['exponent']:.2f}" if v else "-" for v in f.values()]
@@ -249,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{1e3 * cells[p]:10.2f}" if p in cells else f"{'-':>10}" for p in ps))
   for t in targets:
     print(("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {t['value']:.3f}")
-  return results
+  return rec
 
 
 def plot(results: dict[str, Any], path) -> None:
@@ -257,7 +256,7 @@ def plot(results: dict[str, Any], path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows, fits = results["rows"], results["fits"]
+  rows, fits = results["metrics"]["rows"], results["metrics"]["fits"]
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
   panels = [("statistics", "exact_statistics"), ("inverse", "inverse_stable", "exact_eigh",
                                                   "exact_cholesky_inverse"),
@@ -279,10 +278,10 @@ def plot(results: dict[str, Any], path) -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-  s, m = results["settings"], results["machine"]
+  s, m = results["config"], results["machine"]
   fig.suptitle(f"one layer: n={s['rows']} rows, o={s['out_features']} outputs, "
                f"{s['sketch']} sketch; {m['cpu_model']} ({m['cpus_usable']} cpus), "
-               f"jax {m['versions']['jax']}", fontsize=9)
+               f"jax {results['versions']['jax']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -33,129 +33,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import math
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import nysact_optax
-from benchmarks import _common, data as bdata, models
+from benchmarks import _common, optimizers, results, targets, tasks
 
 from tqdm.auto import tqdm
 
-INVERSE_PERIOD = 50  # NysAct's and K-FAC's T_inv at equal periods
-COV_PERIOD = 5
-
-
-# --------------------------------------------------------------------------
-# Tasks: model + initial variables + a fixed list of device batches
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Task:
-  name: str
-  description: str
-  model: nn.Module
-  params: Any
-  model_state: Any  # batch_stats, or None
-  batches: list[tuple[jax.Array, jax.Array]]
-  tokens_per_example: int  # loss = mean over batch * tokens
-
-  @property
-  def batch_shape(self) -> tuple[int, ...]:
-    return tuple(self.batches[0][0].shape)
-
-
-def _image_batches(batch_size: int, n_batches: int, source: str, seed: int):
-  if source == "synthetic":
-    rng = np.random.default_rng(seed)
-    x = rng.random((batch_size * n_batches, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, batch_size * n_batches).astype(np.int32)
-  else:
-    x, y = bdata.load_fashion_mnist("train")
-  it = bdata.classification_batches(x, y, batch_size, seed=seed)
-  return [tuple(jax.device_put(a) for a in next(it)) for _ in range(n_batches)]
-
-
-def build_task(name: str, batch_size: int, *, source: str = "real",
-               n_batches: int = 10, seed: int = 0) -> Task:
-  key = jax.random.PRNGKey(seed)
-  if name in ("cnn", "resnet20"):
-    batches = _image_batches(batch_size, n_batches, source, seed)
-    model = models.FashionCNN() if name == "cnn" else models.ResNet20()
-    variables = model.init(key, batches[0][0])
-    desc = (
-        "FashionCNN (3 conv + 2 dense) on Fashion-MNIST 28x28x1"
-        if name == "cnn" else
-        "ResNet-20 (BatchNorm, 1x1-conv shortcuts) on Fashion-MNIST 28x28x1"
-    )
-    tokens = 1
-  elif name == "transformer":
-    context = 128
-    if source == "synthetic":
-      vocab, stream = 73, np.random.default_rng(seed).integers(0, 73, 200_000).astype(np.uint8)
-    else:
-      ds = bdata.load_kjv_chars()
-      vocab, stream = ds.vocab_size, ds.train
-    it = bdata.char_lm_batches(stream, batch_size, context, seed=seed)
-    batches = [tuple(jax.device_put(a) for a in next(it)) for _ in range(n_batches)]
-    model = models.CharTransformer(vocab_size=vocab, num_layers=4, width=256,
-                                   num_heads=4, context=context)
-    variables = model.init(key, batches[0][0])
-    desc = ("decoder-only char transformer (4 layers, width 256, 4 heads, "
-            f"context {context}, vocab {vocab}) on the KJV Bible")
-    tokens = context
-  else:
-    raise ValueError(f"unknown model {name!r}")
-  variables = dict(variables)
-  return Task(
-      name=name, description=desc, model=model,
-      params=variables["params"], model_state=variables.get("batch_stats"),
-      batches=batches, tokens_per_example=tokens,
-  )
-
-
-def make_loss(task: Task, *, capture: bool, register_kfac: bool = False):
-  """``loss(params, model_state, batch) -> (loss, (new_model_state, acts))``."""
-  apply = task.model.apply
-  if capture:
-    apply = nysact_optax.capture_activations(apply)
-  has_state = task.model_state is not None
-
-  def loss(params, model_state, batch):
-    x, y = batch
-    variables = {"params": params}
-    acts = None
-    if has_state:
-      variables["batch_stats"] = model_state
-      out = apply(variables, x, mutable=["batch_stats"])
-      (logits, mutated), acts = out if capture else (out, None)
-      new_state = mutated["batch_stats"]
-    else:
-      out = apply(variables, x)
-      logits, acts = out if capture else (out, None)
-      new_state = None
-    if register_kfac:
-      import kfac_jax
-      # kfac-jax's convention: weight * sum(losses) / batch_size; our loss is
-      # the mean over batch * tokens.
-      kfac_jax.register_softmax_cross_entropy_loss(
-          logits, y, weight=1.0 / task.tokens_per_example)
-    value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return value, (new_state, acts)
-
-  return loss
+INVERSE_PERIOD = optimizers.INVERSE_PERIOD  # NysAct's and K-FAC's T_inv at equal periods
+COV_PERIOD = optimizers.COV_PERIOD
+OPTIMIZERS = optimizers.STEP_TIME_DEFAULT
+OPTIMIZER_HELP = {name: spec.help for name, spec in optimizers.STEP_TIME.items()}
+Task = tasks.Task
+build_task = tasks.build_task
 
 
 def _copy(tree):
@@ -195,7 +93,7 @@ class OptaxRunner(Runner):
     self.name, self.family, self.task, self.tx = name, family, task, tx
     self.periods = periods
     self.config = config or {}
-    loss = make_loss(task, capture=needs_activations)
+    loss = tasks.batch_loss(task, capture=needs_activations)
     context = trace_context or contextlib.nullcontext
 
     def step(params, model_state, opt_state, batch):
@@ -248,82 +146,15 @@ class OptaxRunner(Runner):
     return self._step.lower(self.params, self.model_state, self.opt_state, batch).as_text()
 
 
-def _dense_general_kfac_block():
-  """kfac-jax's repeated-dense block, fixed for DenseGeneral kernels.
-
-  kfac-jax 0.0.8 tags flax's attention projections (kernels ``(d, heads,
-  head_dim)`` and ``(heads, head_dim, d)``) as ``repeated_dense`` but its
-  block assumes the kernel's last axis is the only output axis (and the
-  input's last axis the only input axis), which fails with a broadcasting
-  error. This block reads the input/output split off the shapes and flattens
-  both sides, which is K-FAC's usual dense block for these layers; plain
-  ``Dense`` layers get exactly kfac-jax's own computation.
-  """
-  import kfac_jax
-
-  base = kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored
-
-  class DenseGeneralKroneckerFactored(base):
-
-    def __init__(self, layer_tag_eq, use_masking: bool = True,
-                 parameters_specs=None, parameters_concat_axis: int = 0):
-      self._layer_tag_eq = layer_tag_eq
-      kernel = tuple(self.parameters_shapes[0])
-      x_shape = tuple(self.inputs_shapes[0])
-      n_in = next(
-          (n for n in range(1, len(kernel)) if x_shape[len(x_shape) - n:] == kernel[:n]),
-          len(kernel) - 1,
-      )
-      self._n_in = n_in
-      letters = "abcdefgh"[: len(kernel)]
-      specs = [f"{letters} -> ({letters[:n_in]})({letters[n_in:]})"]
-      if len(self.parameters_shapes) == 2:
-        b = letters[: len(kernel) - n_in]
-        specs.append(f"{b} -> 1({b})")
-      super().__init__(layer_tag_eq, use_masking=use_masking,
-                       parameters_specs=specs,
-                       parameters_concat_axis=parameters_concat_axis)
-
-    def update_curvature_matrix_estimate(self, state, estimation_data, ema_old,
-                                         ema_new, identity_weight, batch_size):
-      del identity_weight
-      state = state.copy()
-      [x] = estimation_data.primals.inputs
-      [dy] = estimation_data.tangents.outputs
-      kernel = self.parameters_shapes[0]
-      p_in = math.prod(kernel[: self._n_in])
-      rows = x.shape[: x.ndim - self._n_in]
-      x = x.reshape(rows + (p_in,))
-      dy = dy.reshape(rows + (-1,))
-      if self._use_masking:
-        mask = 1.0 - jnp.all(dy == 0.0, axis=-1, keepdims=True)
-        x = x * mask
-        total = jnp.sum(mask)
-      else:
-        total = math.prod(dy.shape[:-1])
-      x = x.reshape([-1, x.shape[-1]])
-      dy = dy.reshape([-1, dy.shape[-1]])
-      if self.number_of_parameters == 2:
-        x = jnp.concatenate([x, jnp.ones_like(x[:, :1])], axis=1)
-      input_stats = jnp.einsum("ay,az->yz", x, x) / batch_size
-      output_stats = jnp.einsum("ay,az->yz", dy, dy) / batch_size
-      state.factors[0].update(input_stats, ema_old, ema_new)
-      state.factors[1].update(output_stats, ema_old, ema_new)
-      state.average_repeats.update(total / batch_size, ema_old, ema_new)
-      return state
-
-  return DenseGeneralKroneckerFactored
-
-
 class KfacRunner(Runner):
   """``kfac_jax.Optimizer`` (fixed lr, momentum and damping; no adaptivity)."""
 
   family = "kfac"
 
-  def __init__(self, name: str, task: Task, *, cov_every: int, inv_every: int,
-               learning_rate=1e-3, momentum=0.9, damping=0.1):
-    import kfac_jax
-
+  def __init__(self, name: str, task: Task):
+    spec = optimizers.STEP_TIME[name]
+    cov_every, inv_every = spec.kfac_periods
+    learning_rate, momentum, damping = spec.kfac_hyper
     self.name, self.task = name, task
     self.periods = (cov_every, inv_every)
     self.config = {"curvature_update_period": cov_every,
@@ -331,7 +162,7 @@ class KfacRunner(Runner):
                    "estimation_mode": "ggn_curvature_prop (kfac-jax default)",
                    "damping": damping, "learning_rate": learning_rate,
                    "momentum": momentum, "num_burnin_steps": 0}
-    loss = make_loss(task, capture=False, register_kfac=True)
+    loss = tasks.batch_loss(task, capture=False, register_kfac=True)
     self.has_state = task.model_state is not None
     if self.has_state:
       def value(params, model_state, batch):
@@ -340,16 +171,8 @@ class KfacRunner(Runner):
     else:
       def value(params, batch):
         return loss(params, None, batch)[0]
-    self.opt = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(value, has_aux=self.has_state),
-        l2_reg=0.0,
-        value_func_has_state=self.has_state,
-        curvature_update_period=cov_every,
-        inverse_update_period=inv_every,
-        num_burnin_steps=0,
-        multi_device=False,
-        layer_tag_to_block_ctor={"repeated_dense": _dense_general_kfac_block()},
-    )
+    self.opt = optimizers.step_time_kfac(
+        name, jax.value_and_grad(value, has_aux=self.has_state), has_state=self.has_state)
     self.hyper = tuple(jnp.asarray(v, jnp.float32) for v in (learning_rate, momentum, damping))
     self.rngs = list(jax.random.split(jax.random.PRNGKey(1), 64))
 
@@ -401,51 +224,17 @@ class KfacRunner(Runner):
     return [type(b).__name__ for b in self.opt._estimator.blocks]
 
 
-OPTIMIZERS = (
-    "sgd", "adamw", "kfac_5_50", "kfac_default",
-    "nysact_g10", "nysact_g50", "nysact_s10", "nysact_s50", "foof",
-)
-OPTIMIZER_HELP = {
-    "sgd": "optax.sgd(0.05, momentum=0.9)",
-    "adamw": "optax.adamw(1e-3, weight_decay=1e-4)",
-    "kfac_5_50": "kfac_jax.Optimizer, curvature every 5, inverses every 50 steps",
-    "kfac_default": "kfac_jax.Optimizer at its defaults: curvature every step, inverses every 5",
-    "nysact_g10": "nysact(0.05, rank=10, sketch='gaussian'), T_cov=5, T_inv=50",
-    "nysact_g50": "nysact(0.05, rank=50, sketch='gaussian')",
-    "nysact_s10": "nysact(0.05, rank=10, sketch='subcolumns')",
-    "nysact_s50": "nysact(0.05, rank=50, sketch='subcolumns')",
-    "foof": "nysact(0.05, rank=10**9): exact mode (FOOF), eigh of every p x p covariance",
-    "nysact_g10_fixed": "nysact(0.05, rank=10, sketch_refresh='fixed')",
-    "nysact_g10_stable": "nysact(0.05, rank=10, nystrom='stable')",
-}
-
-
 def make_runner(name: str, task: Task) -> Runner:
-  lr = 0.05
-  if name == "sgd":
-    return OptaxRunner(name, "sgd", task, optax.sgd(lr, momentum=0.9),
-                       needs_activations=False)
-  if name == "adamw":
-    return OptaxRunner(name, "adamw", task, optax.adamw(1e-3, weight_decay=1e-4),
-                       needs_activations=False)
-  if name == "kfac_5_50":
-    return KfacRunner(name, task, cov_every=COV_PERIOD, inv_every=INVERSE_PERIOD)
-  if name == "kfac_default":
-    return KfacRunner(name, task, cov_every=1, inv_every=5)
-  if name.startswith("nysact_") or name == "foof":
-    kw: dict[str, Any] = dict(cov_update_every=COV_PERIOD, inv_update_every=INVERSE_PERIOD)
-    if name == "foof":
-      kw["rank"] = 10**9
-    else:
-      parts = name.split("_")
-      kw["sketch"] = {"g": "gaussian", "s": "subcolumns"}[parts[1][0]]
-      kw["rank"] = int(parts[1][1:])
-      if len(parts) > 2:
-        kw[{"fixed": "sketch_refresh", "stable": "nystrom"}[parts[2]]] = parts[2]
-    tx = nysact_optax.nysact(lr, momentum=0.9, **kw)
-    return OptaxRunner(name, "nysact", task, tx, needs_activations=True,
-                       periods=(COV_PERIOD, INVERSE_PERIOD), config=kw)
-  raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZER_HELP)}")
+  """The runner of a step-time label (:data:`benchmarks.optimizers.STEP_TIME`)."""
+  if name not in optimizers.STEP_TIME:
+    raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZER_HELP)}")
+  spec = optimizers.STEP_TIME[name]
+  if spec.family == "kfac":
+    return KfacRunner(name, task)
+  nysact = spec.family == "nysact"
+  return OptaxRunner(name, spec.family, task, optimizers.step_time_optax(name),
+                     needs_activations=nysact, periods=spec.periods if nysact else None,
+                     config=dict(spec.nysact) if nysact else None)
 
 
 # --------------------------------------------------------------------------
@@ -624,59 +413,12 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
   }
 
 
-def evaluate_targets(models_out: dict[str, Any]) -> list[dict[str, Any]]:
-  """The project's targets, evaluated on the medians of interleaved rounds."""
-  limits = {"cnn": 1.10, "transformer": 1.10, "resnet20": 1.20}
-  out = []
-  for model, res in models_out.items():
-    opts = res["optimizers"]
-    sgd = opts.get("sgd")
-    kfac = opts.get("kfac_5_50")
-    for name, o in opts.items():
-      if o.get("config", {}).get("rank") is None or name == "foof":
-        continue
-      variant = "library as shipped"
-      if sgd is not None and o.get("ratio_to_sgd_median") is not None:
-        out.append({
-            "variant": variant,
-            "timing": o.get("timing"),
-            "target": f"{model}: {name} amortised step <= {limits[model]:.2f}x SGD",
-            "value": o["ratio_to_sgd_median"], "limit": limits[model],
-            "per_round": o.get("ratio_to_sgd_per_round"),
-            "ratio_of_fastest_blocks": o.get("ratio_to_sgd_of_min"),
-            "pass": o["ratio_to_sgd_median"] <= limits[model],
-        })
-      if sgd is not None and kfac is not None and o.get("step_s_median"):
-        ny = o["step_s_median"] - sgd["step_s_median"]
-        kf = kfac["step_s_median"] - sgd["step_s_median"]
-        # per-round overheads, to see the spread
-        per_round = [
-            (a - s) / (k - s) if k != s else float("nan")
-            for a, s, k in zip(o["block_s_per_step"], sgd["block_s_per_step"],
-                               kfac["block_s_per_step"])
-        ]
-        out.append({
-            "variant": variant,
-            "target": f"{model}: {name} overhead over SGD <= 1/5 of K-FAC(5,50)'s",
-            "value": ny / kf if kf else None, "limit": 0.2,
-            "per_round": per_round,
-            "pass": (ny / kf if kf else float("inf")) <= 0.2,
-        })
-      ratio = o["state_over_param_bytes"]
-      out.append({
-          "variant": variant,
-          "target": f"{model}: {name} optimizer state (with momentum) <= 1.15x param bytes",
-          "value": ratio, "limit": 1.15, "pass": ratio <= 1.15,
-      })
-  return out
-
-
 def plot(results: dict[str, Any], path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  models_out = results["models"]
+  models_out = results["metrics"]["models"]
   fig, axes = plt.subplots(len(models_out), 2, figsize=(13, 3.2 * len(models_out)),
                            squeeze=False)
   for row, (model, res) in enumerate(models_out.items()):
@@ -692,7 +434,7 @@ def plot(results: dict[str, Any], path) -> None:
     hi = [max(opts[n].get("ratio_to_sgd_per_round", [np.nan])) for n in names]
     err = np.array([[v - l for v, l in zip(vals, lo)], [h - v for v, h in zip(vals, hi)]])
     ax.bar(names, vals, color=colors, yerr=err, capsize=3)
-    limit = 1.20 if model == "resnet20" else 1.10
+    limit = targets.STEP_TIME_RATIO[model]
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(limit, color="g", ls="--", lw=0.8, label=f"target {limit:.2f}x")
     ax.set_yscale("log")
@@ -703,14 +445,15 @@ def plot(results: dict[str, Any], path) -> None:
     ax = axes[row][1]
     vals = [opts[n]["state_over_param_bytes"] for n in names]
     ax.bar(names, vals, color=colors)
-    ax.axhline(1.15, color="g", ls="--", lw=0.8, label="target 1.15x")
+    ax.axhline(targets.STATE_OVER_PARAMS, color="g", ls="--", lw=0.8,
+               label=f"target {targets.STATE_OVER_PARAMS:.2f}x")
     ax.set_yscale("log")
     ax.set_ylabel("optimizer state / param bytes")
     ax.set_title(f"{model}: optimizer state ({res['param_count']:,} params)")
     ax.tick_params(axis="x", rotation=45)
     ax.legend(fontsize=8)
   m = results["machine"]
-  fig.suptitle(f"{m['cpu_model']} ({m['cpus_usable']} cpus), jax {m['versions']['jax']}, "
+  fig.suptitle(f"{m['cpu_model']} ({m['cpus_usable']} cpus), jax {results['versions']['jax']}, "
                f"{m['device_kind']}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -767,31 +510,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   batch = {"cnn": args.batch_cnn, "resnet20": args.batch_resnet20,
            "transformer": args.batch_transformer}
 
-  results: dict[str, Any] = {
-      **_common.results_header("step_time", args, blas, (
-          "one process; per model, every optimizer is built and warmed up, then "
-          f"{args.rounds} rounds in a shuffled order of one block of {args.steps} "
-          "steps each (timed from a ready state to block_until_ready; amortised "
-          "over whole T_inv=50 periods); ratios are per round against the same "
-          "round's SGD block, then the median over rounds. NysAct runs whose block "
-          f"would exceed --max-block-s={args.max_block_s:g} s are timed by sampled "
-          "phases instead (see each optimizer's 'timing'), in the first "
-          f"{args.sampled_rounds} round(s) only."
-      )),
-      "models": {},
-  }
+  method = (
+      "one process; per model, every optimizer is built and warmed up, then "
+      f"{args.rounds} rounds in a shuffled order of one block of {args.steps} "
+      "steps each (timed from a ready state to block_until_ready; amortised "
+      "over whole T_inv=50 periods); ratios are per round against the same "
+      "round's SGD block, then the median over rounds. NysAct runs whose block "
+      f"would exceed --max-block-s={args.max_block_s:g} s are timed by sampled "
+      "phases instead (see each optimizer's 'timing'), in the first "
+      f"{args.sampled_rounds} round(s) only."
+  )
+  metrics: dict[str, Any] = {"models": {}}
   total = len(model_names) * len(names) * (1 + args.rounds + args.phase_blocks)
   t_start = time.perf_counter()
   with tqdm(total=total, unit="block", file=sys.stderr) as bar:
     for model in model_names:
       task = build_task(model, batch[model], source=args.data, seed=args.seed)
-      results["models"][model] = measure_task(task, names, args, bar)
+      metrics["models"][model] = measure_task(task, names, args, bar)
       del task
-  results["wall_s"] = time.perf_counter() - t_start
-  results["load_average_at_end"] = _common.load_average()
-  results["targets"] = evaluate_targets(results["models"])
-  _common.write_results(args, results, plot)
-  for model, res in results["models"].items():
+  metrics["wall_s"] = time.perf_counter() - t_start
+  metrics["load_average_at_end"] = _common.load_average()
+  metrics["targets"] = targets.step_time(metrics["models"])
+  rec = results.record("step_time", config=results.config_of(args, method), metrics=metrics,
+                       blas=blas)
+  results.save(args.out, rec, plot=plot, plot_path=args.plot)
+  for model, res in metrics["models"].items():
     print(f"\n{model}: {res['description']}; batch {tuple(res['batch_shape'])}, "
           f"{res['param_count']:,} params")
     print(f"  {'optimizer':<14}{'ms/step':>9}{'x SGD':>8}{'compile s':>11}{'state/params':>14}")
@@ -801,10 +544,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       print(f"  {name:<14}{ms:9.1f}{ratio:8.3f}{o.get('compile_s', float('nan')):11.1f}"
             f"{o['state_over_param_bytes']:14.3f}")
   print()
-  for t in results["targets"]:
+  for t in metrics["targets"]:
     value = float("nan") if t["value"] is None else t["value"]
     print(("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {value:.3f} ({t['variant']})")
-  return results
+  return rec
 
 
 if __name__ == "__main__":

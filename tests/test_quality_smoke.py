@@ -43,17 +43,17 @@ def test_suite_resumes_and_summary_reports(tmp_path):
     val = "tune" in path.parts
     assert r["config"]["split"] == ("val" if val else "test")
     # digits: 1437 train / 360 test; the validation split is a fifth of train
-    assert r["final"]["eval_examples"] == (287 if val else 360)
-    assert not r["final"]["diverged"]
-    assert [p["step"] for p in r["curve"]] == [10, 20] and r["final"]["steps_done"] == 20
-    assert r["final"]["eval_accuracy"] > 0.3  # 10 classes: chance is 0.1
-    assert r["timing"]["train_s"] > 0
+    assert r["metrics"]["final"]["eval_examples"] == (287 if val else 360)
+    assert not r["metrics"]["final"]["diverged"]
+    assert [p["step"] for p in r["curves"]["eval"]] == [10, 20] and r["metrics"]["final"]["steps_done"] == 20
+    assert r["metrics"]["final"]["eval_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert r["metrics"]["timing"]["train_s"] > 0
   foof = json.loads((runs / "test/digits__foof__s0.json").read_text())
   assert foof["config"]["nysact"] == {"rank": 10**9}
-  assert foof["nysact_refresh_failures"] == {"Conv_0": 0, "Conv_1": 0, "Dense_0": 0, "Dense_1": 0}
+  assert foof["metrics"]["nysact_refresh_failures"] == {"Conv_0": 0, "Conv_1": 0, "Dense_0": 0, "Dense_1": 0}
   # Exact mode: the optimizer's factors are the eigendecomposition of the same
   # EMA that the tracker recomputes, so the tracked error is round-off.
-  errors = foof["preconditioner_error"]
+  errors = foof["curves"]["preconditioner_error"]
   assert [e["step"] for e in errors] == [10, 20] and errors[0]["p"] == 65
   assert max(e["rel_fro"] for e in errors) < 1e-4, errors
   assert suite.main(args) == []  # everything finished: nothing runs again
@@ -76,9 +76,9 @@ def test_fashion_mnist_run_writes_json(tmp_path):
   )
   result = train.run(cfg, tmp_path / "f.json")
   saved = json.loads((tmp_path / "f.json").read_text())
-  assert saved["final"]["eval_examples"] == 100 and len(saved["curve"]) == 2
-  assert saved["data"].startswith("Fashion-MNIST, 256 train / 100 test")
-  assert result["param_count"] == saved["param_count"] > 0
+  assert saved["metrics"]["final"]["eval_examples"] == 100 and len(saved["curves"]["eval"]) == 2
+  assert saved["metrics"]["data"].startswith("Fashion-MNIST, 256 train / 100 test")
+  assert result["metrics"]["param_count"] == saved["metrics"]["param_count"] > 0
 
 
 def _fake_run(root, stage, name, lr, damping, acc):
@@ -175,12 +175,12 @@ def test_issue13_optimizers_train_on_digits(tmp_path, label):
                          eval_size=360, split="val")
   cfg = suite._cfg(base, label, lr={"muon": 0.05}.get(label, 1e-2), seed=0)
   r = train.run(cfg, tmp_path / "run.json")
-  assert not r["final"]["diverged"]
-  assert r["curve"][-1]["train_loss"] < 0.8 * r["curve"][0]["train_loss"] or (
-      r["final"]["eval_accuracy"] > 0.3)
+  assert not r["metrics"]["final"]["diverged"]
+  assert r["curves"]["eval"][-1]["train_loss"] < 0.8 * r["curves"]["eval"][0]["train_loss"] or (
+      r["metrics"]["final"]["eval_accuracy"] > 0.3)
   if label.startswith("nysact"):
     assert r["config"]["nysact"]["graft"] == "rmsprop"
-    assert set(r["nysact_refresh_failures"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
+    assert set(r["metrics"]["nysact_refresh_failures"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
   assert r["config"]["weight_decay"] == 1e-2
 
 

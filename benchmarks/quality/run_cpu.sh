@@ -21,12 +21,12 @@ if [[ -n "${DEADLINE:-}" ]]; then DEADLINE_ARGS=(--deadline "$DEADLINE"); fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 pids=()
 for ((i = 0; i < WORKERS; i++)); do
-  taskset -c "$i" "$PYTHON" -m benchmarks.quality.suite --preset cpu --stages "$STAGES" \
+  taskset -c "$i" "$PYTHON" -m benchmarks quality --preset cpu --stages "$STAGES" \
       --cache-dir "$CACHE" --wait "${DEADLINE_ARGS[@]}" &
   pids+=($!)
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-"$PYTHON" -m benchmarks.quality.summary >/dev/null
+"$PYTHON" -m benchmarks quality-summary >/dev/null
 echo "summary: benchmarks/results/quality/summary.md"
 exit "$status"

@@ -38,5 +38,5 @@ EOF
 mkdir -p "$OUT"
 args=(--preset full --stages "$STAGES" --out-dir "$OUT/runs" --cache-dir "$CACHE")
 if [[ -n "$DEADLINE" ]]; then args+=(--deadline "$DEADLINE"); fi
-PYTHONUNBUFFERED=1 "$PYTHON" -m benchmarks.quality.suite "${args[@]}" 2>&1 | tee -a "$OUT/suite.log" || true
-"$PYTHON" -m benchmarks.quality.summary --runs "$OUT/runs"
+PYTHONUNBUFFERED=1 "$PYTHON" -m benchmarks quality "${args[@]}" 2>&1 | tee -a "$OUT/suite.log" || true
+"$PYTHON" -m benchmarks quality-summary --runs "$OUT/runs"

@@ -60,6 +60,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from benchmarks import optimizers, results
 from benchmarks.quality import train
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
@@ -94,37 +95,9 @@ DAMPING_GRIDS = {"kfac": (0.01, 1.0), "nysact-reference": (0.1, 10.0)}
 # with "reference" (as the ablations take the tuned lr of their base).
 TUNED_AS = {"nysact": "nysact-reference"}
 
-# The optimizers compared: label -> (family, RunConfig overrides).
-OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("sgd", {}),
-    "adamw": ("adamw", {}),
-    "kfac": ("kfac", {}),
-    # The library's defaults (nystrom="stable", sketch_refresh="fixed").
-    "nysact": ("nysact", {}),
-    # The defaults while the study ran, before the last ablation result.
-    "nysact-reference": ("nysact", {"nysact": (("sketch_refresh", "reference"),)}),
-    # The paper's method, the defaults before the ablations: their base.
-    "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),
-                                            ("sketch_refresh", "reference"))}),
-    "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
-    # Issue 13. Muon: optax.contrib.muon, Adam at 0.05 x its lr on the
-    # non-matrix parameters (the issue's tuned 0.05 / 2.5e-3), decoupled
-    # weight decay 1e-2 on both.
-    "muon": ("muon", {}),
-    # NysAct's direction grafted onto the layer-wise RMSProp norm, debiased
-    # EMA momentum, decoupled weight decay 1e-2 (as AdamW's).
-    "nysact-graft": ("nysact", {"nysact": (("graft", "rmsprop"),), "weight_decay": 1e-2}),
-    # The same with one graft group per leaf (kernel, bias) instead of per layer.
-    "nysact-graft-leaf": ("nysact", {"nysact": (("graft", "rmsprop"), ("graft_group", "leaf")),
-                                     "weight_decay": 1e-2}),
-    # The grafted mode with the damping relative to each layer's scale
-    # (damping x tr(C)/p, the scale_by_nysact option of issue 13's item 3).
-    "nysact-graft-reldamp": ("nysact", {"nysact": (("graft", "rmsprop"),
-                                                   ("relative_damping", True)),
-                                        "weight_decay": 1e-2}),
-    # The control: the same graft with an identity direction.
-    "graft-identity": ("graft-identity", {}),
-}
+# The optimizers compared: label -> (family, RunConfig overrides), defined
+# with the step-time ones in benchmarks.optimizers.
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = optimizers.QUALITY
 
 GRIDS = {
     "sgd": (0.03, 0.1, 0.3),
@@ -264,8 +237,8 @@ def load_runs(root: pathlib.Path, stage: str) -> list[dict[str, Any]]:
   out = []
   for f in sorted((root / stage).glob("*.json")):
     try:
-      r = json.loads(f.read_text())
-    except json.JSONDecodeError:
+      r = results.read(f)
+    except (json.JSONDecodeError, ValueError):
       continue
     r["_name"] = f.stem
     out.append(r)
@@ -274,10 +247,10 @@ def load_runs(root: pathlib.Path, stage: str) -> list[dict[str, Any]]:
 
 def score(result: dict[str, Any]) -> float:
   """Higher is better: accuracy, or minus bits per character."""
-  f = result["final"]
+  f = result["metrics"]["final"]
   if f.get("diverged"):
     return float("-inf")
-  if result.get("metric") == "bits_per_char":
+  if result["metrics"].get("metric") == "bits_per_char":
     return -(f.get("bits_per_char") or float("inf"))
   return f.get("eval_accuracy") or float("-inf")
 
@@ -628,11 +601,11 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
         lock.unlink(missing_ok=True)
       done += 1
       written.append(path)
-      f = result["final"]
+      f = result["metrics"]["final"]
       print(f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
             f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
-            f"(train {result['timing']['train_s']:.0f}s, first step "
-            f"{result['timing']['first_step_s']:.0f}s)", flush=True)
+            f"(train {result['metrics']['timing']['train_s']:.0f}s, first step "
+            f"{result['metrics']['timing']['first_step_s']:.0f}s)", flush=True)
       break  # re-plan: later runs may depend on this one
     first_pass = False
     if stop or a.dry_run or (not started and not pending):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import results
 from benchmarks.quality import suite
 
 LABELS = ("sgd", "adamw", "kfac", "muon", "nysact", "nysact-reference", "nysact-fixed_stable",
@@ -55,11 +56,11 @@ def _pct(x: float) -> str:
 
 
 def _is_lm(r: dict[str, Any]) -> bool:
-  return r.get("metric") == "bits_per_char"
+  return r["metrics"].get("metric") == "bits_per_char"
 
 
 def _value(r: dict[str, Any]) -> float:
-  f = r["final"]
+  f = r["metrics"]["final"]
   return f["bits_per_char"] if _is_lm(r) else f["eval_accuracy"]
 
 
@@ -77,7 +78,7 @@ def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
       r = by[label][key]
       v = _value(r)
       s = ((f"{v:.3f}" if v is not None else "n/a") if lm else _pct(v)) + (
-          " (diverged)" if r["final"]["diverged"] else "")
+          " (diverged)" if r["metrics"]["final"]["diverged"] else "")
       cells.append(f"{_lr(r, key[1] != 0.0)}: {s}")
     best = max(by[label].values(), key=suite.score)
     lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | "
@@ -106,22 +107,22 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
   stats: dict[str, Any] = {}
   for label, rs in by.items():
     vals = [_value(r) for r in rs]
-    curve_final = [(r["curve"][-1]["eval_loss"] / math.log(2)) if lm else r["curve"][-1]["eval_accuracy"]
-                   for r in rs if r["curve"]]
+    curve_final = [(r["curves"]["eval"][-1]["eval_loss"] / math.log(2)) if lm else r["curves"]["eval"][-1]["eval_accuracy"]
+                   for r in rs if r["curves"]["eval"]]
     stats[label] = {
         "n": len(rs), "lr": rs[0]["config"]["lr"], "damping": rs[0]["config"].get("damping"),
         "seeds": sorted(r["config"]["seed"] for r in rs),
         "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "values": vals,
         "curve_final_mean": _mean_std(curve_final)[0],
-        "train_s": _mean_std([r["timing"]["train_s"] for r in rs])[0],
-        "ms_per_step": 1e3 * _mean_std([r["timing"]["train_s_per_step"] for r in rs])[0],
-        "diverged": sum(bool(r["final"]["diverged"]) for r in rs),
+        "train_s": _mean_std([r["metrics"]["timing"]["train_s"] for r in rs])[0],
+        "ms_per_step": 1e3 * _mean_std([r["metrics"]["timing"]["train_s_per_step"] for r in rs])[0],
+        "diverged": sum(bool(r["metrics"]["final"]["diverged"]) for r in rs),
         "steps": rs[0]["config"]["steps"],
     }
   # Time to SGD-momentum's final accuracy (on the curves' evaluation subset).
   ref = stats.get("sgd", {}).get("curve_final_mean")
   for label, rs in by.items():
-    times = [_time_to(r["curve"], ref, lm) for r in rs] if ref is not None else []
+    times = [_time_to(r["curves"]["eval"], ref, lm) for r in rs] if ref is not None else []
     reached = [t for t in times if t is not None]
     stats[label]["time_to_sgd_final_s"] = _mean_std(reached)[0] if reached else None
     stats[label]["reached_sgd_final"] = f"{len(reached)}/{len(rs)}"
@@ -296,14 +297,14 @@ def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
   ]
   for label, rs in _by_label(runs):
     rs = sorted(rs, key=lambda r: r["config"]["seed"])
-    accs = [r["final"]["eval_accuracy"] for r in rs]
+    accs = [r["metrics"]["final"]["eval_accuracy"] for r in rs]
     m, sd = _mean_std(accs)
-    per_seed = ", ".join(_pct(a) + ("*" if r["final"]["diverged"] else "") for a, r in zip(accs, rs))
-    last = [(r.get("preconditioner_error") or [None])[-1] for r in rs]
+    per_seed = ", ".join(_pct(a) + ("*" if r["metrics"]["final"]["diverged"] else "") for a, r in zip(accs, rs))
+    last = [(r["curves"].get("preconditioner_error") or [None])[-1] for r in rs]
     fro = _finite([e.get("rel_fro") for e in last if e])
     top = _finite([e.get("rel_top10") for e in last if e])
     fails = sum(sum((r.get("nysact_refresh_failures") or {}).values()) for r in rs)
-    ms = _mean_std([r["timing"]["train_s_per_step"] for r in rs])[0]
+    ms = _mean_std([r["metrics"]["timing"]["train_s_per_step"] for r in rs])[0]
     lines.append(
         f"| {label} | {_nystrom_of(rs[0])} | {len(rs)} | {_pct(m)} ± {_pct(sd)} | {per_seed} | "
         f"{1e3 * ms:.0f} | {f'{np.mean(fro):.3f}' if fro else 'n/a'} | "
@@ -324,14 +325,14 @@ def plot_curves(runs: list[dict[str, Any]], path: pathlib.Path, title: str, lm: 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))
   for label in [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]:
     rs = by[label]
-    n = min(len(r["curve"]) for r in rs)
+    n = min(len(r["curves"]["eval"]) for r in rs)
     if n == 0:
       continue
-    steps = [p["step"] for p in rs[0]["curve"][:n]]
+    steps = [p["step"] for p in rs[0]["curves"]["eval"][:n]]
     key = "eval_loss" if lm else "eval_accuracy"
     scale = (1 / math.log(2)) if lm else 100.0
-    ys = np.array([[p[key] * scale for p in r["curve"][:n]] for r in rs])
-    ts = np.array([[p["train_s"] for p in r["curve"][:n]] for r in rs])
+    ys = np.array([[p[key] * scale for p in r["curves"]["eval"][:n]] for r in rs])
+    ts = np.array([[p["train_s"] for p in r["curves"]["eval"][:n]] for r in rs])
     m, s = ys.mean(0), ys.std(0)
     for ax, xs in ((axes[0], steps), (axes[1], ts.mean(0))):
       ax.plot(xs, m, marker="o", ms=3, label=f"{NAMES.get(label, label)} (n={len(rs)})")
@@ -359,17 +360,17 @@ def plot_ablations(runs: list[dict[str, Any]], path: pathlib.Path, title: str):
   import matplotlib.pyplot as plt
 
   groups = [(k, rs) for k, rs in _by_label(runs)
-            if not any(r["final"]["diverged"] for r in rs)]
+            if not any(r["metrics"]["final"]["diverged"] for r in rs)]
   fig, axes = plt.subplots(1, 2, figsize=(13, 4))
   names = [k for k, _ in groups]
-  stats = [_mean_std([r["final"]["eval_accuracy"] for r in rs]) for _, rs in groups]
+  stats = [_mean_std([r["metrics"]["final"]["eval_accuracy"] for r in rs]) for _, rs in groups]
   means = [100 * m for m, _ in stats]
   sds = [100 * s for _, s in stats]
   colors = ["#d62728" if n == "rank10" else "#2ca02c" if n == suite.DEFAULT_ABLATION
             else "#1f77b4" for n in names]
   axes[0].bar(names, means, yerr=sds, color=colors, capsize=3)
   for i, (_, rs) in enumerate(groups):
-    axes[0].plot([i] * len(rs), [100 * r["final"]["eval_accuracy"] for r in rs], "k.", ms=4)
+    axes[0].plot([i] * len(rs), [100 * r["metrics"]["final"]["eval_accuracy"] for r in rs], "k.", ms=4)
   if means:
     axes[0].set_ylim(min(means) - 3, max(means) + 2)
   axes[0].set_ylabel("validation accuracy %")
@@ -377,7 +378,7 @@ def plot_ablations(runs: list[dict[str, Any]], path: pathlib.Path, title: str):
                     "green: new default)", fontsize=9)
   axes[0].tick_params(axis="x", rotation=60)
   for n, rs in groups:
-    err = next((r.get("preconditioner_error") for r in rs if r["config"]["seed"] == 0), None)
+    err = next((r["curves"].get("preconditioner_error") for r in rs if r["config"]["seed"] == 0), None)
     err = [e for e in (err or []) if e.get("rel_top10") is not None]
     if err:
       axes[1].plot([e["step"] for e in err], [e["rel_top10"] for e in err], marker="o",
@@ -400,10 +401,10 @@ def _describe(runs: list[dict[str, Any]]) -> str:
   c = runs[0]["config"]
   m = runs[0]["machine"]
   model = ", ".join(f"{k}={v}" for k, v in c["model"].items()) or "default size"
-  return (f"{runs[0]['data']}; model {c['task']} ({model}, {runs[0]['param_count']:,} params); "
+  return (f"{runs[0]['metrics']['data']}; model {c['task']} ({model}, {runs[0]['metrics']['param_count']:,} params); "
           f"{c['steps']} steps x batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine; "
           f"{m['cpu_model']} ({m['cpus_usable']} core(s) per run, {m['jax_backend']}), "
-          f"jax {m['versions']['jax']}")
+          f"jax {(runs[0]['versions'] or {}).get('jax')}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -473,19 +474,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["ablations"] = {label: {
         "nystrom": _nystrom_of(rs[0]),
         "seeds": [r["config"]["seed"] for r in rs],
-        "val_accuracy": [r["final"]["eval_accuracy"] for r in rs],
-        "diverged": [bool(r["final"]["diverged"]) for r in rs],
-        "ms_per_step": [1e3 * r["timing"]["train_s_per_step"] for r in rs]}
+        "val_accuracy": [r["metrics"]["final"]["eval_accuracy"] for r in rs],
+        "diverged": [bool(r["metrics"]["final"]["diverged"]) for r in rs],
+        "ms_per_step": [1e3 * r["metrics"]["timing"]["train_s_per_step"] for r in rs]}
         for label, rs in _by_label(abl)}
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
   cost_path = out / "step_cost_lm5.json"
-  cost = json.loads(cost_path.read_text()) if cost_path.exists() else None
+  cost = None
+  if cost_path.exists():
+    rec = results.read(cost_path)
+    cost = {**rec["config"], **rec["metrics"]}
   tf = tf_targets(summary, paired, cost)
   if tf:
     md += ["## Targets of issue 13 (transformers and grafting)", "", *tf, ""]
     summary["paired"] = paired
   (out / "summary.md").write_text("\n".join(md) + "\n")
-  (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+  results.write(out / "summary.json", "quality-summary", config={"runs": str(root)},
+                metrics=json.loads(json.dumps(summary, default=float)), quiet=True)
   print("\n".join(md))
   return summary
 

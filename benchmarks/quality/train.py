@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import pathlib
@@ -64,20 +63,19 @@ import numpy as np
 import optax
 
 import nysact_optax
-from benchmarks import _common, data as bdata, models
-from nysact_optax import _nystrom, _sketch, _statistics
+from benchmarks import optimizers, results, tasks
+from nysact_optax import _sketch, _statistics
 from tests import _reference
 
-OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact", "muon", "graft-identity")
-TASKS = ("digits", "fmnist_cnn", "fmnist_resnet", "fmnist_vit", "char_lm")
-# Defaults per optimizer family; every one can be overridden in a RunConfig.
-WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "kfac": 5e-4, "nysact": 5e-4,
-                "muon": 1e-2, "graft-identity": 1e-2}
-# K-FAC's fixed damping: 1e-3 (kfac-jax's usual start for adaptive damping)
-# collapses to chance at the first inverse refresh with a fixed damping; 0.1
-# trained on digits (the suite also tries 0.01 and 1.0 at the tuned lr).
-DAMPING = {"nysact": 1.0, "kfac": 0.1}
-VALIDATION_SIZE = 10_000
+OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact", "muon", "graft-identity")  # families
+TASKS = tuple(tasks.QUALITY_TASKS)
+# Defaults per optimizer family (benchmarks.optimizers); every one can be
+# overridden in a RunConfig.
+WEIGHT_DECAY = optimizers.QUALITY_WEIGHT_DECAY
+DAMPING = optimizers.QUALITY_DAMPING
+VALIDATION_SIZE = tasks.VALIDATION_SIZE
+Data = tasks.Data
+augment = tasks.augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,182 +143,45 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------
-# Data
+# Data, model, loss: benchmarks.tasks, read through the run's config
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Data:
-  """Training stream and evaluation set of one task and split."""
-
-  kind: str  # "images" or "chars"
-  train_x: np.ndarray
-  train_y: np.ndarray | None
-  eval_x: np.ndarray
-  eval_y: np.ndarray
-  num_classes: int
-  description: str
-
-
-def _carve(x, y, seed: int = 0):
-  """(train, validation): the last ``VALIDATION_SIZE`` of a fixed permutation."""
-  order = np.random.default_rng(seed).permutation(len(x))
-  tr, va = order[:-VALIDATION_SIZE], order[-VALIDATION_SIZE:]
-  return (x[tr], y[tr]), (x[va], y[va])
-
-
-def _lm_windows(ids: np.ndarray, context: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-  """``count`` evenly spaced windows of a token stream (a fixed eval set)."""
-  starts = np.linspace(0, len(ids) - context - 2, count).astype(np.int64)
-  w = ids[starts[:, None] + np.arange(context + 1)].astype(np.int32)
-  return w[:, :-1], w[:, 1:]
+def _context(cfg: RunConfig) -> int | None:
+  return dict(cfg.model).get("context", 64) if cfg.task == "char_lm" else None
 
 
 def load_data(cfg: RunConfig) -> Data:
   """The training and evaluation arrays of ``cfg.task`` for ``cfg.split``
   (cached: runs of one process share them)."""
-  context = dict(cfg.model).get("context", 64) if cfg.task == "char_lm" else None
-  return _load_data(cfg.task, cfg.split, cfg.train_limit, cfg.eval_limit, context)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_data(task, split, train_limit, eval_limit, context) -> Data:
-  cfg = RunConfig(task=task, split=split, train_limit=train_limit,
-                  eval_limit=eval_limit, model=(("context", context),) if context else ())
-  if cfg.split not in ("val", "test"):
-    raise ValueError(f"split must be 'val' or 'test', got {cfg.split!r}")
-  if cfg.task == "digits":
-    (xtr, ytr), (xte, yte) = bdata.load_digits(image=True)
-    if cfg.split == "val":
-      n = len(xtr) // 5
-      (xtr, ytr), (xte, yte) = (xtr[n:], ytr[n:]), (xtr[:n], ytr[:n])
-    name, kind, classes = "sklearn digits 8x8", "images", 10
-  elif cfg.task in ("fmnist_cnn", "fmnist_resnet", "fmnist_vit"):
-    xtr, ytr = bdata.load_fashion_mnist("train")
-    if cfg.split == "val":
-      (xtr, ytr), (xte, yte) = _carve(xtr, ytr)
-    else:
-      xte, yte = bdata.load_fashion_mnist("test")
-    name, kind, classes = "Fashion-MNIST", "images", 10
-  elif cfg.task == "char_lm":
-    ds = bdata.load_kjv_chars()
-    context = dict(cfg.model).get("context", 64)
-    stream = ds.train
-    if cfg.split == "val":
-      cut = int(0.9 * len(stream))
-      stream, held = stream[:cut], stream[cut:]
-    else:
-      held = ds.validation
-    xte, yte = _lm_windows(held, context, 256)
-    desc = (f"KJV Bible chars, {len(stream):,} train tokens / "
-            f"{xte.size:,} {cfg.split} tokens (held-out books: "
-            f"{', '.join(ds.validation_books)})")
-    return Data("chars", stream, None, xte, yte, ds.vocab_size, desc)
-  else:
-    raise ValueError(f"unknown task {cfg.task!r}; choose from {TASKS}")
-  if cfg.train_limit:
-    xtr, ytr = xtr[: cfg.train_limit], ytr[: cfg.train_limit]
-  if cfg.eval_limit:
-    xte, yte = xte[: cfg.eval_limit], yte[: cfg.eval_limit]
-  desc = f"{name}, {len(xtr)} train / {len(xte)} {cfg.split}"
-  return Data(kind, xtr, ytr, xte, yte, classes, desc)
-
-
-def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
-  """Random crop after zero-padding by ``pad`` and a random horizontal flip."""
-  n, h, w, _ = x.shape
-  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy = rng.integers(0, 2 * pad + 1, n)
-  dx = rng.integers(0, 2 * pad + 1, n)
-  rows = dy[:, None] + np.arange(h)[None]
-  cols = dx[:, None] + np.arange(w)[None]
-  flip = rng.random(n) < 0.5
-  cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return tasks.load_data(cfg.task, cfg.split, cfg.train_limit, cfg.eval_limit, _context(cfg))
 
 
 def train_batches(cfg: RunConfig, d: Data) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  if d.kind == "chars":
-    context = dict(cfg.model).get("context", 64)
-    yield from bdata.char_lm_batches(d.train_x, cfg.batch_size, context, seed=cfg.seed)
-    return
-  rng = np.random.default_rng(cfg.seed + 10_000)
-  use_aug = cfg.augment and cfg.task != "digits"
-  for x, y in bdata.classification_batches(d.train_x, d.train_y, cfg.batch_size, seed=cfg.seed):
-    yield (augment(x, rng) if use_aug else x), y
-
-
-# --------------------------------------------------------------------------
-# Models and losses
-# --------------------------------------------------------------------------
+  return tasks.train_batches(cfg.task, d, batch_size=cfg.batch_size, seed=cfg.seed,
+                             augmented=cfg.augment, context=_context(cfg) or 64)
 
 
 def make_model(cfg: RunConfig, d: Data) -> tuple[nn.Module, int]:
   """The model and the number of tokens per example (1 for images)."""
-  kw = dict(cfg.model)
-  if cfg.task == "digits":
-    from nysact_optax.demo import DigitsCNN
-    return DigitsCNN(), 1
-  if cfg.task == "fmnist_cnn":
-    return models.FashionCNN(**kw), 1
-  if cfg.task == "fmnist_resnet":
-    return models.ResNet20(**kw), 1
-  if cfg.task == "fmnist_vit":
-    return models.ViT(**kw), 1
-  kw.setdefault("num_layers", 2)
-  kw.setdefault("width", 128)
-  kw.setdefault("num_heads", 4)
-  kw.setdefault("context", 64)
-  return models.CharTransformer(vocab_size=d.num_classes, **kw), kw["context"]
+  vocab = d.num_classes if cfg.task == "char_lm" else None
+  return tasks.make_model(cfg.task, vocab_size=vocab, **dict(cfg.model))
 
 
 def _has_state(cfg: RunConfig) -> bool:
-  return cfg.task == "fmnist_resnet"
+  return tasks.has_state(cfg.task)
 
 
 def make_loss(cfg: RunConfig, model: nn.Module, tokens: int, *, capture: bool,
               register_kfac: bool = False):
   """``loss(params, model_state, x, y) -> (loss, (model_state, activations))``."""
-  apply = nysact_optax.capture_activations(model.apply) if capture else model.apply
-  has_state = _has_state(cfg)
-
-  def loss(params, model_state, x, y):
-    variables = {"params": params}
-    acts = None
-    if has_state:
-      variables["batch_stats"] = model_state
-      out = apply(variables, x, train=True, mutable=["batch_stats"])
-      (logits, mutated), acts = out if capture else (out, None)
-      model_state = mutated["batch_stats"]
-    else:
-      out = apply(variables, x)
-      logits, acts = out if capture else (out, None)
-    if register_kfac:
-      import kfac_jax
-      kfac_jax.register_softmax_cross_entropy_loss(logits, y, weight=1.0 / tokens)
-    value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return value, (model_state, acts)
-
-  return loss
+  return tasks.make_loss(model, stateful=_has_state(cfg), tokens=tokens, capture=capture,
+                         register_kfac=register_kfac)
 
 
 def make_eval(cfg: RunConfig, model: nn.Module):
   """Jitted ``(params, model_state, x, y) -> (sum of losses, correct, count)``."""
-  has_state = _has_state(cfg)
-
-  @jax.jit
-  def evaluate(params, model_state, x, y):
-    variables = {"params": params}
-    if has_state:
-      variables["batch_stats"] = model_state
-      logits = model.apply(variables, x, train=False)
-    else:
-      logits = model.apply(variables, x)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = (logits.argmax(-1) == y).sum()
-    return losses.sum(), correct, losses.size
-
-  return evaluate
+  return tasks.make_eval(model, stateful=_has_state(cfg))
 
 
 def schedule(cfg: RunConfig) -> optax.Schedule:
@@ -332,42 +193,12 @@ def schedule(cfg: RunConfig) -> optax.Schedule:
 
 def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
   """The optax optimizer with peak learning rate 1 (scaled in the step)."""
-  sched = schedule(cfg)
-  wd = cfg.resolved_weight_decay
-  if cfg.optimizer == "sgd":
-    parts = [optax.add_decayed_weights(wd)] if wd else []
-    return optax.chain(*parts, optax.sgd(sched, momentum=cfg.momentum))
-  if cfg.optimizer == "adamw":
-    return optax.adamw(sched, weight_decay=wd)
-  if cfg.optimizer == "nysact":
-    kw = dict(cfg.nysact)
-    if kw.pop("graft_group", "layer") == "leaf":  # the grouping ablation
-      direction = nysact_optax.scale_by_nysact(damping=cfg.resolved_damping, seed=seed,
-                                               **{k: v for k, v in kw.items() if k != "graft"})
-      rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
-      return optax.chain(
-          nysact_optax.graft(direction, rms, mask=nysact_optax.preconditioned_mask(direction),
-                             group="leaf"),
-          optax.ema(cfg.momentum, debias=True), optax.add_decayed_weights(wd),
-          optax.scale_by_learning_rate(sched))
-    return nysact_optax.nysact(sched, momentum=cfg.momentum, weight_decay=wd,
-                               damping=cfg.resolved_damping, seed=seed, **kw)
-  if cfg.optimizer == "muon":
-    ratio = cfg.adam_ratio
-    return optax.contrib.muon(sched, adam_learning_rate=lambda t: ratio * sched(t),
-                              weight_decay=wd, adam_weight_decay=wd)
-  if cfg.optimizer == "graft-identity":
-    # NysAct's grafted mode with the identity for its direction: the same
-    # groups (NysAct's layers; the rest get RMSProp's step), momentum and
-    # decay, no preconditioner.
-    mask = nysact_optax.preconditioned_mask(nysact_optax.scale_by_nysact(**{
-        k: v for k, v in dict(cfg.nysact).items() if k in ("exclude", "include")}))
-    rms = optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
-    return optax.chain(nysact_optax.graft(optax.identity(), rms, mask=mask),
-                       optax.ema(cfg.momentum, debias=True),
-                       optax.add_decayed_weights(wd),
-                       optax.scale_by_learning_rate(sched))
-  raise ValueError(f"{cfg.optimizer!r} is not an optax optimizer here")
+  if cfg.optimizer == "kfac":
+    raise ValueError(f"{cfg.optimizer!r} is not an optax optimizer here")
+  return optimizers.quality_optax(
+      cfg.optimizer, schedule(cfg), momentum=cfg.momentum,
+      weight_decay=cfg.resolved_weight_decay, damping=cfg.resolved_damping, seed=seed,
+      nysact=dict(cfg.nysact), adam_ratio=cfg.adam_ratio)
 
 
 # --------------------------------------------------------------------------
@@ -377,23 +208,10 @@ def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
 _COMPILED: dict[tuple, Any] = {}
 
 
-def _code_version() -> dict[str, str | None]:
-  """The commit and a hash of the library's sources as this process loaded them."""
-  import hashlib
-  import subprocess
-  root = pathlib.Path(nysact_optax.__file__).parent
-  digest = hashlib.sha256()
-  for f in sorted(root.glob("*.py")):
-    digest.update(f.read_bytes())
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = None
-  return {"git_commit": commit, "nysact_optax_sha256": digest.hexdigest()[:16]}
-
-
-CODE_VERSION = _code_version()
+# The commit record of every run's header is taken once per process, when
+# this module is imported (the code the process loaded; see
+# benchmarks.results.commit_record).
+results.commit_record()
 
 
 class OptaxTrainer:
@@ -444,8 +262,6 @@ class KfacTrainer:
   usual KL-style norm constraint (no adaptive lr, momentum or damping)."""
 
   def __init__(self, cfg: RunConfig, model: nn.Module, tokens: int):
-    import kfac_jax
-
     self.cfg = cfg
     self.sched = schedule(cfg)
     self.has_state = _has_state(cfg)
@@ -459,22 +275,14 @@ class KfacTrainer:
       else:
         def value(params, batch):
           return loss(params, None, *batch)[0]
-      extra = {}
-      if cfg.task == "char_lm":
-        from benchmarks.step_time import _dense_general_kfac_block
-        extra["layer_tag_to_block_ctor"] = {"repeated_dense": _dense_general_kfac_block()}
       cov, inv = cfg.kfac_periods
-      _COMPILED[key] = kfac_jax.Optimizer(
-          value_and_grad_func=jax.value_and_grad(value, has_aux=self.has_state),
-          l2_reg=cfg.resolved_weight_decay,
-          value_func_has_state=self.has_state,
-          curvature_update_period=cov,
-          inverse_update_period=inv,
-          num_burnin_steps=0,
+      # The DenseGeneral block fix on the LM only (as the committed runs had
+      # it); step_time installs it on every model.
+      _COMPILED[key] = optimizers.kfac_optimizer(
+          jax.value_and_grad(value, has_aux=self.has_state), has_state=self.has_state,
+          cov_every=cov, inv_every=inv, l2_reg=cfg.resolved_weight_decay,
           norm_constraint=cfg.kfac_norm_constraint,
-          multi_device=False,
-          **extra,
-      )
+          dense_general_fix=cfg.task == "char_lm")
     self.opt = _COMPILED[key]
     self.count = 0
 
@@ -699,8 +507,7 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
   failures = None
   if nys is not None:
     failures = {k: int(v.failures) for k, v in nys.layers.items()}
-  result = {
-      "config": cfg.to_json(),
+  metrics = {
       "data": d.description,
       "metric": "bits_per_char" if d.kind == "chars" else "accuracy",
       "final": {
@@ -711,19 +518,17 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
           "steps_done": step_i,
           "diverged": diverged,
       },
-      "curve": curve,
       "curve_eval_examples": curve_n,
-      "preconditioner_error": errors,
       "nysact_refresh_failures": failures,
       "timing": {"setup_s": setup_s, "first_step_s": first_step_s, "train_s": train_s,
                  "train_s_per_step": measured_s / max(measured_steps, 1),
                  "excluded_steps_s": {str(k): v for k, v in compile_steps.items()}},
       "param_count": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
-      "machine": _common.machine_info(),
-      "code": CODE_VERSION,
   }
+  result = results.record("quality-run", config=cfg.to_json(), metrics=metrics,
+                          curves={"eval": curve, "preconditioner_error": errors})
   if out is not None:
-    _common.write_json(out, result)
+    results.save(out, result, quiet=True)
   return result
 
 
@@ -796,10 +601,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       adam_lr=a.adam_lr,
   )
   result = run(cfg, a.out, progress=lambda s: print(s, file=sys.stderr, flush=True))
-  f = result["final"]
+  f = result["metrics"]["final"]
   print(f"{cfg.task} {cfg.optimizer} lr={cfg.lr} seed={cfg.seed}: eval accuracy "
         f"{f['eval_accuracy']:.4f}, loss {f['eval_loss']:.4f}, train "
-        f"{result['timing']['train_s']:.1f}s -> {a.out}")
+        f"{result['metrics']['timing']['train_s']:.1f}s -> {a.out}")
   return result
 
 

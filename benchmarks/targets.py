@@ -1,0 +1,71 @@
+"""The acceptance targets of the timing benchmarks, in one place.
+
+The scripts evaluate them when they write a result (the evaluated list is
+stored in the result's ``metrics.targets``) and ``python -m benchmarks
+report`` re-evaluates the step-time targets from the stored measurements, so
+a changed limit shows in the report without re-running anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Step time: NysAct's amortised step over SGD's, per model.
+STEP_TIME_RATIO = {"cnn": 1.10, "transformer": 1.10, "resnet20": 1.20}
+# NysAct's overhead over SGD as a fraction of K-FAC(5, 50)'s overhead.
+KFAC_OVERHEAD_FRACTION = 0.2
+# Optimizer state (with momentum) over parameter bytes.
+STATE_OVER_PARAMS = 1.15
+# scaling: the fitted exponent of each operation's time in p.
+SCALING_EXPONENT = 1.2
+# conv_stats: the patch-free statistics' speedup over im2col.
+CONV_SPEEDUP = 5.0
+
+
+def step_time(models_out: dict[str, Any]) -> list[dict[str, Any]]:
+  """The step-time targets, evaluated on the medians of interleaved rounds
+  (``models_out``: a step-time result's ``metrics.models``)."""
+  out = []
+  for model, res in models_out.items():
+    opts = res["optimizers"]
+    sgd = opts.get("sgd")
+    kfac = opts.get("kfac_5_50")
+    limit = STEP_TIME_RATIO[model]
+    for name, o in opts.items():
+      if o.get("config", {}).get("rank") is None or name == "foof":
+        continue
+      variant = "library as shipped"
+      if sgd is not None and o.get("ratio_to_sgd_median") is not None:
+        out.append({
+            "variant": variant,
+            "timing": o.get("timing"),
+            "target": f"{model}: {name} amortised step <= {limit:.2f}x SGD",
+            "value": o["ratio_to_sgd_median"], "limit": limit,
+            "per_round": o.get("ratio_to_sgd_per_round"),
+            "ratio_of_fastest_blocks": o.get("ratio_to_sgd_of_min"),
+            "pass": o["ratio_to_sgd_median"] <= limit,
+        })
+      if sgd is not None and kfac is not None and o.get("step_s_median"):
+        ny = o["step_s_median"] - sgd["step_s_median"]
+        kf = kfac["step_s_median"] - sgd["step_s_median"]
+        # per-round overheads, to see the spread
+        per_round = [
+            (a - s) / (k - s) if k != s else float("nan")
+            for a, s, k in zip(o["block_s_per_step"], sgd["block_s_per_step"],
+                               kfac["block_s_per_step"])
+        ]
+        out.append({
+            "variant": variant,
+            "target": f"{model}: {name} overhead over SGD <= 1/5 of K-FAC(5,50)'s",
+            "value": ny / kf if kf else None, "limit": KFAC_OVERHEAD_FRACTION,
+            "per_round": per_round,
+            "pass": (ny / kf if kf else float("inf")) <= KFAC_OVERHEAD_FRACTION,
+        })
+      ratio = o["state_over_param_bytes"]
+      out.append({
+          "variant": variant,
+          "target": f"{model}: {name} optimizer state (with momentum) <= "
+                    f"{STATE_OVER_PARAMS:.2f}x param bytes",
+          "value": ratio, "limit": STATE_OVER_PARAMS, "pass": ratio <= STATE_OVER_PARAMS,
+      })
+  return out
