@@ -35,8 +35,9 @@ def package_version(module: str) -> str | None:
   """The installed version of ``module`` (a distribution name), or ``None``."""
   try:
     from importlib import metadata
+
     return metadata.version(module)
-  except Exception:  # noqa: BLE001 - optional packages
+  except Exception:
     return None
 
 
@@ -54,16 +55,16 @@ def machine_info() -> dict[str, Any]:
   except OSError:
     load = None
   return {
-      "cpu_model": cpu_model(),
-      "cpu_count": os.cpu_count(),
-      "cpus_usable": affinity,
-      "machine": platform.machine(),
-      "system": f"{platform.system()} {platform.release()}",
-      "python": sys.version.split()[0],
-      "jax_backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "device_count": len(devices),
-      "load_average_at_start": None if load is None else [round(x, 2) for x in load],
+    "cpu_model": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "cpus_usable": affinity,
+    "machine": platform.machine(),
+    "system": f"{platform.system()} {platform.release()}",
+    "python": sys.version.split()[0],
+    "jax_backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "load_average_at_start": None if load is None else [round(x, 2) for x in load],
   }
 
 
@@ -112,8 +113,9 @@ def command_line() -> str:
   return " ".join(["python -m " + module] + sys.argv[1:])
 
 
-def time_fn(fn: Callable[[], Any], *, repeats: int, min_time: float = 0.0,
-            max_repeats: int | None = None) -> list[float]:
+def time_fn(
+  fn: Callable[[], Any], *, repeats: int, min_time: float = 0.0, max_repeats: int | None = None
+) -> list[float]:
   """Wall times of ``fn()`` (which must block until its result is ready).
 
   Runs at least ``repeats`` times, and more (up to ``max_repeats``) while the
@@ -121,7 +123,9 @@ def time_fn(fn: Callable[[], Any], *, repeats: int, min_time: float = 0.0,
   """
   times: list[float] = []
   total = 0.0
-  while len(times) < repeats or (total < min_time and (max_repeats is None or len(times) < max_repeats)):
+  while len(times) < repeats or (
+    total < min_time and (max_repeats is None or len(times) < max_repeats)
+  ):
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
@@ -142,8 +146,13 @@ def loglog_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, float] | Non
   lx = np.log([a for a, _ in pts])
   ly = np.log([b for _, b in pts])
   a, b = np.polyfit(lx, ly, 1)
-  return {"exponent": float(a), "prefactor": float(np.exp(b)), "points": len(pts),
-          "x_min": float(min(p[0] for p in pts)), "x_max": float(max(p[0] for p in pts))}
+  return {
+    "exponent": float(a),
+    "prefactor": float(np.exp(b)),
+    "points": len(pts),
+    "x_min": float(min(p[0] for p in pts)),
+    "x_max": float(max(p[0] for p in pts)),
+  }
 
 
 def tree_bytes(tree: Any) -> int:
@@ -165,6 +174,7 @@ def limit_blas_threads(n: int) -> list[dict[str, Any]]:
   """
   global _BLAS_LIMITER
   import scipy.linalg  # noqa: F401 - loads the OpenBLAS that jax's LAPACK calls use
+
   try:
     import threadpoolctl
   except ImportError:

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.datasets import load_digits
 
-from benchmarks import _common, results as bresults
+from benchmarks import _common
+from benchmarks import results as bresults
 from nysact_optax import _nystrom
 from nysact_optax._sketch import draw_sketch
 from tests._reference import dense_preconditioner, reference_preconditioner
@@ -52,31 +53,41 @@ def main(argv=None) -> None:
       c = np.zeros((p, args.rank))
       for t in range(args.updates):  # a new sketch at every update: "reference"
         a = np.concatenate([x[rng.choice(len(x), args.batch)], np.ones((args.batch, 1))], 1)
-        s = np.asarray(draw_sketch(jax.random.PRNGKey(1000 * seed + t), p, args.rank,
-                                   "gaussian").matrix, np.float64)
+        s = np.asarray(
+          draw_sketch(jax.random.PRNGKey(1000 * seed + t), p, args.rank, "gaussian").matrix,
+          np.float64,
+        )
         c = beta * c + (1 - beta) * (a.T @ (a @ s)) / args.batch
       c_hat = c / (1 - beta**args.updates)
       literal = reference_preconditioner(c_hat, s, rho, solve_with_l=True)
       transposed = reference_preconditioner(c_hat, s, rho, solve_with_l=False)
-      u, lam = _nystrom.nystrom_shifted(jnp.asarray(c_hat, jnp.float32),
-                                        jnp.asarray(s, jnp.float32), rho)
+      u, lam = _nystrom.nystrom_shifted(
+        jnp.asarray(c_hat, jnp.float32), jnp.asarray(s, jnp.float32), rho
+      )
       ours = dense_preconditioner(u, lam, rho)
-      rows.append({"damping": rho, "seed": seed,
-                   "library_vs_literal": _distance(ours, literal),
-                   "literal_with_LT_vs_literal": _distance(transposed, literal),
-                   "library_vs_literal_with_LT": _distance(ours, transposed)})
+      rows.append(
+        {
+          "damping": rho,
+          "seed": seed,
+          "library_vs_literal": _distance(ours, literal),
+          "literal_with_LT_vs_literal": _distance(transposed, literal),
+          "library_vs_literal_with_LT": _distance(ours, transposed),
+        }
+      )
   summary = {}
   for rho in args.damping:
     mine = [r for r in rows if r["damping"] == rho]
-    summary[str(rho)] = {k: [min(r[k] for r in mine), max(r[k] for r in mine)]
-                         for k in ("library_vs_literal", "literal_with_LT_vs_literal",
-                                   "library_vs_literal_with_LT")}
-    print(f"damping {rho}: " + "; ".join(
-        f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in summary[str(rho)].items()))
+    summary[str(rho)] = {
+      k: [min(r[k] for r in mine), max(r[k] for r in mine)]
+      for k in ("library_vs_literal", "literal_with_LT_vs_literal", "library_vs_literal_with_LT")
+    }
+    print(
+      f"damping {rho}: "
+      + "; ".join(f"{k} {lo:.3f}-{hi:.3f}" for k, (lo, hi) in summary[str(rho)].items())
+    )
   method = "relative Frobenius distance of dense P, float64 reference"
   results = {"rows": rows, "summary": summary}
-  rec = bresults.record("authors_literal", config=bresults.config_of(args, method),
-                        metrics=results)
+  rec = bresults.record("authors_literal", config=bresults.config_of(args, method), metrics=results)
   bresults.save(args.out, rec)
 
 

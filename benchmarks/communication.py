@@ -53,7 +53,7 @@ def all_reduce_bytes(hlo_text: str) -> list[tuple[int, str]]:
   for line in hlo_text.splitlines():
     if "=" not in line:
       continue
-    lhs, rhs = line.split("=", 1)
+    _, rhs = line.split("=", 1)
     op = re.search(r"\s(all-reduce(?:-start)?)\(", rhs)
     if op is None:
       continue
@@ -101,8 +101,8 @@ def _models():
       return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
 
   return {
-      "digits_cnn": (DigitsCNN(), (64, 8, 8, 1)),
-      "transformer_d256_depth2_tokens64": (Transformer(), (64, 64, 48)),
+    "digits_cnn": (DigitsCNN(), (64, 8, 8, 1)),
+    "transformer_d256_depth2_tokens64": (Transformer(), (64, 64, 48)),
   }
 
 
@@ -119,8 +119,9 @@ def measure(model, shape, *, rank, cov_update_every, devices):
   y = jnp.zeros((shape[0],), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), x)["params"]
   apply = nysact_optax.capture_activations(model.apply)
-  kwargs = dict(rank=rank, cov_update_every=cov_update_every,
-                inv_update_every=10 * cov_update_every)
+  kwargs = dict(
+    rank=rank, cov_update_every=cov_update_every, inv_update_every=10 * cov_update_every
+  )
 
   def step(tx, loss_axis, params, state, x, y):
     def loss_fn(p):
@@ -136,40 +137,49 @@ def measure(model, shape, *, rank, cov_update_every, devices):
   n_params = sum(a.size for a in jax.tree.leaves(params))
   analytic_stats = sum(4 * l.p * l.rank for l in layers)
   result = {
-      "parameters": int(n_params),
-      "preconditioned_layers": len(layers),
-      "analytic": {
-          "gradient_bytes_per_step": int(4 * n_params),
-          "statistics_bytes_per_statistics_step": int(analytic_stats),
-          "statistics_bytes_per_step_amortised": analytic_stats / cov_update_every,
-      },
+    "parameters": int(n_params),
+    "preconditioned_layers": len(layers),
+    "analytic": {
+      "gradient_bytes_per_step": int(4 * n_params),
+      "statistics_bytes_per_statistics_step": int(analytic_stats),
+      "statistics_bytes_per_step_amortised": analytic_stats / cov_update_every,
+    },
   }
 
   mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Explicit,))
   tx = nysact_optax.nysact(0.1, axis_name="data", **kwargs)
-  mapped = jax.jit(jax.shard_map(
-      lambda *a: step(tx, "data", *a), mesh=mesh,
-      in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())))
+  mapped = jax.jit(
+    jax.shard_map(
+      lambda *a: step(tx, "data", *a),
+      mesh=mesh,
+      in_specs=(P(), P(), P("data"), P("data")),
+      out_specs=(P(), P()),
+    )
+  )
   tx_plain = nysact_optax.nysact(0.1, **kwargs)
   with jax.set_mesh(mesh):
     rep = NamedSharding(mesh, P())
-    sharded_args = (jax.device_put(params, rep), jax.device_put(tx_plain.init(params), rep),
-                    jax.device_put(x, NamedSharding(mesh, P("data"))),
-                    jax.device_put(y, NamedSharding(mesh, P("data"))))
+    sharded_args = (
+      jax.device_put(params, rep),
+      jax.device_put(tx_plain.init(params), rep),
+      jax.device_put(x, NamedSharding(mesh, P("data"))),
+      jax.device_put(y, NamedSharding(mesh, P("data"))),
+    )
     compiled = {
-        "shard_map": mapped.lower(params, tx.init(params), x, y).compile(),
-        "jit": jax.jit(lambda *a: step(tx_plain, None, *a)).lower(*sharded_args).compile(),
+      "shard_map": mapped.lower(params, tx.init(params), x, y).compile(),
+      "jit": jax.jit(lambda *a: step(tx_plain, None, *a)).lower(*sharded_args).compile(),
     }
   for name, exe in compiled.items():
     ops = all_reduce_bytes(exe.as_text())
     stats = [b for b, op in ops if "nysact/statistics" in op]
     other = [b for b, op in ops if "nysact/statistics" not in op]
     result[f"hlo_{name}"] = {
-        "all_reduce_ops": len(ops),
-        "statistics_bytes_per_statistics_step": sum(stats),
-        "gradient_and_loss_bytes_per_step": sum(other),
-        "statistics_all_reduces_inside_lax_cond": all(
-            "cond" in op for b, op in ops if "nysact/statistics" in op),
+      "all_reduce_ops": len(ops),
+      "statistics_bytes_per_statistics_step": sum(stats),
+      "gradient_and_loss_bytes_per_step": sum(other),
+      "statistics_all_reduces_inside_lax_cond": all(
+        "cond" in op for b, op in ops if "nysact/statistics" in op
+      ),
     }
   return result
 
@@ -179,22 +189,27 @@ def main(argv=None):
   parser.add_argument("--rank", type=int, default=10)
   parser.add_argument("--cov-update-every", type=int, default=5)
   parser.add_argument("--devices", type=int, default=DEFAULT_DEVICES)
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "communication.json"))
+  parser.add_argument(
+    "--out", default=os.path.join(os.path.dirname(__file__), "results", "communication.json")
+  )
   args = parser.parse_args(argv)
   _set_devices(args.devices)
   from benchmarks import results as bresults  # imports jax: after _set_devices
+
   results = {"models": {}}
   for name, (model, shape) in _models().items():
-    r = measure(model, shape, rank=args.rank, cov_update_every=args.cov_update_every,
-                devices=args.devices)
+    r = measure(
+      model, shape, rank=args.rank, cov_update_every=args.cov_update_every, devices=args.devices
+    )
     r["input_shape"] = list(shape)
     results["models"][name] = r
     print(name, json.dumps(r, indent=1))
-  bresults.write(args.out, "communication",
-                 config={"devices": args.devices, "rank": args.rank,
-                         "cov_update_every": args.cov_update_every},
-                 metrics=results)
+  bresults.write(
+    args.out,
+    "communication",
+    config={"devices": args.devices, "rank": args.rank, "cov_update_every": args.cov_update_every},
+    metrics=results,
+  )
 
 
 if __name__ == "__main__":

@@ -44,20 +44,24 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common, results as bresults
-from nysact_optax import ConvSpec, LayerInputs
-from nysact_optax import _sketch, _statistics
+from benchmarks import _common
+from benchmarks import results as bresults
+from nysact_optax import ConvSpec, LayerInputs, _sketch, _statistics
 from tests import _reference
 
 
 def _spec(k: int) -> ConvSpec:
-  return ConvSpec(kernel_size=(k, k), strides=(1, 1), padding="SAME",
-                  input_dilation=(1, 1), kernel_dilation=(1, 1))
+  return ConvSpec(
+    kernel_size=(k, k),
+    strides=(1, 1),
+    padding="SAME",
+    input_dilation=(1, 1),
+    kernel_dilation=(1, 1),
+  )
 
 
 def patch_free(x, s, *, spec, has_bias):
-  return _statistics.sketched_covariance(
-      LayerInputs([x], spec), _sketch.Sketch(s), has_bias)
+  return _statistics.sketched_covariance(LayerInputs([x], spec), _sketch.Sketch(s), has_bias)
 
 
 def im2col(x, s, *, spec, has_bias):
@@ -74,7 +78,7 @@ def im2col_slices(x, s, *, spec, has_bias):
   h, w, c = x.shape[1:]
   lo, hi = (k - 1) // 2, k // 2
   xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-  cols = [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)]
+  cols = [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
   a = jnp.stack(cols, axis=3).reshape(-1, k * k * c)  # columns (kh, kw, c)
   if has_bias:
     a = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
@@ -85,24 +89,30 @@ def im2col_slices(x, s, *, spec, has_bias):
 def _memory(compiled) -> dict[str, int | None]:
   try:
     m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - backend without memory analysis
+  except Exception:
     m = None
   if m is None:
     return {"temp_bytes": None}
   return {
-      "temp_bytes": int(m.temp_size_in_bytes),
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "generated_code_bytes": int(m.generated_code_size_in_bytes),
   }
 
 
 def measure(method, x, s, *, spec, has_bias, repeats, once_above, in_cond=False):
   if in_cond:
+
     def f(pred, x, s):
       return jax.lax.cond(
-          pred, lambda x, s: method(x, s, spec=spec, has_bias=has_bias),
-          lambda x, s: jnp.zeros((s.shape[0], s.shape[1]), jnp.float32), x, s)
+        pred,
+        lambda x, s: method(x, s, spec=spec, has_bias=has_bias),
+        lambda x, s: jnp.zeros((s.shape[0], s.shape[1]), jnp.float32),
+        x,
+        s,
+      )
+
     args = (jnp.asarray(True), x, s)
   else:
     f = lambda x, s: method(x, s, spec=spec, has_bias=has_bias)
@@ -113,10 +123,18 @@ def measure(method, x, s, *, spec, has_bias, repeats, once_above, in_cond=False)
   out = []
   run = lambda: out.append(jax.block_until_ready(compiled(*args)))
   first = _common.time_fn(run, repeats=1)[0]
-  times = [first] if first > once_above else _common.time_fn(
-      run, repeats=repeats, min_time=0.3, max_repeats=30)
-  return {"min_s": min(times), "median_s": _common.median(times), "runs": len(times),
-          "compile_s": compile_s, **_memory(compiled)}, out[-1]
+  times = (
+    [first]
+    if first > once_above
+    else _common.time_fn(run, repeats=repeats, min_time=0.3, max_repeats=30)
+  )
+  return {
+    "min_s": min(times),
+    "median_s": _common.median(times),
+    "runs": len(times),
+    "compile_s": compile_s,
+    **_memory(compiled),
+  }, out[-1]
 
 
 def evaluate_targets(rows, kernel: int) -> list[dict[str, Any]]:
@@ -125,35 +143,53 @@ def evaluate_targets(rows, kernel: int) -> list[dict[str, Any]]:
   targets = []
   if big:
     worst = min(big, key=lambda r: r["speedup_vs_conv_patches"])
-    targets.append({
-        "target": (f"patch-free >= 5x faster than im2col (conv_patches then A^T (A S)) for "
-                   f"{kernel}x{kernel} conv with >= 64 channels (worst configuration)"),
-        "value": worst["speedup_vs_conv_patches"], "limit": 5.0,
+    targets.append(
+      {
+        "target": (
+          f"patch-free >= 5x faster than im2col (conv_patches then A^T (A S)) for "
+          f"{kernel}x{kernel} conv with >= 64 channels (worst configuration)"
+        ),
+        "value": worst["speedup_vs_conv_patches"],
+        "limit": 5.0,
         "pass": worst["speedup_vs_conv_patches"] >= 5.0,
         "worst_config": {"channels": worst["channels"], "size": worst["size"]},
-        "geometric_mean_speedup": float(np.exp(np.mean(
-            [np.log(r["speedup_vs_conv_patches"]) for r in big]))),
-    })
+        "geometric_mean_speedup": float(
+          np.exp(np.mean([np.log(r["speedup_vs_conv_patches"]) for r in big]))
+        ),
+      }
+    )
     worst = min(big, key=lambda r: r["speedup"])
-    targets.append({
-        "target": (f"same against the faster im2col (conv_patches or {kernel}x{kernel} "
-                   "shifted slices) (worst configuration)"),
-        "value": worst["speedup"], "limit": 5.0, "pass": worst["speedup"] >= 5.0,
+    targets.append(
+      {
+        "target": (
+          f"same against the faster im2col (conv_patches or {kernel}x{kernel} "
+          "shifted slices) (worst configuration)"
+        ),
+        "value": worst["speedup"],
+        "limit": 5.0,
+        "pass": worst["speedup"] >= 5.0,
         "worst_config": {"channels": worst["channels"], "size": worst["size"]},
         "geometric_mean_speedup": float(np.exp(np.mean([np.log(r["speedup"]) for r in big]))),
-    })
+      }
+    )
   big_cond = [r for r in big if "speedup_in_cond" in r]
   if big_cond:
     worst = min(big_cond, key=lambda r: r["speedup_in_cond"])
-    targets.append({
-        "target": ("same against the faster im2col, both inside lax.cond as the optimizer "
-                   "runs them (configurations up to --in-cond-max-elems)"),
-        "value": worst["speedup_in_cond"], "limit": 5.0,
+    targets.append(
+      {
+        "target": (
+          "same against the faster im2col, both inside lax.cond as the optimizer "
+          "runs them (configurations up to --in-cond-max-elems)"
+        ),
+        "value": worst["speedup_in_cond"],
+        "limit": 5.0,
         "pass": worst["speedup_in_cond"] >= 5.0,
         "worst_config": {"channels": worst["channels"], "size": worst["size"]},
-        "geometric_mean_speedup": float(np.exp(np.mean(
-            [np.log(r["speedup_in_cond"]) for r in big_cond]))),
-    })
+        "geometric_mean_speedup": float(
+          np.exp(np.mean([np.log(r["speedup_in_cond"]) for r in big_cond]))
+        ),
+      }
+    )
   return targets
 
 
@@ -167,10 +203,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--bias", action="store_true", help="append the bias column")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--once-above", type=float, default=3.0)
-  parser.add_argument("--in-cond-max-elems", type=int, default=16 * 32 * 32 * 64,
-                      help="also time inside lax.cond when batch*H*W*C <= this (0: never)")
-  parser.add_argument("--blas-threads", type=int, default=1,
-                      help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)")
+  parser.add_argument(
+    "--in-cond-max-elems",
+    type=int,
+    default=16 * 32 * 32 * 64,
+    help="also time inside lax.cond when batch*H*W*C <= this (0: never)",
+  )
+  parser.add_argument(
+    "--blas-threads",
+    type=int,
+    default=1,
+    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+  )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "conv_stats.json"))
   parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
@@ -188,78 +232,129 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = args.kernel**2 * c + int(args.bias)
     s = jax.random.normal(ks, (p, args.rank), jnp.float32) / np.sqrt(p)
     jax.block_until_ready((x, s))
-    pf, y_pf = measure(patch_free, x, s, spec=spec, has_bias=args.bias,
-                       repeats=args.repeats, once_above=args.once_above)
-    ic, y_ic = measure(im2col, x, s, spec=spec, has_bias=args.bias,
-                       repeats=args.repeats, once_above=args.once_above)
-    sl, y_sl = measure(im2col_slices, x, s, spec=spec, has_bias=args.bias,
-                       repeats=args.repeats, once_above=args.once_above)
+    pf, y_pf = measure(
+      patch_free,
+      x,
+      s,
+      spec=spec,
+      has_bias=args.bias,
+      repeats=args.repeats,
+      once_above=args.once_above,
+    )
+    ic, y_ic = measure(
+      im2col, x, s, spec=spec, has_bias=args.bias, repeats=args.repeats, once_above=args.once_above
+    )
+    sl, y_sl = measure(
+      im2col_slices,
+      x,
+      s,
+      spec=spec,
+      has_bias=args.bias,
+      repeats=args.repeats,
+      once_above=args.once_above,
+    )
     rel = float(jnp.linalg.norm(y_pf - y_ic) / jnp.linalg.norm(y_ic))
     rel_sl = float(jnp.linalg.norm(y_sl - y_ic) / jnp.linalg.norm(y_ic))
     best = min((ic, sl), key=lambda m: m["min_s"])
     del y_pf, y_ic, y_sl
     extra = {}
     if args.batch * h * h * c <= args.in_cond_max_elems:
-      for name, method in (("patch_free_in_cond", patch_free), ("im2col_in_cond", im2col),
-                           ("im2col_slices_in_cond", im2col_slices)):
-        extra[name], _ = measure(method, x, s, spec=spec, has_bias=args.bias,
-                                 repeats=args.repeats, once_above=args.once_above,
-                                 in_cond=True)
+      for name, method in (
+        ("patch_free_in_cond", patch_free),
+        ("im2col_in_cond", im2col),
+        ("im2col_slices_in_cond", im2col_slices),
+      ):
+        extra[name], _ = measure(
+          method,
+          x,
+          s,
+          spec=spec,
+          has_bias=args.bias,
+          repeats=args.repeats,
+          once_above=args.once_above,
+          in_cond=True,
+        )
       best_in_cond = min(extra["im2col_in_cond"]["min_s"], extra["im2col_slices_in_cond"]["min_s"])
       extra["speedup_in_cond"] = best_in_cond / extra["patch_free_in_cond"]["min_s"]
     del x
-    rows.append({
-        "channels": c, "size": h, "batch": args.batch, "p": p, "rows_n": args.batch * h * h,
-        "patch_free": pf, "im2col": ic, "im2col_slices": sl, **extra,
+    rows.append(
+      {
+        "channels": c,
+        "size": h,
+        "batch": args.batch,
+        "p": p,
+        "rows_n": args.batch * h * h,
+        "patch_free": pf,
+        "im2col": ic,
+        "im2col_slices": sl,
+        **extra,
         "speedup": best["min_s"] / pf["min_s"],
         "speedup_vs_conv_patches": ic["min_s"] / pf["min_s"],
-        "temp_ratio": (best["temp_bytes"] / pf["temp_bytes"]
-                       if best.get("temp_bytes") and pf.get("temp_bytes") else None),
+        "temp_ratio": (
+          best["temp_bytes"] / pf["temp_bytes"]
+          if best.get("temp_bytes") and pf.get("temp_bytes")
+          else None
+        ),
         "patch_matrix_bytes": 4 * args.batch * h * h * args.kernel**2 * c,
         "relative_difference": rel,
         "relative_difference_slices": rel_sl,
-    })
+      }
+    )
 
   targets = evaluate_targets(rows, args.kernel)
-  method = ("best-of-N wall time of AOT-compiled jitted functions (compile "
-             "excluded); memory = compiled.memory_analysis().temp_size_in_bytes")
+  method = (
+    "best-of-N wall time of AOT-compiled jitted functions (compile "
+    "excluded); memory = compiled.memory_analysis().temp_size_in_bytes"
+  )
   results = {
-      "rows": rows,
-      "targets": targets,
-      "wall_s": time.perf_counter() - t_start,
-      "load_average_at_end": _common.load_average(),
+    "rows": rows,
+    "targets": targets,
+    "wall_s": time.perf_counter() - t_start,
+    "load_average_at_end": _common.load_average(),
   }
-  rec = bresults.record("conv_stats", config=bresults.config_of(args, method), metrics=results,
-                        blas=blas)
+  rec = bresults.record(
+    "conv_stats", config=bresults.config_of(args, method), metrics=results, blas=blas
+  )
   bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   print("times in ms (best of runs), XLA temp memory in MiB; speedup = faster im2col / patch-free")
-  print(f"{'C':>5}{'HxW':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
-        f"{'MiB patches':>12}{'slices':>8}{'free':>7}{'rel.diff':>10}")
+  print(
+    f"{'C':>5}{'HxW':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
+    f"{'MiB patches':>12}{'slices':>8}{'free':>7}{'rel.diff':>10}"
+  )
   for r in rows:
     mb = lambda b: b / 2**20 if b is not None else float("nan")
-    print(f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}{r['p']:>6}"
-          f"{1e3 * r['im2col']['min_s']:9.2f}{1e3 * r['im2col_slices']['min_s']:9.2f}"
-          f"{1e3 * r['patch_free']['min_s']:8.2f}{r['speedup']:9.2f}"
-          f"{mb(r['im2col']['temp_bytes']):12.1f}{mb(r['im2col_slices']['temp_bytes']):8.1f}"
-          f"{mb(r['patch_free']['temp_bytes']):7.1f}{r['relative_difference']:10.1e}")
+    print(
+      f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}{r['p']:>6}"
+      f"{1e3 * r['im2col']['min_s']:9.2f}{1e3 * r['im2col_slices']['min_s']:9.2f}"
+      f"{1e3 * r['patch_free']['min_s']:8.2f}{r['speedup']:9.2f}"
+      f"{mb(r['im2col']['temp_bytes']):12.1f}{mb(r['im2col_slices']['temp_bytes']):8.1f}"
+      f"{mb(r['patch_free']['temp_bytes']):7.1f}{r['relative_difference']:10.1e}"
+    )
   cond_rows = [r for r in rows if "patch_free_in_cond" in r]
   if cond_rows:
     print("\ninside lax.cond (as the optimizer runs it):")
-    print(f"{'C':>5}{'HxW':>7}{'patches':>9}{'slices':>9}{'free':>9}{'speedup':>9}"
-          f"{'free top-level':>16}")
+    print(
+      f"{'C':>5}{'HxW':>7}{'patches':>9}{'slices':>9}{'free':>9}{'speedup':>9}"
+      f"{'free top-level':>16}"
+    )
     for r in cond_rows:
-      print(f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}"
-            f"{1e3 * r['im2col_in_cond']['min_s']:9.2f}{1e3 * r['im2col_slices_in_cond']['min_s']:9.2f}"
-            f"{1e3 * r['patch_free_in_cond']['min_s']:9.2f}"
-            f"{r['speedup_in_cond']:9.2f}{1e3 * r['patch_free']['min_s']:16.2f}")
+      print(
+        f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}"
+        f"{1e3 * r['im2col_in_cond']['min_s']:9.2f}{1e3 * r['im2col_slices_in_cond']['min_s']:9.2f}"
+        f"{1e3 * r['patch_free_in_cond']['min_s']:9.2f}"
+        f"{r['speedup_in_cond']:9.2f}{1e3 * r['patch_free']['min_s']:16.2f}"
+      )
   for t in targets:
-    print(("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {t['value']:.2f}x "
-          f"(geometric mean {t['geometric_mean_speedup']:.2f}x)")
+    print(
+      ("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {t['value']:.2f}x "
+      f"(geometric mean {t['geometric_mean_speedup']:.2f}x)"
+    )
   return rec
 
 
 def plot(results: dict[str, Any], path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -269,15 +364,34 @@ def plot(results: dict[str, Any], path) -> None:
   for h in sizes:
     sub = sorted((r for r in rows if r["size"] == h), key=lambda r: r["channels"])
     cs = [r["channels"] for r in sub]
-    axes[0].loglog(cs, [min(r["im2col"]["min_s"], r["im2col_slices"]["min_s"]) for r in sub],
-                   "--o", ms=4, base=2, label=f"im2col (faster) {h}x{h}")
-    axes[0].loglog(cs, [r["patch_free"]["min_s"] for r in sub], "-s", ms=4, base=2,
-                   label=f"patch-free {h}x{h}")
+    axes[0].loglog(
+      cs,
+      [min(r["im2col"]["min_s"], r["im2col_slices"]["min_s"]) for r in sub],
+      "--o",
+      ms=4,
+      base=2,
+      label=f"im2col (faster) {h}x{h}",
+    )
+    axes[0].loglog(
+      cs, [r["patch_free"]["min_s"] for r in sub], "-s", ms=4, base=2, label=f"patch-free {h}x{h}"
+    )
     axes[1].semilogx(cs, [r["speedup"] for r in sub], "-o", base=2, label=f"{h}x{h}")
-    axes[2].loglog(cs, [(r["im2col_slices"]["temp_bytes"] or np.nan) / 2**20 for r in sub], "--o",
-                   ms=4, base=2, label=f"im2col {h}x{h}")
-    axes[2].loglog(cs, [(r["patch_free"]["temp_bytes"] or np.nan) / 2**20 for r in sub], "-s",
-                   ms=4, base=2, label=f"patch-free {h}x{h}")
+    axes[2].loglog(
+      cs,
+      [(r["im2col_slices"]["temp_bytes"] or np.nan) / 2**20 for r in sub],
+      "--o",
+      ms=4,
+      base=2,
+      label=f"im2col {h}x{h}",
+    )
+    axes[2].loglog(
+      cs,
+      [(r["patch_free"]["temp_bytes"] or np.nan) / 2**20 for r in sub],
+      "-s",
+      ms=4,
+      base=2,
+      label=f"patch-free {h}x{h}",
+    )
   axes[0].set_title("time (best of runs)")
   axes[0].set_ylabel("seconds")
   axes[1].axhline(5.0, color="g", ls="--", lw=0.8, label="target 5x")
@@ -289,9 +403,12 @@ def plot(results: dict[str, Any], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
   s, m = results["config"], results["machine"]
-  fig.suptitle(f"{s['kernel']}x{s['kernel']} conv statistics, batch {s['batch']}, rank "
-               f"{s['rank']}; {m['cpu_model']} ({m['cpus_usable']} cpus), jax "
-               f"{results['versions']['jax']}", fontsize=9)
+  fig.suptitle(
+    f"{s['kernel']}x{s['kernel']} conv statistics, batch {s['batch']}, rank "
+    f"{s['rank']}; {m['cpu_model']} ({m['cpus_usable']} cpus), jax "
+    f"{results['versions']['jax']}",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

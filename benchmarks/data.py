@@ -28,34 +28,39 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 __all__ = [
-    "BIBLE_INSTALL",
-    "CharDataset",
-    "DEFAULT_VALIDATION_BOOKS",
-    "DatasetMissingError",
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_DIR",
-    "FASHION_MNIST_INSTALL",
-    "bible_books",
-    "bible_text",
-    "char_lm_batches",
-    "classification_batches",
-    "load_digits",
-    "load_fashion_mnist",
-    "load_kjv_chars",
-    "read_idx",
+  "BIBLE_INSTALL",
+  "DEFAULT_VALIDATION_BOOKS",
+  "FASHION_MNIST_CLASSES",
+  "FASHION_MNIST_DIR",
+  "FASHION_MNIST_INSTALL",
+  "CharDataset",
+  "DatasetMissingError",
+  "bible_books",
+  "bible_text",
+  "char_lm_batches",
+  "classification_batches",
+  "load_digits",
+  "load_fashion_mnist",
+  "load_kjv_chars",
+  "read_idx",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = (
-    "apt-get update && apt-get install -y --no-install-recommends "
-    "dataset-fashion-mnist"
+  "apt-get update && apt-get install -y --no-install-recommends dataset-fashion-mnist"
 )
-BIBLE_INSTALL = (
-    "apt-get update && apt-get install -y --no-install-recommends bible-kjv"
-)
+BIBLE_INSTALL = "apt-get update && apt-get install -y --no-install-recommends bible-kjv"
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
 )
 # Held-out books for the character LM: one from each part of the canon
 # (history, wisdom, prophets, gospels, epistles); about 9% of the characters.
@@ -81,8 +86,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   with opener(path, "rb") as f:
     data = f.read()
   zero, code, ndim = struct.unpack_from(">HBB", data, 0)
-  dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4",
-            0x0D: ">f4", 0x0E: ">f8"}
+  dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
   if zero != 0 or code not in dtypes:
     raise ValueError(f"{path}: not an IDX file (header {zero:#x}, {code:#x})")
   shape = struct.unpack_from(f">{ndim}I", data, 4)
@@ -101,8 +105,8 @@ def _fashion_mnist_raw(split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
   for path in (images, labels):
     if not os.path.exists(path):
       raise DatasetMissingError(
-          f"Fashion-MNIST file {path} not found. Install the Debian package "
-          f"with: {FASHION_MNIST_INSTALL}"
+        f"Fashion-MNIST file {path} not found. Install the Debian package "
+        f"with: {FASHION_MNIST_INSTALL}"
       )
   x, y = read_idx(images), read_idx(labels)
   x.setflags(write=False)
@@ -111,11 +115,11 @@ def _fashion_mnist_raw(split: str, root: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_fashion_mnist(
-    split: str = "train",
-    *,
-    root: str | None = None,
-    normalize: bool = True,
-    limit: int | None = None,
+  split: str = "train",
+  *,
+  root: str | None = None,
+  normalize: bool = True,
+  limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Fashion-MNIST images and labels.
 
@@ -165,12 +169,9 @@ def bible_text() -> str:
   exe = shutil.which("bible")
   if exe is None:
     raise DatasetMissingError(
-        "the `bible` command was not found. Install the King James Bible "
-        f"with: {BIBLE_INSTALL}"
+      f"the `bible` command was not found. Install the King James Bible with: {BIBLE_INSTALL}"
     )
-  out = subprocess.run(
-      [exe, "gen1:1-rev22:21"], capture_output=True, check=True
-  ).stdout
+  out = subprocess.run([exe, "gen1:1-rev22:21"], capture_output=True, check=True).stdout
   return out.decode("ascii")
 
 
@@ -193,8 +194,13 @@ def bible_books(text: str | None = None) -> list[tuple[str, str]]:
   seen = set()
   for i, line in enumerate(lines):
     m = _HEADING.fullmatch(line)
-    if (m and (i == 0 or lines[i - 1] == "") and i + 1 < len(lines)
-        and lines[i + 1] == "" and m.group(1) not in seen):
+    if (
+      m
+      and (i == 0 or lines[i - 1] == "")
+      and i + 1 < len(lines)
+      and lines[i + 1] == ""
+      and m.group(1) not in seen
+    ):
       seen.add(m.group(1))
       # The book includes the blank line before its first heading.
       starts.append((m.group(1), max(offset - 1, 0) if i else 0))
@@ -239,7 +245,7 @@ class CharDataset:
 
 
 def load_kjv_chars(
-    validation_books: Sequence[str] = DEFAULT_VALIDATION_BOOKS,
+  validation_books: Sequence[str] = DEFAULT_VALIDATION_BOOKS,
 ) -> CharDataset:
   """The King James Bible as a character-level language-modelling dataset.
 
@@ -273,11 +279,11 @@ def load_kjv_chars(
   train = [t for n, t in books if n not in held]
   valid = [t for n, t in books if n in held]
   return CharDataset(
-      train=ids(train),
-      validation=ids(valid),
-      vocab=vocab,
-      train_books=tuple(n for n in names if n not in held),
-      validation_books=tuple(n for n in names if n in held),
+    train=ids(train),
+    validation=ids(valid),
+    vocab=vocab,
+    train_books=tuple(n for n in names if n not in held),
+    validation_books=tuple(n for n in names if n in held),
   )
 
 
@@ -287,7 +293,7 @@ def load_kjv_chars(
 
 
 def load_digits(
-    *, test_fraction: float = 0.2, seed: int = 0, image: bool = False
+  *, test_fraction: float = 0.2, seed: int = 0, image: bool = False
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """The UCI 8x8 handwritten digits (1797 examples), split train/test.
 
@@ -308,7 +314,7 @@ def load_digits(
   if image:
     x = x.reshape(-1, 8, 8, 1)
   x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
-      x, y, test_size=test_fraction, random_state=seed, stratify=y
+    x, y, test_size=test_fraction, random_state=seed, stratify=y
   )
   return (x_tr, y_tr), (x_te, y_te)
 
@@ -319,8 +325,12 @@ def load_digits(
 
 
 def classification_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int = 0,
-    epochs: int | None = None,
+  x: np.ndarray,
+  y: np.ndarray,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  epochs: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled ``(x, y)`` batches of exactly ``batch_size``, epoch after epoch.
 
@@ -340,7 +350,7 @@ def classification_batches(
 
 
 def char_lm_batches(
-    ids: np.ndarray, batch_size: int, context: int, *, seed: int = 0
+  ids: np.ndarray, batch_size: int, context: int, *, seed: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Random windows of a token stream: ``(inputs, targets)`` int32 of shape
   ``(batch_size, context)``, targets shifted by one. Infinite."""

@@ -101,8 +101,10 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
     y = nn.LayerNorm()(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, qkv_features=self.width, use_bias=True,
-        deterministic=True,
+      num_heads=self.num_heads,
+      qkv_features=self.width,
+      use_bias=True,
+      deterministic=True,
     )(y, mask=mask)
     x = x + y
     y = nn.LayerNorm()(x)
@@ -165,8 +167,7 @@ class ViT(nn.Module):
     x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, (h // p) * (w // p), p * p * c)
     x = nn.Dense(self.width, name="patch_embed")(x)
-    pos = self.param("position_embed", nn.initializers.normal(0.02),
-                     (x.shape[1], self.width))
+    pos = self.param("position_embed", nn.initializers.normal(0.02), (x.shape[1], self.width))
     x = x + pos[None]
     for _ in range(self.depth):
       x = TransformerBlock(self.width, self.num_heads)(x, None)

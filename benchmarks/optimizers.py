@@ -57,8 +57,14 @@ COV_PERIOD = 5
 INVERSE_PERIOD = 50
 
 # Quality runs: defaults per family (a RunConfig may override each).
-QUALITY_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 1e-2, "kfac": 5e-4, "nysact": 5e-4,
-                        "muon": 1e-2, "graft-identity": 1e-2}
+QUALITY_WEIGHT_DECAY = {
+  "sgd": 5e-4,
+  "adamw": 1e-2,
+  "kfac": 5e-4,
+  "nysact": 5e-4,
+  "muon": 1e-2,
+  "graft-identity": 1e-2,
+}
 # K-FAC's fixed damping: 1e-3 (kfac-jax's usual start for adaptive damping)
 # collapses to chance at the first inverse refresh with a fixed damping; 0.1
 # trained on digits (the suite also tries 0.01 and 1.0 at the tuned lr).
@@ -72,11 +78,17 @@ def _rms() -> optax.GradientTransformation:
   return optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
 
 
-def optax_optimizer(family: str, learning_rate: optax.ScalarOrSchedule, *,
-                    momentum: float = 0.9, weight_decay: float | None = None,
-                    damping: float | None = None, seed: int | None = None,
-                    nysact: Mapping[str, Any] | None = None,
-                    adam_ratio: float | None = None) -> optax.GradientTransformation:
+def optax_optimizer(
+  family: str,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.9,
+  weight_decay: float | None = None,
+  damping: float | None = None,
+  seed: int | None = None,
+  nysact: Mapping[str, Any] | None = None,
+  adam_ratio: float | None = None,
+) -> optax.GradientTransformation:
   """An optax optimizer of ``family`` (all but ``kfac``).
 
   ``weight_decay``/``damping``/``seed`` ``None``: not passed (the family's own
@@ -100,32 +112,39 @@ def optax_optimizer(family: str, learning_rate: optax.ScalarOrSchedule, *,
     ratio = MUON_ADAM_RATIO if adam_ratio is None else adam_ratio
     adam_lr = (lambda t: ratio * lr(t)) if callable(lr) else ratio * lr
     wd = 0.0 if wd is None else wd
-    return optax.contrib.muon(lr, adam_learning_rate=adam_lr, weight_decay=wd,
-                              adam_weight_decay=wd)
+    return optax.contrib.muon(lr, adam_learning_rate=adam_lr, weight_decay=wd, adam_weight_decay=wd)
   kw = dict(nysact or {})
   if family == "nysact":
-    extra = {k: v for k, v in (("weight_decay", wd), ("damping", damping), ("seed", seed))
-             if v is not None}
+    extra = {
+      k: v for k, v in (("weight_decay", wd), ("damping", damping), ("seed", seed)) if v is not None
+    }
     if kw.pop("graft_group", "layer") == "leaf":  # the grouping ablation
       direction = nysact_optax.scale_by_nysact(
-          **{k: v for k, v in extra.items() if k != "weight_decay"},
-          **{k: v for k, v in kw.items() if k != "graft"})
+        **{k: v for k, v in extra.items() if k != "weight_decay"},
+        **{k: v for k, v in kw.items() if k != "graft"},
+      )
       return optax.chain(
-          nysact_optax.graft(direction, _rms(), mask=nysact_optax.preconditioned_mask(direction),
-                             group="leaf"),
-          optax.ema(momentum, debias=True), optax.add_decayed_weights(wd or 0.0),
-          optax.scale_by_learning_rate(lr))
+        nysact_optax.graft(
+          direction, _rms(), mask=nysact_optax.preconditioned_mask(direction), group="leaf"
+        ),
+        optax.ema(momentum, debias=True),
+        optax.add_decayed_weights(wd or 0.0),
+        optax.scale_by_learning_rate(lr),
+      )
     return nysact_optax.nysact(lr, momentum=momentum, **extra, **kw)
   if family == "graft-identity":
     # NysAct's grafted mode with the identity for its direction: the same
     # groups (NysAct's layers; the rest get RMSProp's step), momentum and
     # decay, no preconditioner.
-    mask = nysact_optax.preconditioned_mask(nysact_optax.scale_by_nysact(**{
-        k: v for k, v in kw.items() if k in ("exclude", "include")}))
-    return optax.chain(nysact_optax.graft(optax.identity(), _rms(), mask=mask),
-                       optax.ema(momentum, debias=True),
-                       optax.add_decayed_weights(wd or 0.0),
-                       optax.scale_by_learning_rate(lr))
+    mask = nysact_optax.preconditioned_mask(
+      nysact_optax.scale_by_nysact(**{k: v for k, v in kw.items() if k in ("exclude", "include")})
+    )
+    return optax.chain(
+      nysact_optax.graft(optax.identity(), _rms(), mask=mask),
+      optax.ema(momentum, debias=True),
+      optax.add_decayed_weights(wd or 0.0),
+      optax.scale_by_learning_rate(lr),
+    )
   raise ValueError(f"{family!r} is not an optax family; choose from {FAMILIES[:-1]}")
 
 
@@ -145,15 +164,19 @@ def dense_general_kfac_block():
   base = kfac_jax.curvature_blocks.RepeatedDenseKroneckerFactored
 
   class DenseGeneralKroneckerFactored(base):
-
-    def __init__(self, layer_tag_eq, use_masking: bool = True,
-                 parameters_specs=None, parameters_concat_axis: int = 0):
+    def __init__(
+      self,
+      layer_tag_eq,
+      use_masking: bool = True,
+      parameters_specs=None,
+      parameters_concat_axis: int = 0,
+    ):
       self._layer_tag_eq = layer_tag_eq
       kernel = tuple(self.parameters_shapes[0])
       x_shape = tuple(self.inputs_shapes[0])
       n_in = next(
-          (n for n in range(1, len(kernel)) if x_shape[len(x_shape) - n:] == kernel[:n]),
-          len(kernel) - 1,
+        (n for n in range(1, len(kernel)) if x_shape[len(x_shape) - n :] == kernel[:n]),
+        len(kernel) - 1,
       )
       self._n_in = n_in
       letters = "abcdefgh"[: len(kernel)]
@@ -161,12 +184,16 @@ def dense_general_kfac_block():
       if len(self.parameters_shapes) == 2:
         b = letters[: len(kernel) - n_in]
         specs.append(f"{b} -> 1({b})")
-      super().__init__(layer_tag_eq, use_masking=use_masking,
-                       parameters_specs=specs,
-                       parameters_concat_axis=parameters_concat_axis)
+      super().__init__(
+        layer_tag_eq,
+        use_masking=use_masking,
+        parameters_specs=specs,
+        parameters_concat_axis=parameters_concat_axis,
+      )
 
-    def update_curvature_matrix_estimate(self, state, estimation_data, ema_old,
-                                         ema_new, identity_weight, batch_size):
+    def update_curvature_matrix_estimate(
+      self, state, estimation_data, ema_old, ema_new, identity_weight, batch_size
+    ):
       del identity_weight
       state = state.copy()
       [x] = estimation_data.primals.inputs
@@ -196,9 +223,16 @@ def dense_general_kfac_block():
   return DenseGeneralKroneckerFactored
 
 
-def kfac_optimizer(value_and_grad_func: Callable, *, has_state: bool, cov_every: int,
-                   inv_every: int, l2_reg: float = 0.0, norm_constraint: float | None = None,
-                   dense_general_fix: bool = True):
+def kfac_optimizer(
+  value_and_grad_func: Callable,
+  *,
+  has_state: bool,
+  cov_every: int,
+  inv_every: int,
+  l2_reg: float = 0.0,
+  norm_constraint: float | None = None,
+  dense_general_fix: bool = True,
+):
   """``kfac_jax.Optimizer`` with fixed hyperparameters passed to each
   ``step`` (no adaptive lr, momentum or damping), no burn-in, one device."""
   import kfac_jax
@@ -209,14 +243,14 @@ def kfac_optimizer(value_and_grad_func: Callable, *, has_state: bool, cov_every:
   if norm_constraint is not None:
     extra["norm_constraint"] = norm_constraint
   return kfac_jax.Optimizer(
-      value_and_grad_func=value_and_grad_func,
-      l2_reg=l2_reg,
-      value_func_has_state=has_state,
-      curvature_update_period=cov_every,
-      inverse_update_period=inv_every,
-      num_burnin_steps=0,
-      multi_device=False,
-      **extra,
+    value_and_grad_func=value_and_grad_func,
+    l2_reg=l2_reg,
+    value_func_has_state=has_state,
+    curvature_update_period=cov_every,
+    inverse_update_period=inv_every,
+    num_burnin_steps=0,
+    multi_device=False,
+    **extra,
   )
 
 
@@ -258,33 +292,62 @@ def _nys(rank: int, sketch: str | None = None, **more: Any) -> tuple[tuple[str, 
 
 
 STEP_TIME: dict[str, StepTimeLabel] = {
-    "sgd": StepTimeLabel("sgd", "optax.sgd(0.05, momentum=0.9)"),
-    "adamw": StepTimeLabel("adamw", "optax.adamw(1e-3, weight_decay=1e-4)", learning_rate=1e-3,
-                           weight_decay=1e-4),
-    "kfac_5_50": StepTimeLabel(
-        "kfac", "kfac_jax.Optimizer, curvature every 5, inverses every 50 steps",
-        kfac_periods=(COV_PERIOD, INVERSE_PERIOD)),
-    "kfac_default": StepTimeLabel(
-        "kfac", "kfac_jax.Optimizer at its defaults: curvature every step, inverses every 5",
-        kfac_periods=(1, 5)),
-    "nysact_g10": StepTimeLabel("nysact", "nysact(0.05, rank=10, sketch='gaussian'), T_cov=5, "
-                                "T_inv=50", nysact=_nys(10, "gaussian")),
-    "nysact_g50": StepTimeLabel("nysact", "nysact(0.05, rank=50, sketch='gaussian')",
-                                nysact=_nys(50, "gaussian")),
-    "nysact_s10": StepTimeLabel("nysact", "nysact(0.05, rank=10, sketch='subcolumns')",
-                                nysact=_nys(10, "subcolumns")),
-    "nysact_s50": StepTimeLabel("nysact", "nysact(0.05, rank=50, sketch='subcolumns')",
-                                nysact=_nys(50, "subcolumns")),
-    "foof": StepTimeLabel("nysact", "nysact(0.05, rank=10**9): exact mode (FOOF), eigh of "
-                          "every p x p covariance", nysact=_nys(10**9)),
-    "nysact_g10_fixed": StepTimeLabel("nysact", "nysact(0.05, rank=10, sketch_refresh='fixed')",
-                                      nysact=_nys(10, "gaussian", sketch_refresh="fixed")),
-    "nysact_g10_stable": StepTimeLabel("nysact", "nysact(0.05, rank=10, nystrom='stable')",
-                                       nysact=_nys(10, "gaussian", nystrom="stable")),
+  "sgd": StepTimeLabel("sgd", "optax.sgd(0.05, momentum=0.9)"),
+  "adamw": StepTimeLabel(
+    "adamw", "optax.adamw(1e-3, weight_decay=1e-4)", learning_rate=1e-3, weight_decay=1e-4
+  ),
+  "kfac_5_50": StepTimeLabel(
+    "kfac",
+    "kfac_jax.Optimizer, curvature every 5, inverses every 50 steps",
+    kfac_periods=(COV_PERIOD, INVERSE_PERIOD),
+  ),
+  "kfac_default": StepTimeLabel(
+    "kfac",
+    "kfac_jax.Optimizer at its defaults: curvature every step, inverses every 5",
+    kfac_periods=(1, 5),
+  ),
+  "nysact_g10": StepTimeLabel(
+    "nysact",
+    "nysact(0.05, rank=10, sketch='gaussian'), T_cov=5, T_inv=50",
+    nysact=_nys(10, "gaussian"),
+  ),
+  "nysact_g50": StepTimeLabel(
+    "nysact", "nysact(0.05, rank=50, sketch='gaussian')", nysact=_nys(50, "gaussian")
+  ),
+  "nysact_s10": StepTimeLabel(
+    "nysact", "nysact(0.05, rank=10, sketch='subcolumns')", nysact=_nys(10, "subcolumns")
+  ),
+  "nysact_s50": StepTimeLabel(
+    "nysact", "nysact(0.05, rank=50, sketch='subcolumns')", nysact=_nys(50, "subcolumns")
+  ),
+  "foof": StepTimeLabel(
+    "nysact",
+    "nysact(0.05, rank=10**9): exact mode (FOOF), eigh of every p x p covariance",
+    nysact=_nys(10**9),
+  ),
+  "nysact_g10_fixed": StepTimeLabel(
+    "nysact",
+    "nysact(0.05, rank=10, sketch_refresh='fixed')",
+    nysact=_nys(10, "gaussian", sketch_refresh="fixed"),
+  ),
+  "nysact_g10_stable": StepTimeLabel(
+    "nysact",
+    "nysact(0.05, rank=10, nystrom='stable')",
+    nysact=_nys(10, "gaussian", nystrom="stable"),
+  ),
 }
 # The step-time benchmark's default selection.
-STEP_TIME_DEFAULT = ("sgd", "adamw", "kfac_5_50", "kfac_default", "nysact_g10", "nysact_g50",
-                     "nysact_s10", "nysact_s50", "foof")
+STEP_TIME_DEFAULT = (
+  "sgd",
+  "adamw",
+  "kfac_5_50",
+  "kfac_default",
+  "nysact_g10",
+  "nysact_g50",
+  "nysact_s10",
+  "nysact_s50",
+  "foof",
+)
 
 
 def step_time_optax(label: str) -> optax.GradientTransformation:
@@ -292,64 +355,86 @@ def step_time_optax(label: str) -> optax.GradientTransformation:
   spec = STEP_TIME[label]
   if spec.family == "kfac":
     raise ValueError(f"{label!r} is K-FAC: use step_time_kfac")
-  return optax_optimizer(spec.family, spec.learning_rate, momentum=0.9,
-                         weight_decay=spec.weight_decay, nysact=dict(spec.nysact))
+  return optax_optimizer(
+    spec.family,
+    spec.learning_rate,
+    momentum=0.9,
+    weight_decay=spec.weight_decay,
+    nysact=dict(spec.nysact),
+  )
 
 
 def step_time_kfac(label: str, value_and_grad_func: Callable, *, has_state: bool):
   """The ``kfac_jax.Optimizer`` of a step-time K-FAC label (its fixed lr,
   momentum and damping: ``STEP_TIME[label].kfac_hyper``)."""
   cov, inv = STEP_TIME[label].kfac_periods
-  return kfac_optimizer(value_and_grad_func, has_state=has_state, cov_every=cov,
-                        inv_every=inv)
+  return kfac_optimizer(value_and_grad_func, has_state=has_state, cov_every=cov, inv_every=inv)
 
 
 # Quality labels: (family, overrides of the run's config).
 QUALITY: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("sgd", {}),
-    "adamw": ("adamw", {}),
-    "kfac": ("kfac", {}),
-    # The library's defaults (nystrom="stable", sketch_refresh="fixed").
-    "nysact": ("nysact", {}),
-    # The defaults while the study ran, before the last ablation result.
-    "nysact-reference": ("nysact", {"nysact": (("sketch_refresh", "reference"),)}),
-    # The paper's method, the defaults before the ablations: their base.
-    "nysact-shifted": ("nysact", {"nysact": (("nystrom", "shifted"),
-                                            ("sketch_refresh", "reference"))}),
-    "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
-    # Issue 13. Muon: optax.contrib.muon, Adam at 0.05 x its lr on the
-    # non-matrix parameters (the issue's tuned 0.05 / 2.5e-3), decoupled
-    # weight decay 1e-2 on both.
-    "muon": ("muon", {}),
-    # NysAct's direction grafted onto the layer-wise RMSProp norm, debiased
-    # EMA momentum, decoupled weight decay 1e-2 (as AdamW's).
-    "nysact-graft": ("nysact", {"nysact": (("graft", "rmsprop"),), "weight_decay": 1e-2}),
-    # The same with one graft group per leaf (kernel, bias) instead of per layer.
-    "nysact-graft-leaf": ("nysact", {"nysact": (("graft", "rmsprop"), ("graft_group", "leaf")),
-                                     "weight_decay": 1e-2}),
-    # The grafted mode with the damping relative to each layer's scale
-    # (damping x tr(C)/p, the scale_by_nysact option of issue 13's item 3).
-    "nysact-graft-reldamp": ("nysact", {"nysact": (("graft", "rmsprop"),
-                                                   ("relative_damping", True)),
-                                        "weight_decay": 1e-2}),
-    # The control: the same graft with an identity direction.
-    "graft-identity": ("graft-identity", {}),
+  "sgd": ("sgd", {}),
+  "adamw": ("adamw", {}),
+  "kfac": ("kfac", {}),
+  # The library's defaults (nystrom="stable", sketch_refresh="fixed").
+  "nysact": ("nysact", {}),
+  # The defaults while the study ran, before the last ablation result.
+  "nysact-reference": ("nysact", {"nysact": (("sketch_refresh", "reference"),)}),
+  # The paper's method, the defaults before the ablations: their base.
+  "nysact-shifted": (
+    "nysact",
+    {"nysact": (("nystrom", "shifted"), ("sketch_refresh", "reference"))},
+  ),
+  "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
+  # Issue 13. Muon: optax.contrib.muon, Adam at 0.05 x its lr on the
+  # non-matrix parameters (the issue's tuned 0.05 / 2.5e-3), decoupled
+  # weight decay 1e-2 on both.
+  "muon": ("muon", {}),
+  # NysAct's direction grafted onto the layer-wise RMSProp norm, debiased
+  # EMA momentum, decoupled weight decay 1e-2 (as AdamW's).
+  "nysact-graft": ("nysact", {"nysact": (("graft", "rmsprop"),), "weight_decay": 1e-2}),
+  # The same with one graft group per leaf (kernel, bias) instead of per layer.
+  "nysact-graft-leaf": (
+    "nysact",
+    {"nysact": (("graft", "rmsprop"), ("graft_group", "leaf")), "weight_decay": 1e-2},
+  ),
+  # The grafted mode with the damping relative to each layer's scale
+  # (damping x tr(C)/p, the scale_by_nysact option of issue 13's item 3).
+  "nysact-graft-reldamp": (
+    "nysact",
+    {"nysact": (("graft", "rmsprop"), ("relative_damping", True)), "weight_decay": 1e-2},
+  ),
+  # The control: the same graft with an identity direction.
+  "graft-identity": ("graft-identity", {}),
 }
 
 
-def quality_optax(family: str, learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9,
-                  weight_decay: float | None = None, damping: float | None = None,
-                  seed: int = 0, nysact: Mapping[str, Any] | None = None,
-                  adam_ratio: float | None = None) -> optax.GradientTransformation:
+def quality_optax(
+  family: str,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.9,
+  weight_decay: float | None = None,
+  damping: float | None = None,
+  seed: int = 0,
+  nysact: Mapping[str, Any] | None = None,
+  adam_ratio: float | None = None,
+) -> optax.GradientTransformation:
   """A quality run's optax optimizer: the family's quality defaults
   (:data:`QUALITY_WEIGHT_DECAY`, :data:`QUALITY_DAMPING`) where ``None``."""
   wd = QUALITY_WEIGHT_DECAY[family] if weight_decay is None else weight_decay
   if damping is None:
     damping = QUALITY_DAMPING.get(family)
-  return optax_optimizer(family, learning_rate, momentum=momentum, weight_decay=wd,
-                         damping=damping if family == "nysact" else None,
-                         seed=seed if family == "nysact" else None, nysact=nysact,
-                         adam_ratio=adam_ratio)
+  return optax_optimizer(
+    family,
+    learning_rate,
+    momentum=momentum,
+    weight_decay=wd,
+    damping=damping if family == "nysact" else None,
+    seed=seed if family == "nysact" else None,
+    nysact=nysact,
+    adam_ratio=adam_ratio,
+  )
 
 
 def needs_activations(family: str) -> bool:

@@ -54,36 +54,37 @@ import optax
 from jax import lax
 
 import nysact_optax
-from benchmarks import _common, results as bresults, tasks
+from benchmarks import _common, tasks
+from benchmarks import results as bresults
 from nysact_optax import _apply, _nystrom, _sketch, _statistics, _tree, _validation
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
 FORMATS = ("f32", "tf32", "bf16", "bf16_3x")
 # (name, statistics, factors, apply) formats; "f32" is what HIGHEST computes.
 CONFIGS = (
-    ("float32", "f32", "f32", "f32"),
-    ("stats_tf32", "tf32", "f32", "f32"),
-    ("factors_tf32", "f32", "tf32", "f32"),
-    ("apply_tf32", "f32", "f32", "tf32"),
-    ("all_tf32", "tf32", "tf32", "tf32"),
-    ("stats_bf16", "bf16", "f32", "f32"),
-    ("factors_bf16", "f32", "bf16", "f32"),
-    ("apply_bf16", "f32", "f32", "bf16"),
-    ("all_bf16", "bf16", "bf16", "bf16"),
-    ("all_bf16_3x", "bf16_3x", "bf16_3x", "bf16_3x"),
+  ("float32", "f32", "f32", "f32"),
+  ("stats_tf32", "tf32", "f32", "f32"),
+  ("factors_tf32", "f32", "tf32", "f32"),
+  ("apply_tf32", "f32", "f32", "tf32"),
+  ("all_tf32", "tf32", "tf32", "tf32"),
+  ("stats_bf16", "bf16", "f32", "f32"),
+  ("factors_bf16", "f32", "bf16", "f32"),
+  ("apply_bf16", "f32", "f32", "bf16"),
+  ("all_bf16", "bf16", "bf16", "bf16"),
+  ("all_bf16_3x", "bf16_3x", "bf16_3x", "bf16_3x"),
 )
 # Not emulated: the library at each precision= setting on this backend (on
 # CPU all equal "float32"; on a GPU or TPU, what the hardware does).
 DEVICE_CONFIGS = (
-    ("device_highest", "highest"),
-    ("device_high", "high"),
-    ("device_default", "default"),
+  ("device_highest", "highest"),
+  ("device_high", "high"),
+  ("device_default", "default"),
 )
 MEANING = {
-    "tf32": "GPU (A100/H100) at DEFAULT or HIGH",
-    "bf16": "TPU at DEFAULT",
-    "bf16_3x": "TPU at HIGH",
-    "f32": "HIGHEST (and any precision on CPU)",
+  "tf32": "GPU (A100/H100) at DEFAULT or HIGH",
+  "bf16": "TPU at DEFAULT",
+  "bf16_3x": "TPU at HIGH",
+  "f32": "HIGHEST (and any precision on CPU)",
 }
 
 
@@ -183,7 +184,8 @@ def emulated(fn: Callable, fmt: str) -> Callable:
   def run(*args):
     flat, tree = jax.tree_util.tree_flatten(args)
     closed, out_shape = jax.make_jaxpr(
-        lambda *f: fn(*jax.tree_util.tree_unflatten(tree, f)), return_shape=True)(*flat)
+      lambda *f: fn(*jax.tree_util.tree_unflatten(tree, f)), return_shape=True
+    )(*flat)
     outs = _eval(closed.jaxpr, closed.consts, flat, fmt)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
@@ -206,22 +208,25 @@ def capture(model: str, batch_size: int, train_steps: int, seed: int):
   @jax.jit
   def step(params, model_state, opt_state, batch):
     (_, (model_state, acts)), grads = jax.value_and_grad(loss, has_aux=True)(
-        params, model_state, batch)
+      params, model_state, batch
+    )
     updates, opt_state = tx.update(grads, opt_state, params, activations=acts)
     return optax.apply_updates(params, updates), model_state, opt_state
 
   for i in range(train_steps):
-    params, model_state, opt_state = step(params, model_state, opt_state,
-                                          task.batches[i % 10])
+    params, model_state, opt_state = step(params, model_state, opt_state, task.batches[i % 10])
   (_, (_, acts)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-      params, model_state, task.batches[10])
+    params, model_state, task.batches[10]
+  )
   layers = _tree.find_layers(grads, rank=10**9)  # widths only; ranks set below
   inputs = _validation.check_activations(layers, acts)
   flat = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
-  gmat = {layer.name: _apply.to_matrix(layer, flat[layer.kernel_path],
-                                       flat[layer.bias_path] if layer.has_bias else None,
-                                       jnp.float32)
-          for layer in layers}
+  gmat = {
+    layer.name: _apply.to_matrix(
+      layer, flat[layer.kernel_path], flat[layer.bias_path] if layer.has_bias else None, jnp.float32
+    )
+    for layer in layers
+  }
   return task, layers, inputs, gmat
 
 
@@ -247,8 +252,9 @@ def _lam_min_of_applied(m: np.ndarray, rho: float, rank: int, seed: int = 0) -> 
   return float(min(low, 0.0) + 1 / rho)
 
 
-def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed: int,
-                device_configs: bool = False):
+def study_layer(
+  layer, inputs, g, *, rank: int, dampings: Sequence[float], seed: int, device_configs: bool = False
+):
   """Every configuration's errors for one layer, at each damping."""
   p = layer.p
   exact_mode = rank >= p
@@ -264,8 +270,9 @@ def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed:
   eye = jnp.eye(p, dtype=jnp.float32)
 
   def stats_fn(inputs, s, precision="highest"):
-    return _statistics.sketched_covariance(inputs, _sketch.Sketch(s), has_bias,
-                                           precision=lax.Precision(precision))
+    return _statistics.sketched_covariance(
+      inputs, _sketch.Sketch(s), has_bias, precision=lax.Precision(precision)
+    )
 
   def factors_fn(y, s, rho):
     return _nystrom.exact_eigh(y) if exact_mode else _nystrom.nystrom_stable(y, s, rho)
@@ -279,8 +286,14 @@ def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed:
     for name, precision in DEVICE_CONFIGS:
       ys[name] = stats_fn(inputs, s.matrix, precision)
       configs.append((name, name, "device", "device", precision))
-  out: dict[str, Any] = {"p": p, "out": int(g.shape[1]), "rank": r, "exact_mode": exact_mode,
-                         "lam_max": float(evals[-1]), "by_damping": {}}
+  out: dict[str, Any] = {
+    "p": p,
+    "out": int(g.shape[1]),
+    "rank": r,
+    "exact_mode": exact_mode,
+    "lam_max": float(evals[-1]),
+    "by_damping": {},
+  }
   for rho in dampings:
     p_star = (evecs / (evals + rho)) @ evecs.T
     pg_star = p_star @ g64
@@ -296,12 +309,14 @@ def study_layer(layer, inputs, g, *, rank: int, dampings: Sequence[float], seed:
       pg = np.asarray(run_apply(g, u, lam, jnp.float32(rho)), np.float64)
       lam_min = _lam_min_of_applied(m, rho, r)
       rows[name] = {
-          "y_err": float(np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ys["f32"]))
-                         / np.linalg.norm(np.asarray(ys["f32"], np.float64))),
-          "p_err": float(np.linalg.norm(m - p_star) / np.linalg.norm(p_star)),
-          "pg_err": float(np.linalg.norm(pg - pg_star) / np.linalg.norm(pg_star)),
-          "lam_min": lam_min / lam_min_star,
-          "finite": bool(np.isfinite(m).all() and np.isfinite(pg).all()),
+        "y_err": float(
+          np.linalg.norm(np.asarray(y, np.float64) - np.asarray(ys["f32"]))
+          / np.linalg.norm(np.asarray(ys["f32"], np.float64))
+        ),
+        "p_err": float(np.linalg.norm(m - p_star) / np.linalg.norm(p_star)),
+        "pg_err": float(np.linalg.norm(pg - pg_star) / np.linalg.norm(pg_star)),
+        "lam_min": lam_min / lam_min_star,
+        "finite": bool(np.isfinite(m).all() and np.isfinite(pg).all()),
       }
     base = rows["float32"]
     for row in rows.values():
@@ -333,27 +348,33 @@ def _summary_rows(layers_out, rho):
   for name in layers_out[0]["by_damping"][str(rho)]["configs"]:
     rows = [lo["by_damping"][str(rho)]["configs"][name] for lo in layers_out]
     per[name] = {
-        "p_err_max": max(r["p_err"] for r in rows),
-        "pg_err_max": max(r["pg_err"] for r in rows),
-        "p_err_ratio_max": max(r["p_err_ratio"] for r in rows),
-        "pg_err_ratio_max": max(r["pg_err_ratio"] for r in rows),
-        "pg_err_ratio_median": float(np.median([r["pg_err_ratio"] for r in rows])),
-        "lam_min_min": min(r["lam_min"] for r in rows),
-        "indefinite_layers": sum(r["lam_min"] <= 0 for r in rows),
-        "non_finite_layers": sum(not r["finite"] for r in rows),
-        "layers": len(rows),
-        "lam_max_over_rho_max": max(lo["by_damping"][str(rho)]["lam_max_over_rho"]
-                                    for lo in layers_out),
+      "p_err_max": max(r["p_err"] for r in rows),
+      "pg_err_max": max(r["pg_err"] for r in rows),
+      "p_err_ratio_max": max(r["p_err_ratio"] for r in rows),
+      "pg_err_ratio_max": max(r["pg_err_ratio"] for r in rows),
+      "pg_err_ratio_median": float(np.median([r["pg_err_ratio"] for r in rows])),
+      "lam_min_min": min(r["lam_min"] for r in rows),
+      "indefinite_layers": sum(r["lam_min"] <= 0 for r in rows),
+      "non_finite_layers": sum(not r["finite"] for r in rows),
+      "layers": len(rows),
+      "lam_max_over_rho_max": max(
+        lo["by_damping"][str(rho)]["lam_max_over_rho"] for lo in layers_out
+      ),
     }
   return per
 
 
 def plot(results: dict[str, Any], path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = [(m, rho) for m in results["metrics"]["models"] for rho in results["metrics"]["models"][m]["summary"]]
+  panels = [
+    (m, rho)
+    for m in results["metrics"]["models"]
+    for rho in results["metrics"]["models"][m]["summary"]
+  ]
   fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
   for j, (model, rho) in enumerate(panels):
     summ = results["metrics"]["models"][model]["summary"][rho]
@@ -378,21 +399,29 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--models", default="cnn,transformer",
-                      help="comma-separated subset of cnn,resnet20,transformer")
+  parser.add_argument(
+    "--models", default="cnn,transformer", help="comma-separated subset of cnn,resnet20,transformer"
+  )
   parser.add_argument("--rank", type=int, default=10)
-  parser.add_argument("--dampings", default="1,0.01",
-                      help="comma-separated rho (1: the library's default; 0.01: the "
-                           "authors' CIFAR default)")
-  parser.add_argument("--train-steps", type=int, default=50,
-                      help="NysAct steps before the activations are captured")
+  parser.add_argument(
+    "--dampings",
+    default="1,0.01",
+    help="comma-separated rho (1: the library's default; 0.01: the authors' CIFAR default)",
+  )
+  parser.add_argument(
+    "--train-steps", type=int, default=50, help="NysAct steps before the activations are captured"
+  )
   parser.add_argument("--batch-cnn", type=int, default=128)
   parser.add_argument("--batch-resnet20", type=int, default=64)
   parser.add_argument("--batch-transformer", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--device-configs", choices=("auto", "yes", "no"), default="auto",
-                      help="also run the library at precision=highest/high/default on "
-                           "this backend, unemulated (auto: on a GPU or TPU)")
+  parser.add_argument(
+    "--device-configs",
+    choices=("auto", "yes", "no"),
+    default="auto",
+    help="also run the library at precision=highest/high/default on "
+    "this backend, unemulated (auto: on a GPU or TPU)",
+  )
   parser.add_argument("--blas-threads", type=int, default=1)
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "precision.json"))
   parser.add_argument("--plot", default=None)
@@ -400,47 +429,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   blas = _common.limit_blas_threads(args.blas_threads)
   dampings = [float(d) for d in args.dampings.split(",")]
   device_configs = args.device_configs == "yes" or (
-      args.device_configs == "auto" and jax.default_backend() != "cpu")
+    args.device_configs == "auto" and jax.default_backend() != "cpu"
+  )
   method = (
-      "library functions traced to jaxprs and evaluated with every dot_general/"
-      "conv_general_dilated fed operands rounded to the format (round to nearest "
-      "even; bf16_3x as hi*hi+hi*lo+lo*hi), float32 accumulation; exact damped "
-      "inverse from the identity-sketch covariance (float32 products, float64 "
-      "eigh); ratios against the same layer's float32 (HIGHEST) error")
+    "library functions traced to jaxprs and evaluated with every dot_general/"
+    "conv_general_dilated fed operands rounded to the format (round to nearest "
+    "even; bf16_3x as hi*hi+hi*lo+lo*hi), float32 accumulation; exact damped "
+    "inverse from the identity-sketch covariance (float32 products, float64 "
+    "eigh); ratios against the same layer's float32 (HIGHEST) error"
+  )
   results: dict[str, Any] = {
-      "formats": MEANING,
-      "configs": {n: {"statistics": a, "factors": b, "apply": c} for n, a, b, c in CONFIGS},
-      "models": {},
+    "formats": MEANING,
+    "configs": {n: {"statistics": a, "factors": b, "apply": c} for n, a, b, c in CONFIGS},
+    "models": {},
   }
   t0 = time.perf_counter()
-  batch = {"cnn": args.batch_cnn, "resnet20": args.batch_resnet20,
-           "transformer": args.batch_transformer}
+  batch = {
+    "cnn": args.batch_cnn,
+    "resnet20": args.batch_resnet20,
+    "transformer": args.batch_transformer,
+  }
   for model in [m for m in args.models.split(",") if m]:
     task, layers, inputs, gmat = capture(model, batch[model], args.train_steps, args.seed)
     layers_out = {}
     for layer in layers:
       print(f"{model}/{layer.name}: p={layer.p}", file=sys.stderr, flush=True)
-      layers_out[layer.name] = study_layer(layer, inputs[layer.name], gmat[layer.name],
-                                           rank=args.rank, dampings=dampings, seed=args.seed,
-                                           device_configs=device_configs)
-    results["models"][model] = {"description": task.description,
-                                "batch_shape": list(task.batch_shape),
-                                "train_steps": args.train_steps,
-                                "layers": layers_out,
-                                "summary": summarise(layers_out, dampings)}
+      layers_out[layer.name] = study_layer(
+        layer,
+        inputs[layer.name],
+        gmat[layer.name],
+        rank=args.rank,
+        dampings=dampings,
+        seed=args.seed,
+        device_configs=device_configs,
+      )
+    results["models"][model] = {
+      "description": task.description,
+      "batch_shape": list(task.batch_shape),
+      "train_steps": args.train_steps,
+      "layers": layers_out,
+      "summary": summarise(layers_out, dampings),
+    }
   results["wall_s"] = time.perf_counter() - t0
-  rec = bresults.record("precision", config=bresults.config_of(args, method), metrics=results,
-                        blas=blas)
+  rec = bresults.record(
+    "precision", config=bresults.config_of(args, method), metrics=results, blas=blas
+  )
   bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   for model, res in results["models"].items():
     for rho, per in res["summary"].items():
       print(f"\n{model}, damping {rho}: worst layer of {per['float32']['layers']}")
-      print(f"  {'config':<14}{'P err':>10}{'x f32':>9}{'PG err':>10}{'x f32':>9}"
-            f"{'lam_min/lam*':>14}{'indefinite':>12}")
+      print(
+        f"  {'config':<14}{'P err':>10}{'x f32':>9}{'PG err':>10}{'x f32':>9}"
+        f"{'lam_min/lam*':>14}{'indefinite':>12}"
+      )
       for name, row in per.items():
-        print(f"  {name:<14}{row['p_err_max']:>10.2e}{row['p_err_ratio_max']:>9.3g}"
-              f"{row['pg_err_max']:>10.2e}{row['pg_err_ratio_max']:>9.3g}"
-              f"{row['lam_min_min']:>14.3g}{row['indefinite_layers']:>12d}")
+        print(
+          f"  {name:<14}{row['p_err_max']:>10.2e}{row['p_err_ratio_max']:>9.3g}"
+          f"{row['pg_err_max']:>10.2e}{row['pg_err_ratio_max']:>9.3g}"
+          f"{row['lam_min_min']:>14.3g}{row['indefinite_layers']:>12d}"
+        )
   return rec
 
 

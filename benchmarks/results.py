@@ -41,8 +41,7 @@ from typing import Any
 from benchmarks import _common
 
 SCHEMA = 1
-HEADER_KEYS = ("schema", "benchmark", "machine", "commit", "versions", "threads", "command",
-               "utc")
+HEADER_KEYS = ("schema", "benchmark", "machine", "commit", "versions", "threads", "command", "utc")
 BODY_KEYS = ("config", "metrics", "curves")
 THREAD_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "kfac-jax", "numpy", "nysact-optax")
@@ -51,9 +50,10 @@ _ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _git(*args: str) -> str | None:
   try:
-    return subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True,
-                          check=True, timeout=20).stdout.strip()
-  except Exception:  # noqa: BLE001 - not a git checkout, no git
+    return subprocess.run(
+      ["git", "-C", str(_ROOT), *args], capture_output=True, text=True, check=True, timeout=20
+    ).stdout.strip()
+  except Exception:
     return None
 
 
@@ -62,17 +62,18 @@ def commit_record() -> dict[str, Any]:
   """The commit this process runs (taken once, at the first call: a long
   suite that outlives a commit still records the code it loaded)."""
   import nysact_optax
+
   lib = pathlib.Path(nysact_optax.__file__).resolve().parent
   digest = hashlib.sha256()
   for f in sorted(lib.glob("*.py")):
     digest.update(f.read_bytes())
   status = _git("status", "--porcelain", "--", "nysact_optax", "benchmarks")
   return {
-      "commit": _git("rev-parse", "HEAD"),
-      "uncommitted_changes": None if status is None else bool(status),
-      "nysact_optax_sha256": digest.hexdigest()[:16],
-      "nysact_optax_path": str(lib),
-      "taken_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "commit": _git("rev-parse", "HEAD"),
+    "uncommitted_changes": None if status is None else bool(status),
+    "nysact_optax_sha256": digest.hexdigest()[:16],
+    "nysact_optax_path": str(lib),
+    "taken_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
 
 
@@ -89,10 +90,10 @@ def thread_settings(blas: Any = None) -> dict[str, Any]:
     cpus = None
   total = os.cpu_count()
   return {
-      **{name: os.environ.get(name) for name in THREAD_ENV},
-      "cpu_affinity": cpus,
-      "pinned": None if cpus is None or total is None else len(cpus) < total,
-      "blas": blas,
+    **{name: os.environ.get(name) for name in THREAD_ENV},
+    "cpu_affinity": cpus,
+    "pinned": None if cpus is None or total is None else len(cpus) < total,
+    "blas": blas,
   }
 
 
@@ -104,30 +105,45 @@ def command_line() -> str:
 def header(benchmark: str, *, blas: Any = None, command: str | None = None) -> dict[str, Any]:
   """The fields every results JSON starts with."""
   return {
-      "schema": SCHEMA,
-      "benchmark": benchmark,
-      "machine": _common.machine_info(),
-      "commit": commit_record(),
-      "versions": versions(),
-      "threads": thread_settings(blas),
-      "command": command or command_line(),
-      "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "schema": SCHEMA,
+    "benchmark": benchmark,
+    "machine": _common.machine_info(),
+    "commit": commit_record(),
+    "versions": versions(),
+    "threads": thread_settings(blas),
+    "command": command or command_line(),
+    "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
 
 
-def record(benchmark: str, *, config: Mapping[str, Any], metrics: Mapping[str, Any],
-           curves: Any = None, blas: Any = None, command: str | None = None) -> dict[str, Any]:
+def record(
+  benchmark: str,
+  *,
+  config: Mapping[str, Any],
+  metrics: Mapping[str, Any],
+  curves: Any = None,
+  blas: Any = None,
+  command: str | None = None,
+) -> dict[str, Any]:
   """A result in the one schema: header, ``config``, ``metrics``, ``curves``."""
-  out = {**header(benchmark, blas=blas, command=command), "config": dict(config),
-         "metrics": dict(metrics)}
+  out = {
+    **header(benchmark, blas=blas, command=command),
+    "config": dict(config),
+    "metrics": dict(metrics),
+  }
   if curves is not None:
     out["curves"] = curves
   return out
 
 
-def save(path: str | os.PathLike, rec: Mapping[str, Any], *,
-         plot: Callable[[Mapping[str, Any], str], None] | None = None,
-         plot_path: str | os.PathLike | None = None, quiet: bool = False) -> pathlib.Path:
+def save(
+  path: str | os.PathLike,
+  rec: Mapping[str, Any],
+  *,
+  plot: Callable[[Mapping[str, Any], str], None] | None = None,
+  plot_path: str | os.PathLike | None = None,
+  quiet: bool = False,
+) -> pathlib.Path:
   """Writes ``rec`` (checked against the schema) and, given ``plot``, its PNG
   (``plot_path``, default: ``path`` with ``.png``)."""
   missing = [k for k in (*HEADER_KEYS, "config", "metrics") if k not in rec]
@@ -143,10 +159,18 @@ def save(path: str | os.PathLike, rec: Mapping[str, Any], *,
   return out
 
 
-def write(path: str | os.PathLike, benchmark: str, *, config: Mapping[str, Any],
-          metrics: Mapping[str, Any], curves: Any = None, blas: Any = None,
-          plot: Callable[[Mapping[str, Any], str], None] | None = None,
-          plot_path: str | os.PathLike | None = None, quiet: bool = False) -> dict[str, Any]:
+def write(
+  path: str | os.PathLike,
+  benchmark: str,
+  *,
+  config: Mapping[str, Any],
+  metrics: Mapping[str, Any],
+  curves: Any = None,
+  blas: Any = None,
+  plot: Callable[[Mapping[str, Any], str], None] | None = None,
+  plot_path: str | os.PathLike | None = None,
+  quiet: bool = False,
+) -> dict[str, Any]:
   """:func:`record` then :func:`save`; returns the record."""
   rec = record(benchmark, config=config, metrics=metrics, curves=curves, blas=blas)
   save(path, rec, plot=plot, plot_path=plot_path, quiet=quiet)
@@ -174,23 +198,33 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
 # (``HEAD`` when the run's JSON was written, minutes to hours later in a
 # long suite). They disagree where commits landed while a suite ran.
 COMMIT_NOTE = (
-    "commit: taken when the process that ran this started (the code it loaded; "
-    "short hash as recorded); commit_at_write: HEAD of the repository when the JSON "
-    "was written (later commits may have landed while a long suite ran)")
+  "commit: taken when the process that ran this started (the code it loaded; "
+  "short hash as recorded); commit_at_write: HEAD of the repository when the JSON "
+  "was written (later commits may have landed while a long suite ran)"
+)
 
 
 def _old_commit(code: Mapping[str, Any] | None) -> dict[str, Any] | None:
   if not code:
     return None
   if "git_commit" in code:  # quality/train.py's CODE_VERSION
-    return {"commit": code.get("git_commit"), "uncommitted_changes": None,
-            "nysact_optax_sha256": code.get("nysact_optax_sha256")}
-  return {"commit": code.get("commit"),
-          "uncommitted_changes": code.get("nysact_optax_uncommitted_changes")}
+    return {
+      "commit": code.get("git_commit"),
+      "uncommitted_changes": None,
+      "nysact_optax_sha256": code.get("nysact_optax_sha256"),
+    }
+  return {
+    "commit": code.get("commit"),
+    "uncommitted_changes": code.get("nysact_optax_uncommitted_changes"),
+  }
 
 
-def _old_header(benchmark: str, machine: Mapping[str, Any] | None, command: str | None,
-                process_code: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _old_header(
+  benchmark: str,
+  machine: Mapping[str, Any] | None,
+  command: str | None,
+  process_code: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   machine = dict(machine) if machine else None
   write_code = utc = vers = blas = None
   if machine is not None:
@@ -199,12 +233,20 @@ def _old_header(benchmark: str, machine: Mapping[str, Any] | None, command: str 
     vers = machine.pop("versions", None)
     blas = machine.pop("blas", None)
   out: dict[str, Any] = {
-      "schema": SCHEMA, "benchmark": benchmark, "machine": machine,
-      "commit": None, "versions": vers,
-      "threads": {**{name: None for name in THREAD_ENV}, "cpu_affinity": None,
-                  "pinned": None, "blas": blas,
-                  "note": "not recorded before issue 17 (blas: as recorded)"},
-      "command": command, "utc": utc,
+    "schema": SCHEMA,
+    "benchmark": benchmark,
+    "machine": machine,
+    "commit": None,
+    "versions": vers,
+    "threads": {
+      **dict.fromkeys(THREAD_ENV),
+      "cpu_affinity": None,
+      "pinned": None,
+      "blas": blas,
+      "note": "not recorded before issue 17 (blas: as recorded)",
+    },
+    "command": command,
+    "utc": utc,
   }
   if process_code is not None:
     out["commit"] = _old_commit(process_code)
@@ -231,8 +273,10 @@ def upgrade(rec: Mapping[str, Any], name: str = "") -> dict[str, Any]:
   if "final" in rec and "config" in rec:  # one quality run (quality/train.py)
     head = _old_header("quality-run", rec.pop("machine", None), None, rec.pop("code", None))
     config = rec.pop("config")
-    curves = {"eval": rec.pop("curve", []),
-              "preconditioner_error": rec.pop("preconditioner_error", [])}
+    curves = {
+      "eval": rec.pop("curve", []),
+      "preconditioner_error": rec.pop("preconditioner_error", []),
+    }
     return {**head, "config": config, "metrics": rec, "curves": curves}
   if "ratio_to_adamw" in rec:  # quality/step_cost.py
     head = _old_header("step-cost", rec.pop("machine", None), None, rec.pop("code", None))
@@ -251,8 +295,9 @@ def upgrade(rec: Mapping[str, Any], name: str = "") -> dict[str, Any]:
   raise ValueError(f"unknown result layout in {name or 'a record'}: keys {sorted(rec)[:8]}")
 
 
-def config_of(args: Any, method: str | None = None, *,
-              drop: tuple[str, ...] = ("out", "plot")) -> dict[str, Any]:
+def config_of(
+  args: Any, method: str | None = None, *, drop: tuple[str, ...] = ("out", "plot")
+) -> dict[str, Any]:
   """A script's ``config``: its parsed arguments (less the output paths) and,
   given, a sentence on its method."""
   out = {k: v for k, v in vars(args).items() if k not in drop}

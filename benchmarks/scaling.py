@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from benchmarks import _common, results as bresults
-from nysact_optax import DenseSpec, LayerInputs
-from nysact_optax import _apply, _nystrom, _sketch, _statistics
+from benchmarks import _common
+from benchmarks import results as bresults
+from nysact_optax import DenseSpec, LayerInputs, _apply, _nystrom, _sketch, _statistics
 
 RHO = 1.0
 BETA = 0.95
@@ -85,10 +85,10 @@ def _ops(p: int, r: int, n: int, o: int, sketch: str):
     return u, lam
 
   return {
-      "statistics": (stats, lambda: (key, x_(), jnp.zeros((p, r), jnp.float32))),
-      "inverse": (refresh, lambda: (key, cov_())),
-      "inverse_stable": (refresh_stable, lambda: (key, cov_())),
-      "apply": (apply, lambda: (g_(),) + factors_()),
+    "statistics": (stats, lambda: (key, x_(), jnp.zeros((p, r), jnp.float32))),
+    "inverse": (refresh, lambda: (key, cov_())),
+    "inverse_stable": (refresh_stable, lambda: (key, cov_())),
+    "apply": (apply, lambda: (g_(),) + factors_()),
   }
 
 
@@ -121,29 +121,35 @@ def _exact_ops(p: int, n: int, o: int):
     return jax.random.normal(jax.random.PRNGKey(1), (p, o), jnp.float32)
 
   return {
-      "exact_statistics": (exact_stats, lambda: (x_(),)),
-      "exact_eigh": (exact_eigh, lambda: (cov_(),)),
-      "exact_cholesky_inverse": (chol_inverse, lambda: (cov_(),)),
-      "dense_apply": (dense_apply, lambda: (cov_(), g_())),
+    "exact_statistics": (exact_stats, lambda: (x_(),)),
+    "exact_eigh": (exact_eigh, lambda: (cov_(),)),
+    "exact_cholesky_inverse": (chol_inverse, lambda: (cov_(),)),
+    "dense_apply": (dense_apply, lambda: (cov_(), g_())),
   }
 
 
-def time_op(fn, make_args, *, repeats: int, once_above: float,
-            min_time: float = 0.5) -> dict[str, Any]:
+def time_op(
+  fn, make_args, *, repeats: int, once_above: float, min_time: float = 0.5
+) -> dict[str, Any]:
   args = make_args()
   jax.block_until_ready(args)
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  run = lambda: jax.block_until_ready(compiled(*args))
+  run = lambda: jax.block_until_ready(compiled(*args))  # noqa: F821 - args is deleted after use
   first = _common.time_fn(run, repeats=1)[0]
   if first > once_above:
     times = [first]
   else:
     times = _common.time_fn(run, repeats=repeats, min_time=min_time, max_repeats=100)
   del args
-  return {"min_s": min(times), "median_s": _common.median(times), "runs": len(times),
-          "first_run_s": first, "compile_s": compile_s}
+  return {
+    "min_s": min(times),
+    "median_s": _common.median(times),
+    "runs": len(times),
+    "first_run_s": first,
+    "compile_s": compile_s,
+  }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -155,18 +161,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--out-features", type=int, default=512, help="o, layer outputs")
   parser.add_argument("--sketch", choices=("gaussian", "subcolumns"), default="gaussian")
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--min-time", type=float, default=0.5,
-                      help="repeat each op until this many seconds (up to 100 runs; best is kept)")
-  parser.add_argument("--once-above", type=float, default=2.0,
-                      help="time once when a run takes longer than this (s)")
+  parser.add_argument(
+    "--min-time",
+    type=float,
+    default=0.5,
+    help="repeat each op until this many seconds (up to 100 runs; best is kept)",
+  )
+  parser.add_argument(
+    "--once-above", type=float, default=2.0, help="time once when a run takes longer than this (s)"
+  )
   parser.add_argument("--max-eigh-p", type=int, default=4096)
   parser.add_argument("--max-cholesky-p", type=int, default=8192)
-  parser.add_argument("--max-exact-p", type=int, default=16384,
-                      help="cap for exact_statistics and dense_apply")
+  parser.add_argument(
+    "--max-exact-p", type=int, default=16384, help="cap for exact_statistics and dense_apply"
+  )
   parser.add_argument("--no-exact", action="store_true", help="skip the p x p baselines")
   parser.add_argument("--fit-from", type=int, default=2048)
-  parser.add_argument("--blas-threads", type=int, default=1,
-                      help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)")
+  parser.add_argument(
+    "--blas-threads",
+    type=int,
+    default=1,
+    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+  )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "scaling.json"))
   parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
@@ -178,8 +194,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ps.append(p)
     p *= 2
   ranks = [int(r) for r in args.ranks.split(",")]
-  caps = {"exact_statistics": args.max_exact_p, "exact_eigh": args.max_eigh_p,
-          "exact_cholesky_inverse": args.max_cholesky_p, "dense_apply": args.max_exact_p}
+  caps = {
+    "exact_statistics": args.max_exact_p,
+    "exact_eigh": args.max_eigh_p,
+    "exact_cholesky_inverse": args.max_cholesky_p,
+    "dense_apply": args.max_exact_p,
+  }
 
   jobs = []
   for p in ps:
@@ -198,21 +218,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       fn, make = _exact_ops(p, args.rows, args.out_features)[op]
     else:
       fn, make = _ops(p, r, args.rows, args.out_features, args.sketch)[op]
-    res = time_op(fn, make, repeats=args.repeats, once_above=args.once_above,
-                  min_time=args.min_time)
+    res = time_op(
+      fn, make, repeats=args.repeats, once_above=args.once_above, min_time=args.min_time
+    )
     rows.append({"op": op, "rank": r, "p": p, **res})
 
   fits = {}
   for op in NYSTROM_OPS + EXACT_OPS:
-    for r in (ranks if op in NYSTROM_OPS else [None]):
+    for r in ranks if op in NYSTROM_OPS else [None]:
       pts = [(x["p"], x["min_s"]) for x in rows if x["op"] == op and x["rank"] == r]
       if len(pts) < 2:
         continue
       name = op if r is None else f"{op}/r{r}"
       fits[name] = {
-          "all": _common.loglog_fit([a for a, _ in pts], [b for _, b in pts]),
-          f"p>={args.fit_from}": _common.loglog_fit(
-              [a for a, _ in pts if a >= args.fit_from], [b for a, b in pts if a >= args.fit_from]),
+        "all": _common.loglog_fit([a for a, _ in pts], [b for _, b in pts]),
+        f"p>={args.fit_from}": _common.loglog_fit(
+          [a for a, _ in pts if a >= args.fit_from], [b for a, b in pts if a >= args.fit_from]
+        ),
       }
   targets = []
   for name, f in fits.items():
@@ -220,19 +242,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if op in ("inverse", "apply"):
       exps = [v["exponent"] for v in f.values() if v]
       worst = max(exps)
-      targets.append({"target": f"{name}: fitted exponent in p <= 1.2 (worst of the fits)",
-                      "value": worst, "limit": 1.2, "pass": worst <= 1.2})
-  method = ("one dense layer; best-of-N wall time of an AOT-compiled jitted "
-             "function on ready inputs (compile excluded); fits on min_s")
+      targets.append(
+        {
+          "target": f"{name}: fitted exponent in p <= 1.2 (worst of the fits)",
+          "value": worst,
+          "limit": 1.2,
+          "pass": worst <= 1.2,
+        }
+      )
+  method = (
+    "one dense layer; best-of-N wall time of an AOT-compiled jitted "
+    "function on ready inputs (compile excluded); fits on min_s"
+  )
   results = {
-      "rows": rows,
-      "fits": fits,
-      "targets": targets,
-      "wall_s": time.perf_counter() - t_start,
-      "load_average_at_end": _common.load_average(),
+    "rows": rows,
+    "fits": fits,
+    "targets": targets,
+    "wall_s": time.perf_counter() - t_start,
+    "load_average_at_end": _common.load_average(),
   }
-  rec = bresults.record("scaling", config=bresults.config_of(args, method), metrics=results,
-                        blas=blas)
+  rec = bresults.record(
+    "scaling", config=bresults.config_of(args, method), metrics=results, blas=blas
+  )
   bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   print(f"{'op':<28}{'fit all':>9}{'fit p>=' + str(args.fit_from):>13}")
   for name, f in fits.items():
@@ -244,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     op, _, rk = name.partition("/r")
     r = int(rk) if rk else None
     cells = {x["p"]: x["min_s"] for x in rows if x["op"] == op and x["rank"] == r}
-    print(f"{name:<28}" + "".join(
-        f"{1e3 * cells[p]:10.2f}" if p in cells else f"{'-':>10}" for p in ps))
+    print(
+      f"{name:<28}" + "".join(f"{1e3 * cells[p]:10.2f}" if p in cells else f"{'-':>10}" for p in ps)
+    )
   for t in targets:
     print(("PASS " if t["pass"] else "MISS ") + f"{t['target']}: {t['value']:.3f}")
   return rec
@@ -253,14 +285,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def plot(results: dict[str, Any], path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   rows, fits = results["metrics"]["rows"], results["metrics"]["fits"]
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-  panels = [("statistics", "exact_statistics"), ("inverse", "inverse_stable", "exact_eigh",
-                                                  "exact_cholesky_inverse"),
-            ("apply", "dense_apply")]
+  panels = [
+    ("statistics", "exact_statistics"),
+    ("inverse", "inverse_stable", "exact_eigh", "exact_cholesky_inverse"),
+    ("apply", "dense_apply"),
+  ]
   titles = ["statistics update", "inverse refresh", "preconditioner apply"]
   styles = {10: "-o", 50: "-s", None: "--^"}
   for ax, ops, title in zip(axes, panels, titles):
@@ -271,17 +306,21 @@ def plot(results: dict[str, Any], path) -> None:
         name = op if r is None else f"{op}/r{r}"
         exp = fits.get(name, {}).get("all")
         label = f"{name} (p^{exp['exponent']:.2f})" if exp else name
-        ax.loglog([a for a, _ in pts], [b for _, b in pts], styles.get(r, "-o"),
-                  label=label, ms=4, base=2)
+        ax.loglog(
+          [a for a, _ in pts], [b for _, b in pts], styles.get(r, "-o"), label=label, ms=4, base=2
+        )
     ax.set_xlabel("input width p")
     ax.set_ylabel("seconds (best of runs)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
   s, m = results["config"], results["machine"]
-  fig.suptitle(f"one layer: n={s['rows']} rows, o={s['out_features']} outputs, "
-               f"{s['sketch']} sketch; {m['cpu_model']} ({m['cpus_usable']} cpus), "
-               f"jax {results['versions']['jax']}", fontsize=9)
+  fig.suptitle(
+    f"one layer: n={s['rows']} rows, o={s['out_features']} outputs, "
+    f"{s['sketch']} sketch; {m['cpu_model']} ({m['cpus_usable']} cpus), "
+    f"jax {results['versions']['jax']}",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

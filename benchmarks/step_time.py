@@ -43,10 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from benchmarks import _common, optimizers, results, targets, tasks
-
-from tqdm.auto import tqdm
 
 INVERSE_PERIOD = optimizers.INVERSE_PERIOD  # NysAct's and K-FAC's T_inv at equal periods
 COV_PERIOD = optimizers.COV_PERIOD
@@ -85,11 +84,18 @@ class Runner:
 
 
 class OptaxRunner(Runner):
-
-  def __init__(self, name: str, family: str, task: Task,
-               tx: optax.GradientTransformation, *, needs_activations: bool,
-               periods: tuple[int, int] | None = None, config: dict | None = None,
-               trace_context=None):
+  def __init__(
+    self,
+    name: str,
+    family: str,
+    task: Task,
+    tx: optax.GradientTransformation,
+    *,
+    needs_activations: bool,
+    periods: tuple[int, int] | None = None,
+    config: dict | None = None,
+    trace_context=None,
+  ):
     self.name, self.family, self.task, self.tx = name, family, task, tx
     self.periods = periods
     self.config = config or {}
@@ -99,7 +105,8 @@ class OptaxRunner(Runner):
     def step(params, model_state, opt_state, batch):
       with context():  # active while jax traces this function
         (value, (model_state, acts)), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, model_state, batch)
+          params, model_state, batch
+        )
         extra = {"activations": acts} if needs_activations else {}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         return optax.apply_updates(params, updates), model_state, opt_state, value
@@ -116,7 +123,8 @@ class OptaxRunner(Runner):
 
   def step(self, batch):
     self.params, self.model_state, self.opt_state, self.loss = self._step(
-        self.params, self.model_state, self.opt_state, batch)
+      self.params, self.model_state, self.opt_state, batch
+    )
     self.count += 1
 
   def ready(self):
@@ -157,22 +165,30 @@ class KfacRunner(Runner):
     learning_rate, momentum, damping = spec.kfac_hyper
     self.name, self.task = name, task
     self.periods = (cov_every, inv_every)
-    self.config = {"curvature_update_period": cov_every,
-                   "inverse_update_period": inv_every,
-                   "estimation_mode": "ggn_curvature_prop (kfac-jax default)",
-                   "damping": damping, "learning_rate": learning_rate,
-                   "momentum": momentum, "num_burnin_steps": 0}
+    self.config = {
+      "curvature_update_period": cov_every,
+      "inverse_update_period": inv_every,
+      "estimation_mode": "ggn_curvature_prop (kfac-jax default)",
+      "damping": damping,
+      "learning_rate": learning_rate,
+      "momentum": momentum,
+      "num_burnin_steps": 0,
+    }
     loss = tasks.batch_loss(task, capture=False, register_kfac=True)
     self.has_state = task.model_state is not None
     if self.has_state:
+
       def value(params, model_state, batch):
         v, (ms, _) = loss(params, model_state, batch)
         return v, ms
     else:
+
       def value(params, batch):
         return loss(params, None, batch)[0]
+
     self.opt = optimizers.step_time_kfac(
-        name, jax.value_and_grad(value, has_aux=self.has_state), has_state=self.has_state)
+      name, jax.value_and_grad(value, has_aux=self.has_state), has_state=self.has_state
+    )
     self.hyper = tuple(jnp.asarray(v, jnp.float32) for v in (learning_rate, momentum, damping))
     self.rngs = list(jax.random.split(jax.random.PRNGKey(1), 64))
 
@@ -190,15 +206,14 @@ class KfacRunner(Runner):
 
   def step(self, batch):
     lr, mom, damp = self.hyper
-    kw = dict(batch=batch, learning_rate=lr, momentum=mom, damping=damp,
-              global_step_int=self.count)
+    kw = dict(batch=batch, learning_rate=lr, momentum=mom, damping=damp, global_step_int=self.count)
     rng = self.rngs[self.count % len(self.rngs)]
     if self.has_state:
       self.params, self.opt_state, self.model_state, stats = self.opt.step(
-          self.params, self.opt_state, rng, func_state=self.model_state, **kw)
+        self.params, self.opt_state, rng, func_state=self.model_state, **kw
+      )
     else:
-      self.params, self.opt_state, stats = self.opt.step(
-          self.params, self.opt_state, rng, **kw)
+      self.params, self.opt_state, stats = self.opt.step(self.params, self.opt_state, rng, **kw)
     self.loss = stats["loss"]
     self.count += 1
 
@@ -232,9 +247,15 @@ def make_runner(name: str, task: Task) -> Runner:
   if spec.family == "kfac":
     return KfacRunner(name, task)
   nysact = spec.family == "nysact"
-  return OptaxRunner(name, spec.family, task, optimizers.step_time_optax(name),
-                     needs_activations=nysact, periods=spec.periods if nysact else None,
-                     config=dict(spec.nysact) if nysact else None)
+  return OptaxRunner(
+    name,
+    spec.family,
+    task,
+    optimizers.step_time_optax(name),
+    needs_activations=nysact,
+    periods=spec.periods if nysact else None,
+    config=dict(spec.nysact) if nysact else None,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -274,8 +295,11 @@ def sample_phases(runner: Runner, task: Task, n_plain: int = 4) -> dict[str, lis
   base = -(-runner.count // inv) * inv
   out: dict[str, list[float]] = {}
   n = len(task.batches)
-  plan = [("plain", base + 1, min(n_plain, cov - 1)),
-          ("statistics", base + cov, 1 if cov < inv else 0), ("inverse", base + inv, 1)]
+  plan = [
+    ("plain", base + 1, min(n_plain, cov - 1)),
+    ("statistics", base + cov, 1 if cov < inv else 0),
+    ("inverse", base + inv, 1),
+  ]
   for phase, start, k in plan:
     if not k:
       continue
@@ -321,19 +345,23 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
     predicted = args.steps * (0.8 * _common.median(plain) + 0.2 * max(stats)) if later else 0.0
     sampled = bool(r.can_sample and args.max_block_s > 0 and predicted > args.max_block_s)
     result[name] = {
-        "description": OPTIMIZER_HELP[name],
-        "config": getattr(r, "config", {}),
-        "init_s": init_s,
-        "warmup_step_s": warm,
-        "predicted_block_s": predicted,
-        "periods": list(r.periods) if r.periods else None,
-        "timing": ("sampled phases (block predicted > --max-block-s): per round 4 plain, "
-                   "1 statistics, 1 inverse step, each synced; amortised = (40 plain + "
-                   "9 statistics + 1 inverse) / 50" if sampled else "whole blocks"),
-        "state_bytes": sb,
-        "state_over_param_bytes": sb["total"] / param_bytes,
-        "block_s_per_step": [],
-        "round_order": [],
+      "description": OPTIMIZER_HELP[name],
+      "config": getattr(r, "config", {}),
+      "init_s": init_s,
+      "warmup_step_s": warm,
+      "predicted_block_s": predicted,
+      "periods": list(r.periods) if r.periods else None,
+      "timing": (
+        "sampled phases (block predicted > --max-block-s): per round 4 plain, "
+        "1 statistics, 1 inverse step, each synced; amortised = (40 plain + "
+        "9 statistics + 1 inverse) / 50"
+        if sampled
+        else "whole blocks"
+      ),
+      "state_bytes": sb,
+      "state_over_param_bytes": sb["total"] / param_bytes,
+      "block_s_per_step": [],
+      "round_order": [],
     }
     if isinstance(r, KfacRunner):
       blocks = r.blocks()
@@ -360,7 +388,7 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
         result[name]["block_s_per_step"].append(amortised_from_phases(ph, r.periods))
       result[name]["round_order"].append(pos)
       bar.update(1)
-  for p in range(args.phase_blocks):
+  for _ in range(args.phase_blocks):
     for name in names:
       if result[name]["timing"] != "whole blocks":
         bar.update(1)
@@ -396,36 +424,38 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
       res["phase_step_s_median"] = {k: _common.median(v) for k, v in raw.items()}
       res["phase_counts"] = {k: len(v) for k, v in raw.items()}
       if res["periods"]:
-        try:
+        with contextlib.suppress(KeyError):
           res["amortised_from_phase_medians_s"] = amortised_from_phases(raw, tuple(res["periods"]))
-        except KeyError:
-          pass
     r = runners[name]
     if r.loss is not None:
       res["last_loss"] = float(r.loss)
   return {
-      "description": task.description,
-      "batch_shape": list(task.batch_shape),
-      "param_count": int(sum(x.size for x in jax.tree_util.tree_leaves(task.params))),
-      "param_bytes": param_bytes,
-      "model_state_bytes": _common.tree_bytes(task.model_state),
-      "optimizers": result,
+    "description": task.description,
+    "batch_shape": list(task.batch_shape),
+    "param_count": int(sum(x.size for x in jax.tree_util.tree_leaves(task.params))),
+    "param_bytes": param_bytes,
+    "model_state_bytes": _common.tree_bytes(task.model_state),
+    "optimizers": result,
   }
 
 
 def plot(results: dict[str, Any], path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   models_out = results["metrics"]["models"]
-  fig, axes = plt.subplots(len(models_out), 2, figsize=(13, 3.2 * len(models_out)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(models_out), 2, figsize=(13, 3.2 * len(models_out)), squeeze=False)
   for row, (model, res) in enumerate(models_out.items()):
     opts = res["optimizers"]
     names = list(opts)
-    colors = ["#888888" if opts[n].get("config", {}).get("rank") is None and n not in ("foof",)
-              else "#1f77b4" for n in names]
+    colors = [
+      "#888888"
+      if opts[n].get("config", {}).get("rank") is None and n not in ("foof",)
+      else "#1f77b4"
+      for n in names
+    ]
     colors = ["#d62728" if n.startswith("kfac") else c for n, c in zip(names, colors)]
     colors = ["#9467bd" if n == "foof" else c for n, c in zip(names, colors)]
     ax = axes[row][0]
@@ -445,57 +475,106 @@ def plot(results: dict[str, Any], path) -> None:
     ax = axes[row][1]
     vals = [opts[n]["state_over_param_bytes"] for n in names]
     ax.bar(names, vals, color=colors)
-    ax.axhline(targets.STATE_OVER_PARAMS, color="g", ls="--", lw=0.8,
-               label=f"target {targets.STATE_OVER_PARAMS:.2f}x")
+    ax.axhline(
+      targets.STATE_OVER_PARAMS,
+      color="g",
+      ls="--",
+      lw=0.8,
+      label=f"target {targets.STATE_OVER_PARAMS:.2f}x",
+    )
     ax.set_yscale("log")
     ax.set_ylabel("optimizer state / param bytes")
     ax.set_title(f"{model}: optimizer state ({res['param_count']:,} params)")
     ax.tick_params(axis="x", rotation=45)
     ax.legend(fontsize=8)
   m = results["machine"]
-  fig.suptitle(f"{m['cpu_model']} ({m['cpus_usable']} cpus), jax {results['versions']['jax']}, "
-               f"{m['device_kind']}", fontsize=9)
+  fig.suptitle(
+    f"{m['cpu_model']} ({m['cpus_usable']} cpus), jax {results['versions']['jax']}, "
+    f"{m['device_kind']}",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--models", default="cnn,resnet20,transformer",
-                      help="comma-separated subset of cnn,resnet20,transformer")
-  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                      help="comma-separated; available: " + ", ".join(
-                          f"{k} ({v})" for k, v in OPTIMIZER_HELP.items()))
-  parser.add_argument("--rounds", type=int, default=3,
-                      help="interleaved rounds (one block per optimizer each)")
-  parser.add_argument("--steps", type=int, default=50,
-                      help="steps per timed block; a multiple of 50 (whole inverse periods)")
-  parser.add_argument("--warmup", type=int, default=6,
-                      help="untimed steps before the rounds (compile; >= 6 so that a statistics "
-                           "step is seen; >= 2 for K-FAC's two compiled variants)")
-  parser.add_argument("--max-block-s", type=float, default=240.0,
-                      help="NysAct/FOOF runs whose block is predicted longer than this are "
-                           "timed by sampled phases instead of whole blocks (0: never)")
-  parser.add_argument("--sampled-rounds", type=int, default=1,
-                      help="rounds in which runs timed by sampled phases (K-FAC, FOOF when "
-                           "slow) are timed; their ratios use those rounds' SGD blocks")
-  parser.add_argument("--phase-blocks", type=int, default=0,
-                      help="extra blocks timed step by step for the phase split of every "
-                           "optimizer, K-FAC included (0: none)")
-  parser.add_argument("--no-phase-samples", dest="phase_samples", action="store_false",
-                      help="skip the few NysAct steps timed alone after each block "
-                           "(plain / statistics / inverse split)")
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--models",
+    default="cnn,resnet20,transformer",
+    help="comma-separated subset of cnn,resnet20,transformer",
+  )
+  parser.add_argument(
+    "--optimizers",
+    default=",".join(OPTIMIZERS),
+    help="comma-separated; available: "
+    + ", ".join(f"{k} ({v})" for k, v in OPTIMIZER_HELP.items()),
+  )
+  parser.add_argument(
+    "--rounds", type=int, default=3, help="interleaved rounds (one block per optimizer each)"
+  )
+  parser.add_argument(
+    "--steps",
+    type=int,
+    default=50,
+    help="steps per timed block; a multiple of 50 (whole inverse periods)",
+  )
+  parser.add_argument(
+    "--warmup",
+    type=int,
+    default=6,
+    help="untimed steps before the rounds (compile; >= 6 so that a statistics "
+    "step is seen; >= 2 for K-FAC's two compiled variants)",
+  )
+  parser.add_argument(
+    "--max-block-s",
+    type=float,
+    default=240.0,
+    help="NysAct/FOOF runs whose block is predicted longer than this are "
+    "timed by sampled phases instead of whole blocks (0: never)",
+  )
+  parser.add_argument(
+    "--sampled-rounds",
+    type=int,
+    default=1,
+    help="rounds in which runs timed by sampled phases (K-FAC, FOOF when "
+    "slow) are timed; their ratios use those rounds' SGD blocks",
+  )
+  parser.add_argument(
+    "--phase-blocks",
+    type=int,
+    default=0,
+    help="extra blocks timed step by step for the phase split of every "
+    "optimizer, K-FAC included (0: none)",
+  )
+  parser.add_argument(
+    "--no-phase-samples",
+    dest="phase_samples",
+    action="store_false",
+    help="skip the few NysAct steps timed alone after each block "
+    "(plain / statistics / inverse split)",
+  )
   parser.add_argument("--batch-cnn", type=int, default=128)
   parser.add_argument("--batch-resnet20", type=int, default=64)
-  parser.add_argument("--batch-transformer", type=int, default=8,
-                      help="sequences of 128 tokens per batch")
-  parser.add_argument("--data", choices=("real", "synthetic"), default="real",
-                      help="real: Fashion-MNIST / KJV from the Debian packages")
+  parser.add_argument(
+    "--batch-transformer", type=int, default=8, help="sequences of 128 tokens per batch"
+  )
+  parser.add_argument(
+    "--data",
+    choices=("real", "synthetic"),
+    default="real",
+    help="real: Fashion-MNIST / KJV from the Debian packages",
+  )
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--blas-threads", type=int, default=1,
-                      help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)")
+  parser.add_argument(
+    "--blas-threads",
+    type=int,
+    default=1,
+    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+  )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "step_time.json"))
   parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
   args = parser.parse_args(argv)
@@ -507,18 +586,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for n in names:
     if n not in OPTIMIZER_HELP:
       parser.error(f"unknown optimizer {n!r}")
-  batch = {"cnn": args.batch_cnn, "resnet20": args.batch_resnet20,
-           "transformer": args.batch_transformer}
+  batch = {
+    "cnn": args.batch_cnn,
+    "resnet20": args.batch_resnet20,
+    "transformer": args.batch_transformer,
+  }
 
   method = (
-      "one process; per model, every optimizer is built and warmed up, then "
-      f"{args.rounds} rounds in a shuffled order of one block of {args.steps} "
-      "steps each (timed from a ready state to block_until_ready; amortised "
-      "over whole T_inv=50 periods); ratios are per round against the same "
-      "round's SGD block, then the median over rounds. NysAct runs whose block "
-      f"would exceed --max-block-s={args.max_block_s:g} s are timed by sampled "
-      "phases instead (see each optimizer's 'timing'), in the first "
-      f"{args.sampled_rounds} round(s) only."
+    "one process; per model, every optimizer is built and warmed up, then "
+    f"{args.rounds} rounds in a shuffled order of one block of {args.steps} "
+    "steps each (timed from a ready state to block_until_ready; amortised "
+    "over whole T_inv=50 periods); ratios are per round against the same "
+    "round's SGD block, then the median over rounds. NysAct runs whose block "
+    f"would exceed --max-block-s={args.max_block_s:g} s are timed by sampled "
+    "phases instead (see each optimizer's 'timing'), in the first "
+    f"{args.sampled_rounds} round(s) only."
   )
   metrics: dict[str, Any] = {"models": {}}
   total = len(model_names) * len(names) * (1 + args.rounds + args.phase_blocks)
@@ -531,18 +613,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   metrics["wall_s"] = time.perf_counter() - t_start
   metrics["load_average_at_end"] = _common.load_average()
   metrics["targets"] = targets.step_time(metrics["models"])
-  rec = results.record("step_time", config=results.config_of(args, method), metrics=metrics,
-                       blas=blas)
+  rec = results.record(
+    "step_time", config=results.config_of(args, method), metrics=metrics, blas=blas
+  )
   results.save(args.out, rec, plot=plot, plot_path=args.plot)
   for model, res in metrics["models"].items():
-    print(f"\n{model}: {res['description']}; batch {tuple(res['batch_shape'])}, "
-          f"{res['param_count']:,} params")
+    print(
+      f"\n{model}: {res['description']}; batch {tuple(res['batch_shape'])}, "
+      f"{res['param_count']:,} params"
+    )
     print(f"  {'optimizer':<14}{'ms/step':>9}{'x SGD':>8}{'compile s':>11}{'state/params':>14}")
     for name, o in res["optimizers"].items():
       ms = 1e3 * (o.get("step_s_median") or float("nan"))
       ratio = o.get("ratio_to_sgd_median") or float("nan")
-      print(f"  {name:<14}{ms:9.1f}{ratio:8.3f}{o.get('compile_s', float('nan')):11.1f}"
-            f"{o['state_over_param_bytes']:14.3f}")
+      print(
+        f"  {name:<14}{ms:9.1f}{ratio:8.3f}{o.get('compile_s', float('nan')):11.1f}"
+        f"{o['state_over_param_bytes']:14.3f}"
+      )
   print()
   for t in metrics["targets"]:
     value = float("nan") if t["value"] is None else t["value"]

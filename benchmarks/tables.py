@@ -33,6 +33,7 @@ class Table:
 
   def rich(self):
     import rich.table
+
     t = rich.table.Table(title=self.title, show_lines=False)
     for c, a in zip(self.columns, self._align()):
       t.add_column(c, justify="right" if a == "r" else "left", overflow="fold")
@@ -53,6 +54,7 @@ def show(blocks: Iterable[Block], console=None) -> None:
   """Text blocks (as markdown) and tables (as rich tables) on the terminal."""
   import rich.console
   import rich.markdown
+
   console = console or rich.console.Console()
   for b in blocks:
     console.print(b.rich() if isinstance(b, Table) else rich.markdown.Markdown(b))

@@ -36,36 +36,47 @@ def step_time(models_out: dict[str, Any]) -> list[dict[str, Any]]:
         continue
       variant = "library as shipped"
       if sgd is not None and o.get("ratio_to_sgd_median") is not None:
-        out.append({
+        out.append(
+          {
             "variant": variant,
             "timing": o.get("timing"),
             "target": f"{model}: {name} amortised step <= {limit:.2f}x SGD",
-            "value": o["ratio_to_sgd_median"], "limit": limit,
+            "value": o["ratio_to_sgd_median"],
+            "limit": limit,
             "per_round": o.get("ratio_to_sgd_per_round"),
             "ratio_of_fastest_blocks": o.get("ratio_to_sgd_of_min"),
             "pass": o["ratio_to_sgd_median"] <= limit,
-        })
+          }
+        )
       if sgd is not None and kfac is not None and o.get("step_s_median"):
         ny = o["step_s_median"] - sgd["step_s_median"]
         kf = kfac["step_s_median"] - sgd["step_s_median"]
         # per-round overheads, to see the spread
         per_round = [
-            (a - s) / (k - s) if k != s else float("nan")
-            for a, s, k in zip(o["block_s_per_step"], sgd["block_s_per_step"],
-                               kfac["block_s_per_step"])
+          (a - s) / (k - s) if k != s else float("nan")
+          for a, s, k in zip(
+            o["block_s_per_step"], sgd["block_s_per_step"], kfac["block_s_per_step"]
+          )
         ]
-        out.append({
+        out.append(
+          {
             "variant": variant,
             "target": f"{model}: {name} overhead over SGD <= 1/5 of K-FAC(5,50)'s",
-            "value": ny / kf if kf else None, "limit": KFAC_OVERHEAD_FRACTION,
+            "value": ny / kf if kf else None,
+            "limit": KFAC_OVERHEAD_FRACTION,
             "per_round": per_round,
             "pass": (ny / kf if kf else float("inf")) <= KFAC_OVERHEAD_FRACTION,
-        })
+          }
+        )
       ratio = o["state_over_param_bytes"]
-      out.append({
+      out.append(
+        {
           "variant": variant,
           "target": f"{model}: {name} optimizer state (with momentum) <= "
-                    f"{STATE_OVER_PARAMS:.2f}x param bytes",
-          "value": ratio, "limit": STATE_OVER_PARAMS, "pass": ratio <= STATE_OVER_PARAMS,
-      })
+          f"{STATE_OVER_PARAMS:.2f}x param bytes",
+          "value": ratio,
+          "limit": STATE_OVER_PARAMS,
+          "pass": ratio <= STATE_OVER_PARAMS,
+        }
+      )
   return out

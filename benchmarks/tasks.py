@@ -30,21 +30,22 @@ import numpy as np
 import optax
 
 import nysact_optax
-from benchmarks import data as bdata, models
+from benchmarks import data as bdata
+from benchmarks import models
 
 # name -> description
 TIMING_TASKS = {
-    "cnn": "FashionCNN (3 conv + 2 dense) on Fashion-MNIST 28x28x1",
-    "resnet20": "ResNet-20 (BatchNorm, 1x1-conv shortcuts) on Fashion-MNIST 28x28x1",
-    "transformer": "decoder-only char transformer (4 layers, width 256, 4 heads, context 128) "
-                   "on the KJV Bible",
+  "cnn": "FashionCNN (3 conv + 2 dense) on Fashion-MNIST 28x28x1",
+  "resnet20": "ResNet-20 (BatchNorm, 1x1-conv shortcuts) on Fashion-MNIST 28x28x1",
+  "transformer": "decoder-only char transformer (4 layers, width 256, 4 heads, context 128) "
+  "on the KJV Bible",
 }
 QUALITY_TASKS = {
-    "digits": "the demo's two-conv CNN on scikit-learn's 8x8 digits (smoke task)",
-    "fmnist_cnn": "FashionCNN on Fashion-MNIST, random crop (pad 2) and horizontal flip",
-    "fmnist_resnet": "ResNet20 (BatchNorm) on Fashion-MNIST, same augmentation",
-    "fmnist_vit": "ViT (patches of 4) on Fashion-MNIST, same augmentation",
-    "char_lm": "CharTransformer on the King James Bible, bits per character on held-out books",
+  "digits": "the demo's two-conv CNN on scikit-learn's 8x8 digits (smoke task)",
+  "fmnist_cnn": "FashionCNN on Fashion-MNIST, random crop (pad 2) and horizontal flip",
+  "fmnist_resnet": "ResNet20 (BatchNorm) on Fashion-MNIST, same augmentation",
+  "fmnist_vit": "ViT (patches of 4) on Fashion-MNIST, same augmentation",
+  "char_lm": "CharTransformer on the King James Bible, bits per character on held-out books",
 }
 # Tasks whose model carries BatchNorm statistics (``batch_stats``).
 STATEFUL = {"resnet20", "fmnist_resnet"}
@@ -67,6 +68,7 @@ def make_model(task: str, *, vocab_size: int | None = None, **kw: Any) -> tuple[
     return models.CharTransformer(vocab_size=vocab_size, **kw), kw["context"]
   if task == "digits":
     from nysact_optax.demo import DigitsCNN
+
     return DigitsCNN(), 1
   if task == "fmnist_cnn":
     return models.FashionCNN(**kw), 1
@@ -77,12 +79,14 @@ def make_model(task: str, *, vocab_size: int | None = None, **kw: Any) -> tuple[
   if task == "char_lm":  # the quality study's size
     kw = {"num_layers": 2, "width": 128, "num_heads": 4, "context": 64, **kw}
     return models.CharTransformer(vocab_size=vocab_size, **kw), kw["context"]
-  raise ValueError(f"unknown task {task!r}; choose from "
-                   f"{sorted(TIMING_TASKS) + sorted(QUALITY_TASKS)}")
+  raise ValueError(
+    f"unknown task {task!r}; choose from {sorted(TIMING_TASKS) + sorted(QUALITY_TASKS)}"
+  )
 
 
-def make_loss(model: nn.Module, *, stateful: bool, tokens: int, capture: bool,
-              register_kfac: bool = False):
+def make_loss(
+  model: nn.Module, *, stateful: bool, tokens: int, capture: bool, register_kfac: bool = False
+):
   """``loss(params, model_state, x, y) -> (loss, (model_state, activations))``.
 
   ``tokens``: tokens per example; kfac-jax's convention is ``weight *
@@ -104,6 +108,7 @@ def make_loss(model: nn.Module, *, stateful: bool, tokens: int, capture: bool,
       logits, acts = out if capture else (out, None)
     if register_kfac:
       import kfac_jax
+
       kfac_jax.register_softmax_cross_entropy_loss(logits, y, weight=1.0 / tokens)
     value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return value, (model_state, acts)
@@ -160,8 +165,9 @@ def _image_batches(batch_size: int, n_batches: int, source: str, seed: int):
   return [tuple(jax.device_put(a) for a in next(it)) for _ in range(n_batches)]
 
 
-def build_task(name: str, batch_size: int, *, source: str = "real",
-               n_batches: int = 10, seed: int = 0) -> Task:
+def build_task(
+  name: str, batch_size: int, *, source: str = "real", n_batches: int = 10, seed: int = 0
+) -> Task:
   """A timing task (:data:`TIMING_TASKS`): ``source`` ``"real"`` reads
   Fashion-MNIST / the KJV Bible, ``"synthetic"`` draws random data."""
   key = jax.random.PRNGKey(seed)
@@ -179,15 +185,21 @@ def build_task(name: str, batch_size: int, *, source: str = "real",
     it = bdata.char_lm_batches(stream, batch_size, context, seed=seed)
     batches = [tuple(jax.device_put(a) for a in next(it)) for _ in range(n_batches)]
     model, tokens = make_model(name, vocab_size=vocab, context=context)
-    desc = ("decoder-only char transformer (4 layers, width 256, 4 heads, "
-            f"context {context}, vocab {vocab}) on the KJV Bible")
+    desc = (
+      "decoder-only char transformer (4 layers, width 256, 4 heads, "
+      f"context {context}, vocab {vocab}) on the KJV Bible"
+    )
   else:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(TIMING_TASKS)}")
   variables = dict(model.init(key, batches[0][0]))
   return Task(
-      name=name, description=desc, model=model,
-      params=variables["params"], model_state=variables.get("batch_stats"),
-      batches=batches, tokens_per_example=tokens,
+    name=name,
+    description=desc,
+    model=model,
+    params=variables["params"],
+    model_state=variables.get("batch_stats"),
+    batches=batches,
+    tokens_per_example=tokens,
   )
 
 
@@ -195,8 +207,13 @@ def batch_loss(task: Task, *, capture: bool, register_kfac: bool = False):
   """``loss(params, model_state, batch) -> (loss, (new_model_state, acts))``
   of a timing task (:func:`make_loss` on ``batch = (x, y)``)."""
   stateful = task.model_state is not None
-  loss = make_loss(task.model, stateful=stateful, tokens=task.tokens_per_example,
-                   capture=capture, register_kfac=register_kfac)
+  loss = make_loss(
+    task.model,
+    stateful=stateful,
+    tokens=task.tokens_per_example,
+    capture=capture,
+    register_kfac=register_kfac,
+  )
 
   def wrapped(params, model_state, batch):
     value, (state, acts) = loss(params, model_state, *batch)
@@ -238,8 +255,13 @@ def _lm_windows(ids: np.ndarray, context: int, count: int) -> tuple[np.ndarray, 
 
 
 @functools.lru_cache(maxsize=4)
-def load_data(task: str, split: str, train_limit: int | None = None,
-              eval_limit: int | None = None, context: int | None = None) -> Data:
+def load_data(
+  task: str,
+  split: str,
+  train_limit: int | None = None,
+  eval_limit: int | None = None,
+  context: int | None = None,
+) -> Data:
   """The training and evaluation arrays of a quality task for ``split``
   (``"val"``: a validation split carved from the training set; ``"test"``).
   Cached: runs of one process share them."""
@@ -268,9 +290,11 @@ def load_data(task: str, split: str, train_limit: int | None = None,
     else:
       held = ds.validation
     xte, yte = _lm_windows(held, context, 256)
-    desc = (f"KJV Bible chars, {len(stream):,} train tokens / "
-            f"{xte.size:,} {split} tokens (held-out books: "
-            f"{', '.join(ds.validation_books)})")
+    desc = (
+      f"KJV Bible chars, {len(stream):,} train tokens / "
+      f"{xte.size:,} {split} tokens (held-out books: "
+      f"{', '.join(ds.validation_books)})"
+    )
     return Data("chars", stream, None, xte, yte, ds.vocab_size, desc)
   else:
     raise ValueError(f"unknown task {task!r}; choose from {tuple(QUALITY_TASKS)}")
@@ -295,8 +319,9 @@ def augment(x: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray
   return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def train_batches(task: str, d: Data, *, batch_size: int, seed: int, augmented: bool = True,
-                  context: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(
+  task: str, d: Data, *, batch_size: int, seed: int, augmented: bool = True, context: int = 64
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """The training stream: shuffled epochs of images (augmented except on
   ``digits``) or random windows of the character stream."""
   if d.kind == "chars":

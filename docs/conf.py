@@ -28,6 +28,8 @@ extensions = [
 _NOTEBOOKS = pathlib.Path(__file__).resolve().parent / "notebooks"
 shutil.rmtree(_NOTEBOOKS, ignore_errors=True)
 shutil.copytree(ROOT / "notebooks", _NOTEBOOKS)
+for _nb in _NOTEBOOKS.glob("*.ipynb"):  # one folder deeper: relative links gain a ../
+  _nb.write_text(_nb.read_text().replace("](../benchmarks/", "](../../benchmarks/"))
 
 nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "colon_fence"]

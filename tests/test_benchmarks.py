@@ -20,7 +20,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class _Tiny(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
@@ -57,19 +56,28 @@ def test_every_label_takes_a_step(harness, label):
     if harness == "step_time":
       opt = optimizers.step_time_kfac(label, vg, has_state=False)
     else:
-      opt = optimizers.kfac_optimizer(vg, has_state=False, cov_every=1, inv_every=1,
-                                      l2_reg=5e-4, norm_constraint=1e-2)
+      opt = optimizers.kfac_optimizer(
+        vg, has_state=False, cov_every=1, inv_every=1, l2_reg=5e-4, norm_constraint=1e-2
+      )
     state = opt.init(params, jax.random.PRNGKey(0), (x, y))
-    new, state, stats = opt.step(params, state, jax.random.PRNGKey(2), batch=(x, y),
-                                 learning_rate=jnp.float32(1e-3), momentum=jnp.float32(0.9),
-                                 damping=jnp.float32(0.1), global_step_int=0)
+    new, state, _ = opt.step(
+      params,
+      state,
+      jax.random.PRNGKey(2),
+      batch=(x, y),
+      learning_rate=jnp.float32(1e-3),
+      momentum=jnp.float32(0.9),
+      damping=jnp.float32(0.1),
+      global_step_int=0,
+    )
     stack.__exit__(None, None, None)
   else:
     if harness == "step_time":
       tx = optimizers.step_time_optax(label)
     else:
-      tx = optimizers.quality_optax(family, 0.01, weight_decay=over.get("weight_decay"),
-                                    nysact=dict(over.get("nysact", ())))
+      tx = optimizers.quality_optax(
+        family, 0.01, weight_decay=over.get("weight_decay"), nysact=dict(over.get("nysact", ()))
+      )
     needs = optimizers.needs_activations(family)
     loss = tasks.make_loss(model, stateful=False, tokens=1, capture=needs)
     (value, (_, acts)), grads = jax.value_and_grad(loss, has_aux=True)(params, None, x, y)
@@ -92,8 +100,9 @@ def test_every_committed_result_has_the_header():
 
 
 def test_new_records_have_the_header_first(tmp_path):
-  rec = results.write(tmp_path / "r.json", "unit", config={"a": 1}, metrics={"b": 2},
-                      curves=[1, 2], quiet=True)
+  rec = results.write(
+    tmp_path / "r.json", "unit", config={"a": 1}, metrics={"b": 2}, curves=[1, 2], quiet=True
+  )
   read = results.read(tmp_path / "r.json")
   assert list(read) == [*results.HEADER_KEYS, "config", "metrics", "curves"]
   assert read["commit"]["commit"] == rec["commit"]["commit"]
@@ -101,8 +110,15 @@ def test_new_records_have_the_header_first(tmp_path):
 
 
 def test_entry_point_lists_every_suite():
-  out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-m", "benchmarks", "--help"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  ).stdout
   from benchmarks.__main__ import SUITES
+
   for suite in SUITES:
     assert f"  {suite} " in out

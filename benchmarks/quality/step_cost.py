@@ -33,8 +33,14 @@ from benchmarks import _common, results
 from benchmarks.quality import suite, train
 
 TASKS = {"lm5": suite._LM_LONG_CPU, "vit": suite._VIT_CPU}
-LRS = {"sgd": 0.1, "adamw": 3e-3, "muon": 0.05, "nysact": 0.1, "nysact-graft": 1e-2,
-       "graft-identity": 1e-2}
+LRS = {
+  "sgd": 0.1,
+  "adamw": 3e-3,
+  "muon": 0.05,
+  "nysact": 0.1,
+  "nysact-graft": 1e-2,
+  "graft-identity": 1e-2,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -76,12 +82,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       times[label].append(1e3 * (time.perf_counter() - t0) / a.block)
   med = {l: statistics.median(v) for l, v in times.items()}
   ref = med.get("adamw")
-  metrics = {"ms_per_step": times, "median_ms_per_step": med,
-             "ratio_to_adamw": {l: (m / ref if ref else None) for l, m in med.items()},
-             "load_average": _common.load_average()}
-  result = results.write(a.out, "step-cost",
-                         config={"task": a.task, "block": a.block, "rounds": a.rounds,
-                                 "optimizers": labels}, metrics=metrics)
+  metrics = {
+    "ms_per_step": times,
+    "median_ms_per_step": med,
+    "ratio_to_adamw": {l: (m / ref if ref else None) for l, m in med.items()},
+    "load_average": _common.load_average(),
+  }
+  result = results.write(
+    a.out,
+    "step-cost",
+    config={"task": a.task, "block": a.block, "rounds": a.rounds, "optimizers": labels},
+    metrics=metrics,
+  )
   for l in labels:
     print(f"{l:16s} {med[l]:8.1f} ms/step" + (f"  {med[l] / ref:.2f}x AdamW" if ref else ""))
   return result

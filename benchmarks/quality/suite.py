@@ -100,34 +100,45 @@ TUNED_AS = {"nysact": "nysact-reference"}
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = optimizers.QUALITY
 
 GRIDS = {
-    "sgd": (0.03, 0.1, 0.3),
-    "adamw": (3e-4, 1e-3, 3e-3),
-    "kfac": (0.01, 0.03, 0.1),
-    "nysact-reference": (0.03, 0.1, 0.3),
-    "nysact-shifted": (0.03, 0.1, 0.3),
-    "foof": (0.03, 0.1, 0.3),
+  "sgd": (0.03, 0.1, 0.3),
+  "adamw": (3e-4, 1e-3, 3e-3),
+  "kfac": (0.01, 0.03, 0.1),
+  "nysact-reference": (0.03, 0.1, 0.3),
+  "nysact-shifted": (0.03, 0.1, 0.3),
+  "foof": (0.03, 0.1, 0.3),
 }
 
 # Ablations: label -> RunConfig overrides of ABLATION_BASE at its tuned lr.
 ABLATION_BASE = "nysact-shifted"
 ABLATIONS: dict[str, dict[str, Any]] = {
-    **{f"rank{r}": {"nysact": (("rank", r),)} for r in (1, 5, 20, 50)},
-    "rank10": {},  # the base itself: a copy of its tuning run
-    "subcolumns": {"nysact": (("sketch", "subcolumns"),)},
-    "fixed": {"nysact": (("sketch_refresh", "fixed"),)},
-    "stable": {"nysact": (("nystrom", "stable"),)},
-    "fixed_stable": {"nysact": (("nystrom", "stable"), ("sketch_refresh", "fixed"))},
-    "stable_subcolumns": {"nysact": (("nystrom", "stable"), ("sketch", "subcolumns"))},
-    "damping0.1": {"damping": 0.1},
-    "damping10": {"damping": 10.0},
-    "periods1_10": {"nysact": (("cov_update_every", 1), ("inv_update_every", 10))},
-    "periods10_100": {"nysact": (("cov_update_every", 10), ("inv_update_every", 100))},
+  **{f"rank{r}": {"nysact": (("rank", r),)} for r in (1, 5, 20, 50)},
+  "rank10": {},  # the base itself: a copy of its tuning run
+  "subcolumns": {"nysact": (("sketch", "subcolumns"),)},
+  "fixed": {"nysact": (("sketch_refresh", "fixed"),)},
+  "stable": {"nysact": (("nystrom", "stable"),)},
+  "fixed_stable": {"nysact": (("nystrom", "stable"), ("sketch_refresh", "fixed"))},
+  "stable_subcolumns": {"nysact": (("nystrom", "stable"), ("sketch", "subcolumns"))},
+  "damping0.1": {"damping": 0.1},
+  "damping10": {"damping": 10.0},
+  "periods1_10": {"nysact": (("cov_update_every", 1), ("inv_update_every", 10))},
+  "periods10_100": {"nysact": (("cov_update_every", 10), ("inv_update_every", 100))},
 }
 # rank10 is the base; periods5_50 and damping1 are the base too.
 ABLATION_ORDER = (
-    "rank10", "fixed", "stable", "subcolumns", "rank1", "rank5", "rank20", "rank50",
-    "damping0.1", "damping10", "periods1_10", "periods10_100", "fixed_stable",
-    "stable_subcolumns",
+  "rank10",
+  "fixed",
+  "stable",
+  "subcolumns",
+  "rank1",
+  "rank5",
+  "rank20",
+  "rank50",
+  "damping0.1",
+  "damping10",
+  "periods1_10",
+  "periods10_100",
+  "fixed_stable",
+  "stable_subcolumns",
 )
 # The ablation equal to the library's current defaults ("nysact" in ``test``).
 DEFAULT_ABLATION = "fixed_stable"
@@ -135,39 +146,73 @@ DEFAULT_ABLATION = "fixed_stable"
 ABLATION_KEY = ("rank10", "stable", "fixed", "subcolumns", "fixed_stable", "stable_subcolumns")
 
 _CNN_CPU = train.RunConfig(
-    task="fmnist_cnn", steps=300, batch_size=64, eval_every=25, eval_size=1000,
-    model=(("features", (8, 16, 16)), ("hidden", 64)), track_layer="Dense_0",
+  task="fmnist_cnn",
+  steps=300,
+  batch_size=64,
+  eval_every=25,
+  eval_size=1000,
+  model=(("features", (8, 16, 16)), ("hidden", 64)),
+  track_layer="Dense_0",
 )
 _CNN_FULL = train.RunConfig(
-    task="fmnist_cnn", steps=4690, batch_size=128, eval_every=469, eval_size=10000,
-    track_layer="Dense_0",
+  task="fmnist_cnn",
+  steps=4690,
+  batch_size=128,
+  eval_every=469,
+  eval_size=10000,
+  track_layer="Dense_0",
 )  # 10 epochs of 60000 (469 steps of 128 per epoch)
 _RESNET_FULL = train.RunConfig(
-    task="fmnist_resnet", steps=4690, batch_size=128, eval_every=469, eval_size=10000,
+  task="fmnist_resnet",
+  steps=4690,
+  batch_size=128,
+  eval_every=469,
+  eval_size=10000,
 )
 _RESNET_CPU = train.RunConfig(
-    task="fmnist_resnet", steps=200, batch_size=64, eval_every=25, eval_size=1000,
+  task="fmnist_resnet",
+  steps=200,
+  batch_size=64,
+  eval_every=25,
+  eval_size=1000,
 )
 _LM_CPU = train.RunConfig(
-    task="char_lm", steps=300, batch_size=16, eval_every=25, eval_size=256,
-    model=(("num_layers", 2), ("width", 128), ("context", 64)), augment=False,
+  task="char_lm",
+  steps=300,
+  batch_size=16,
+  eval_every=25,
+  eval_size=256,
+  model=(("num_layers", 2), ("width", 128), ("context", 64)),
+  augment=False,
 )  # 300 x 16 x 64 = 307k tokens
 _LM_FULL = train.RunConfig(
-    task="char_lm", steps=5000, batch_size=32, eval_every=500, eval_size=256,
-    model=(("num_layers", 4), ("width", 256), ("context", 128)), augment=False,
+  task="char_lm",
+  steps=5000,
+  batch_size=32,
+  eval_every=500,
+  eval_size=256,
+  model=(("num_layers", 4), ("width", 256), ("context", 128)),
+  augment=False,
 )  # 5000 x 32 x 128 = 20.5M tokens
-LM_GRIDS = {"sgd": (0.1, 0.3, 1.0), "adamw": (1e-3, 3e-3, 1e-2),
-            "nysact-reference": (0.1, 0.3, 1.0), "foof": (0.1, 0.3, 1.0),
-            # Stage tf, cut to one point each on the contended 2-core machine:
-            # Muon at the issue's validation-tuned 0.05 (Adam 2.5e-3), the
-            # grafted mode at the probe's best 1e-2 (3e-3: 3.179, 3e-2: 3.573
-            # validation bits/char in the issue's probe), the per-leaf grouping
-            # at the same lr. A grid of one point is "tuned" once that run
-            # exists (its value is still recorded). The identity control was
-            # first tested at 1e-2 untuned (those runs are kept as
-            # graft-identity-lr0.01); its grid found 3e-3.
-            "muon": (0.05,), "nysact-graft": (1e-2,), "graft-identity": (3e-3, 1e-2, 3e-2),
-            "nysact-graft-leaf": (1e-2,), "nysact-graft-reldamp": (1e-2,)}
+LM_GRIDS = {
+  "sgd": (0.1, 0.3, 1.0),
+  "adamw": (1e-3, 3e-3, 1e-2),
+  "nysact-reference": (0.1, 0.3, 1.0),
+  "foof": (0.1, 0.3, 1.0),
+  # Stage tf, cut to one point each on the contended 2-core machine:
+  # Muon at the issue's validation-tuned 0.05 (Adam 2.5e-3), the
+  # grafted mode at the probe's best 1e-2 (3e-3: 3.179, 3e-2: 3.573
+  # validation bits/char in the issue's probe), the per-leaf grouping
+  # at the same lr. A grid of one point is "tuned" once that run
+  # exists (its value is still recorded). The identity control was
+  # first tested at 1e-2 untuned (those runs are kept as
+  # graft-identity-lr0.01); its grid found 3e-3.
+  "muon": (0.05,),
+  "nysact-graft": (1e-2,),
+  "graft-identity": (3e-3, 1e-2, 3e-2),
+  "nysact-graft-leaf": (1e-2,),
+  "nysact-graft-reldamp": (1e-2,),
+}
 # Stage tf: the new labels tuned on the 300-step LM; the grafted mode on the
 # CNN and ResNet-20 (an AdamW-like lr range: its steps have RMSProp's norm).
 # Only the runs needed to decide something: the grafted mode's lr (the
@@ -182,30 +227,59 @@ TF_VIT = ("adamw", "muon", "nysact-graft")  # the ViT's targets; the control lat
 TF_LATER = ("sgd", "nysact")
 _LM_LONG_CPU = dataclasses.replace(_LM_CPU, steps=1500, eval_every=125)  # 1.54M tokens: 5x
 _VIT_CPU = train.RunConfig(
-    task="fmnist_vit", steps=200, batch_size=32, eval_every=100, eval_size=1000,
+  task="fmnist_vit",
+  steps=200,
+  batch_size=32,
+  eval_every=100,
+  eval_size=1000,
 )  # patches of 4, width 128, depth 4 (the model's defaults); 6400 images: a
 # ninth of an epoch, all that 9 runs could take on the contended 2-core machine
 _VIT_FULL = train.RunConfig(
-    task="fmnist_vit", steps=3750, batch_size=32, eval_every=375, eval_size=10000,
+  task="fmnist_vit",
+  steps=3750,
+  batch_size=32,
+  eval_every=375,
+  eval_size=10000,
 )  # 2 epochs
 
 PRESETS = {
-    "smoke": Preset(
-        cnn=train.RunConfig(task="digits", steps=20, batch_size=32, eval_every=10,
-                            eval_size=360, track_layer="Dense_1"),
-        grids={"sgd": (0.1,), "foof": (0.1,)}, seeds=1,
+  "smoke": Preset(
+    cnn=train.RunConfig(
+      task="digits", steps=20, batch_size=32, eval_every=10, eval_size=360, track_layer="Dense_1"
     ),
-    # K-FAC is left out of ResNet-20 on the CPU: kfac-jax's convolution
-    # curvature made 30 steps of it take over 10 minutes on one core.
-    "cpu": Preset(cnn=_CNN_CPU, grids=GRIDS, seeds=5, resnet=_RESNET_CPU,
-                  lm=_LM_CPU, lm_grids=LM_GRIDS, lm_seeds=3, ablation_seeds=3,
-                  resnet_optimizers=("sgd", "adamw", "nysact", "foof"),
-                  lm_long=_LM_LONG_CPU, vit=_VIT_CPU, tf_seeds=3),
-    "full": Preset(cnn=_CNN_FULL, grids=GRIDS, seeds=5, resnet=_RESNET_FULL,
-                   resnet_seeds=3, lm=_LM_FULL, lm_grids=LM_GRIDS, lm_seeds=3,
-                   ablation_seeds=3,
-                   lm_long=dataclasses.replace(_LM_FULL, steps=25000, eval_every=2500),
-                   vit=_VIT_FULL, tf_seeds=3),
+    grids={"sgd": (0.1,), "foof": (0.1,)},
+    seeds=1,
+  ),
+  # K-FAC is left out of ResNet-20 on the CPU: kfac-jax's convolution
+  # curvature made 30 steps of it take over 10 minutes on one core.
+  "cpu": Preset(
+    cnn=_CNN_CPU,
+    grids=GRIDS,
+    seeds=5,
+    resnet=_RESNET_CPU,
+    lm=_LM_CPU,
+    lm_grids=LM_GRIDS,
+    lm_seeds=3,
+    ablation_seeds=3,
+    resnet_optimizers=("sgd", "adamw", "nysact", "foof"),
+    lm_long=_LM_LONG_CPU,
+    vit=_VIT_CPU,
+    tf_seeds=3,
+  ),
+  "full": Preset(
+    cnn=_CNN_FULL,
+    grids=GRIDS,
+    seeds=5,
+    resnet=_RESNET_FULL,
+    resnet_seeds=3,
+    lm=_LM_FULL,
+    lm_grids=LM_GRIDS,
+    lm_seeds=3,
+    ablation_seeds=3,
+    lm_long=dataclasses.replace(_LM_FULL, steps=25000, eval_every=2500),
+    vit=_VIT_FULL,
+    tf_seeds=3,
+  ),
 }
 
 
@@ -298,8 +372,9 @@ def _grid(runs: list[dict[str, Any]], grid: Sequence[float]) -> tuple[list[float
       return lrs, True
 
 
-def lr_grid(root: pathlib.Path, stage: str, task: str, label: str,
-            grid: Sequence[float]) -> tuple[list[float], bool]:
+def lr_grid(
+  root: pathlib.Path, stage: str, task: str, label: str, grid: Sequence[float]
+) -> tuple[list[float], bool]:
   """The learning rates to tune ``label`` on and whether they have all
   finished: ``grid``, extended past an edge while the best finished run is
   there (up to :data:`MAX_GRID_EXTENSIONS` values)."""
@@ -313,20 +388,23 @@ def _best_of_grid(runs: list[dict[str, Any]], grid: Sequence[float]) -> dict[str
   if not complete:
     return None
   done = {_fmt(lr) for lr in lrs}
-  return max((r for r in runs if "__d" not in r["_name"] and _fmt(r["config"]["lr"]) in done),
-             key=score)
+  return max(
+    (r for r in runs if "__d" not in r["_name"] and _fmt(r["config"]["lr"]) in done), key=score
+  )
 
 
-def best_lr(root: pathlib.Path, stage: str, task: str, label: str,
-            grid: Sequence[float]) -> float | None:
+def best_lr(
+  root: pathlib.Path, stage: str, task: str, label: str, grid: Sequence[float]
+) -> float | None:
   """The learning rate of the best run of ``label``'s :func:`lr_grid`, once
   that has finished (else ``None``); its damping runs use it."""
   best = _best_of_grid(_tuning_runs(root, stage, task, label), grid)
   return None if best is None else best["config"]["lr"]
 
 
-def best_run(root: pathlib.Path, stage: str, task: str, label: str,
-             grid: Sequence[float]) -> dict[str, Any] | None:
+def best_run(
+  root: pathlib.Path, stage: str, task: str, label: str, grid: Sequence[float]
+) -> dict[str, Any] | None:
   """The config of the best tuning run of ``label`` on ``task`` (its ``lr``
   and ``damping``), once its :func:`lr_grid` and, for the labels of
   :data:`DAMPING_GRIDS`, the damping runs at the grid's best learning rate
@@ -347,8 +425,7 @@ def best_ablation(root: pathlib.Path, task: str) -> str | None:
   """The best ablation setting (highest mean score over its finished seeds),
   once seed 0 of every ablation has finished."""
   runs = [r for r in load_runs(root, "ablate") if r["_name"].startswith(task + "__")]
-  if {r["_name"].split("__")[1] for r in runs if r["_name"].endswith("__s0")} < set(
-      ABLATION_ORDER):
+  if {r["_name"].split("__")[1] for r in runs if r["_name"].endswith("__s0")} < set(ABLATION_ORDER):
     return None
   by_label: dict[str, list[float]] = {}
   for r in runs:
@@ -362,8 +439,9 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
   lrs = {label: grids[label] for label in tuned if label in grids}
 
   def tune_run(label, lr):
-    return Run(stage_tune, tune_name(task, label, lr),
-               _cfg(preset_cfg, label, lr=lr, split="val", seed=0))
+    return Run(
+      stage_tune, tune_name(task, label, lr), _cfg(preset_cfg, label, lr=lr, split="val", seed=0)
+    )
 
   # Interleave labels so that a cut-off leaves every optimizer tuned alike.
   for i in range(max(len(v) for v in lrs.values())):
@@ -377,17 +455,27 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
   for label in (l for l in DAMPING_GRIDS if l in lrs):  # damping, at the best lr
     lr = best_lr(root, stage_tune, task, label, lrs[label])
     for damping in DAMPING_GRIDS[label]:
-      yield Run(stage_tune, tune_name(task, label, lr, damping), None if lr is None else _cfg(
-          preset_cfg, label, lr=lr, damping=damping, split="val", seed=0))
+      yield Run(
+        stage_tune,
+        tune_name(task, label, lr, damping),
+        None
+        if lr is None
+        else _cfg(preset_cfg, label, lr=lr, damping=damping, split="val", seed=0),
+      )
   tested = [label for label in labels if TUNED_AS.get(label, label) in lrs]
-  best = {label: best_run(root, stage_tune, task, TUNED_AS.get(label, label),
-                          lrs[TUNED_AS.get(label, label)]) for label in tested}
+  best = {
+    label: best_run(
+      root, stage_tune, task, TUNED_AS.get(label, label), lrs[TUNED_AS.get(label, label)]
+    )
+    for label in tested
+  }
   for seed in range(seeds):
     for label in tested:
       cfg = None
       if best[label] is not None:
-        over = {"damping": best[label]["damping"]} if TUNED_AS.get(
-            label, label) in DAMPING_GRIDS else {}
+        over = (
+          {"damping": best[label]["damping"]} if TUNED_AS.get(label, label) in DAMPING_GRIDS else {}
+        )
         cfg = _cfg(preset_cfg, label, lr=best[label]["lr"], split="test", seed=seed, **over)
       yield Run(stage_test, f"{task}__{label}__s{seed}", cfg)
 
@@ -395,8 +483,14 @@ def _tune_test(preset_cfg, grids, seeds, stage_tune, stage_test, root, labels) -
 TF_LM_GRIDS_UNTUNED = ("muon",)
 
 
-def _transfer(base: train.RunConfig, stage: str, labels: Sequence[str], seeds: Sequence[int],
-              root: pathlib.Path, lm_grids: dict[str, tuple[float, ...]]) -> Iterator[Run]:
+def _transfer(
+  base: train.RunConfig,
+  stage: str,
+  labels: Sequence[str],
+  seeds: Sequence[int],
+  root: pathlib.Path,
+  lm_grids: dict[str, tuple[float, ...]],
+) -> Iterator[Run]:
   """``labels`` on ``base``'s test split at the settings tuned for them on
   the 300-step LM (``lm_tune``), seeds interleaved (paired seeds first)."""
   best = {}
@@ -433,10 +527,13 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       # Seed 0 of every ablation first, then more seeds of the design choices
       # that set the defaults (ABLATION_KEY), then of the rest.
       order = [(label, 0) for label in ABLATION_ORDER]
-      order += [(label, seed) for seed in range(1, preset.ablation_seeds)
-                for label in ABLATION_KEY]
-      order += [(label, seed) for seed in range(1, preset.ablation_seeds)
-                for label in ABLATION_ORDER if label not in ABLATION_KEY]
+      order += [(label, seed) for seed in range(1, preset.ablation_seeds) for label in ABLATION_KEY]
+      order += [
+        (label, seed)
+        for seed in range(1, preset.ablation_seeds)
+        for label in ABLATION_ORDER
+        if label not in ABLATION_KEY
+      ]
       for label, seed in order:
         lr = best_lr(root, "tune", base.task, ABLATION_BASE, preset.grids[ABLATION_BASE])
         over = dict(ABLATIONS.get(label, {}))
@@ -456,49 +553,89 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
         for seed in range(preset.seeds):
           cfg = None
           if choice is not None and lr is not None:
-            cfg = _cfg(base, ABLATION_BASE, lr=lr, split="test", seed=seed,
-                       **ABLATIONS.get(choice, {}))
+            cfg = _cfg(
+              base, ABLATION_BASE, lr=lr, split="test", seed=seed, **ABLATIONS.get(choice, {})
+            )
           yield Run("best", f"{base.task}__nysact-{choice}__s{seed}", cfg)
     elif stage == "lm" and preset.lm is not None:
-      yield from _tune_test(preset.lm, preset.lm_grids, preset.lm_seeds, "lm_tune",
-                            "lm_test", root, ("sgd", "adamw", "nysact", "nysact-reference", "foof"))
+      yield from _tune_test(
+        preset.lm,
+        preset.lm_grids,
+        preset.lm_seeds,
+        "lm_tune",
+        "lm_test",
+        root,
+        ("sgd", "adamw", "nysact", "nysact-reference", "foof"),
+      )
     elif stage == "resnet" and preset.resnet is not None:
-      yield from _tune_test(preset.resnet, preset.grids, preset.resnet_seeds,
-                            "resnet_tune", "resnet_test", root, preset.resnet_optimizers)
+      yield from _tune_test(
+        preset.resnet,
+        preset.grids,
+        preset.resnet_seeds,
+        "resnet_tune",
+        "resnet_test",
+        root,
+        preset.resnet_optimizers,
+      )
     elif stage == "tf" and preset.lm_long is not None and preset.lm is not None:
       grids = preset.lm_grids or LM_GRIDS
-      yield from _tune_test(preset.lm, {k: grids[k] for k in TF_LM_TUNED}, 0,
-                            "lm_tune", "lm_test", root, TF_LM_TUNED)
-      yield from _tune_test(preset.lm, {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
-                            0, "lm_tune", "lm_test", root, ("nysact-graft-reldamp",))
+      yield from _tune_test(
+        preset.lm, {k: grids[k] for k in TF_LM_TUNED}, 0, "lm_tune", "lm_test", root, TF_LM_TUNED
+      )
+      yield from _tune_test(
+        preset.lm,
+        {"nysact-graft-reldamp": grids["nysact-graft-reldamp"]},
+        0,
+        "lm_tune",
+        "lm_test",
+        root,
+        ("nysact-graft-reldamp",),
+      )
       # The machine's load left a run of the 5x LM 10-15 min: the paired
       # seeds run first at the 300-step budget of lm_test (beside its AdamW,
       # SGD and NysAct runs), then seed 0 of the ViT and of the 5x LM, then
       # the other seeds.
       yield from _transfer(preset.lm, "lm_test", TF_FIRST[1:], range(preset.tf_seeds), root, grids)
       # The control's validation grid (its first tests ran at 1e-2 untuned).
-      yield from _tune_test(preset.lm, {"graft-identity": (3e-3, 1e-2, 3e-2)}, 0,
-                            "lm_tune", "lm_test", root, ("graft-identity",))
+      yield from _tune_test(
+        preset.lm,
+        {"graft-identity": (3e-3, 1e-2, 3e-2)},
+        0,
+        "lm_tune",
+        "lm_test",
+        root,
+        ("graft-identity",),
+      )
       # Then the ViT's seed 0, the CNN check (short runs), the ViT's other
       # seeds, the 5x LM seed by seed, ResNet-20 (the longest image runs).
       if preset.vit is not None:
         yield from _transfer(preset.vit, "vit_test", TF_VIT, [0], root, grids)
-      yield from _tune_test(preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test",
-                            root, ("nysact-graft",))
+      yield from _tune_test(
+        preset.cnn, GRAFT_IMAGE_GRID, preset.seeds, "tune", "test", root, ("nysact-graft",)
+      )
       if preset.vit is not None:
         # Seed 0 put the grafted mode far below AdamW on the ViT at the
         # LM-tuned 1e-2: is that lr or the method? Its validation grid, as a
         # check only (the tests stay at the settings tuned on the LM).
         for lr in (3e-3, 1e-2, 3e-2):
-          yield Run("vit_tune", tune_name(preset.vit.task, "nysact-graft", lr),
-                    _cfg(preset.vit, "nysact-graft", lr=lr, split="val", seed=0))
-        yield from _transfer(preset.vit, "vit_test", TF_VIT, range(1, preset.tf_seeds), root,
-                             grids)
+          yield Run(
+            "vit_tune",
+            tune_name(preset.vit.task, "nysact-graft", lr),
+            _cfg(preset.vit, "nysact-graft", lr=lr, split="val", seed=0),
+          )
+        yield from _transfer(preset.vit, "vit_test", TF_VIT, range(1, preset.tf_seeds), root, grids)
       for seed in range(preset.tf_seeds):
         yield from _transfer(preset.lm_long, "lm5_test", TF_FIRST, [seed], root, grids)
       if preset.resnet is not None:
-        yield from _tune_test(preset.resnet, GRAFT_IMAGE_GRID, preset.resnet_seeds,
-                              "resnet_tune", "resnet_test", root, ("nysact-graft",))
+        yield from _tune_test(
+          preset.resnet,
+          GRAFT_IMAGE_GRID,
+          preset.resnet_seeds,
+          "resnet_tune",
+          "resnet_test",
+          root,
+          ("nysact-graft",),
+        )
       seeds = range(preset.tf_seeds)
       if preset.vit is not None:
         yield from _transfer(preset.vit, "vit_test", ("graft-identity",), seeds, root, grids)
@@ -510,29 +647,37 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
 def _past(deadline: str | None) -> bool:
   if not deadline:
     return False
-  now = datetime.datetime.now(datetime.timezone.utc)
+  now = datetime.datetime.now(datetime.UTC)
   hh, mm = (int(v) for v in deadline.split(":"))
   return (now.hour, now.minute) >= (hh, mm)
 
 
 def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  p.add_argument("--stages", default="tune,test,ablate,best",
-                 help=f"comma-separated, in order; from {','.join(STAGES)}")
+  p.add_argument(
+    "--stages",
+    default="tune,test,ablate,best",
+    help=f"comma-separated, in order; from {','.join(STAGES)}",
+  )
   p.add_argument("--out-dir", default=str(RESULTS / "runs"))
   p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
   p.add_argument("--seeds", type=int, default=None, help="override the preset's seeds")
-  p.add_argument("--only", default=None,
-                 help="comma-separated substrings: run only names containing one")
+  p.add_argument(
+    "--only", default=None, help="comma-separated substrings: run only names containing one"
+  )
   p.add_argument("--deadline", default=None, help="UTC HH:MM after which no run starts")
   p.add_argument("--max-runs", type=int, default=None)
-  p.add_argument("--cache-dir", default=None,
-                 help="persistent XLA compilation cache (speeds up restarts)")
-  p.add_argument("--wait", action="store_true",
-                 help="when the remaining runs wait for another process's results, "
-                      "poll instead of exiting")
+  p.add_argument(
+    "--cache-dir", default=None, help="persistent XLA compilation cache (speeds up restarts)"
+  )
+  p.add_argument(
+    "--wait",
+    action="store_true",
+    help="when the remaining runs wait for another process's results, poll instead of exiting",
+  )
   p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
   a = p.parse_args(argv)
   preset = PRESETS[a.preset]
@@ -546,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
       p.error(f"unknown stage {s!r}; choose from {STAGES}")
   if a.cache_dir:
     import jax
+
     jax.config.update("jax_compilation_cache_dir", a.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   # SIGTERM ends the run in progress cleanly (its lock is removed).
@@ -588,11 +734,14 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
       path.parent.mkdir(parents=True, exist_ok=True)
       lock.write_text(str(os.getpid()))
       t0 = time.time()
-      print(f"[run ] {run.stage}/{run.name} lr={run.cfg.lr} "
-            f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)", flush=True)
+      print(
+        f"[run ] {run.stage}/{run.name} lr={run.cfg.lr} "
+        f"({time.strftime('%H:%M:%S', time.gmtime())} UTC)",
+        flush=True,
+      )
       try:
         result = train.run(run.cfg, path, progress=lambda s: print("       " + s, flush=True))
-      except Exception:  # noqa: BLE001 - record the failure, go on with the next run
+      except Exception:
         err = traceback.format_exc()
         print(err, file=sys.stderr, flush=True)
         path.with_suffix(".failed.txt").write_text(err)
@@ -602,10 +751,13 @@ def main(argv: Sequence[str] | None = None) -> list[pathlib.Path]:
       done += 1
       written.append(path)
       f = result["metrics"]["final"]
-      print(f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
-            f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
-            f"(train {result['metrics']['timing']['train_s']:.0f}s, first step "
-            f"{result['metrics']['timing']['first_step_s']:.0f}s)", flush=True)
+      print(
+        f"[done] {run.stage}/{run.name}: acc {f['eval_accuracy']:.4f} loss "
+        f"{f['eval_loss']:.4f} diverged={f['diverged']} in {time.time() - t0:.0f}s "
+        f"(train {result['metrics']['timing']['train_s']:.0f}s, first step "
+        f"{result['metrics']['timing']['first_step_s']:.0f}s)",
+        flush=True,
+      )
       break  # re-plan: later runs may depend on this one
     first_pass = False
     if stop or a.dry_run or (not started and not pending):

@@ -25,18 +25,33 @@ import numpy as np
 from benchmarks import results
 from benchmarks.quality import suite
 
-LABELS = ("sgd", "adamw", "kfac", "muon", "nysact", "nysact-reference", "nysact-fixed_stable",
-          "nysact-shifted", "foof", "nysact-graft", "nysact-graft-leaf", "graft-identity")
+LABELS = (
+  "sgd",
+  "adamw",
+  "kfac",
+  "muon",
+  "nysact",
+  "nysact-reference",
+  "nysact-fixed_stable",
+  "nysact-shifted",
+  "foof",
+  "nysact-graft",
+  "nysact-graft-leaf",
+  "graft-identity",
+)
 NAMES = {
-    "sgd": "SGD-momentum", "adamw": "AdamW", "kfac": "K-FAC (kfac-jax)",
-    "nysact": "NysAct (default)", "foof": "NysAct exact (FOOF)",
-    "nysact-reference": "NysAct, reference sketch refresh",
-    "nysact-fixed_stable": "NysAct, best ablation (stable, fixed sketch)",
-    "nysact-shifted": "NysAct, shifted Nyström (the paper's)",
-    "muon": "Muon (optax.contrib)",
-    "nysact-graft": "NysAct graft=\"rmsprop\"",
-    "nysact-graft-leaf": "NysAct graft, one group per leaf",
-    "graft-identity": "graft control: identity direction",
+  "sgd": "SGD-momentum",
+  "adamw": "AdamW",
+  "kfac": "K-FAC (kfac-jax)",
+  "nysact": "NysAct (default)",
+  "foof": "NysAct exact (FOOF)",
+  "nysact-reference": "NysAct, reference sketch refresh",
+  "nysact-fixed_stable": "NysAct, best ablation (stable, fixed sketch)",
+  "nysact-shifted": "NysAct, shifted Nyström (the paper's)",
+  "muon": "Muon (optax.contrib)",
+  "nysact-graft": 'NysAct graft="rmsprop"',
+  "nysact-graft-leaf": "NysAct graft, one group per leaf",
+  "graft-identity": "graft control: identity direction",
 }
 
 
@@ -78,11 +93,14 @@ def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
       r = by[label][key]
       v = _value(r)
       s = ((f"{v:.3f}" if v is not None else "n/a") if lm else _pct(v)) + (
-          " (diverged)" if r["metrics"]["final"]["diverged"] else "")
+        " (diverged)" if r["metrics"]["final"]["diverged"] else ""
+      )
       cells.append(f"{_lr(r, key[1] != 0.0)}: {s}")
     best = max(by[label].values(), key=suite.score)
-    lines.append(f"| {NAMES.get(label, label)} | {'; '.join(cells)} | "
-                 f"{_lr(best, label in suite.DAMPING_GRIDS)} |")
+    lines.append(
+      f"| {NAMES.get(label, label)} | {'; '.join(cells)} | "
+      f"{_lr(best, label in suite.DAMPING_GRIDS)} |"
+    )
   return lines
 
 
@@ -107,17 +125,26 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
   stats: dict[str, Any] = {}
   for label, rs in by.items():
     vals = [_value(r) for r in rs]
-    curve_final = [(r["curves"]["eval"][-1]["eval_loss"] / math.log(2)) if lm else r["curves"]["eval"][-1]["eval_accuracy"]
-                   for r in rs if r["curves"]["eval"]]
+    curve_final = [
+      (r["curves"]["eval"][-1]["eval_loss"] / math.log(2))
+      if lm
+      else r["curves"]["eval"][-1]["eval_accuracy"]
+      for r in rs
+      if r["curves"]["eval"]
+    ]
     stats[label] = {
-        "n": len(rs), "lr": rs[0]["config"]["lr"], "damping": rs[0]["config"].get("damping"),
-        "seeds": sorted(r["config"]["seed"] for r in rs),
-        "mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "values": vals,
-        "curve_final_mean": _mean_std(curve_final)[0],
-        "train_s": _mean_std([r["metrics"]["timing"]["train_s"] for r in rs])[0],
-        "ms_per_step": 1e3 * _mean_std([r["metrics"]["timing"]["train_s_per_step"] for r in rs])[0],
-        "diverged": sum(bool(r["metrics"]["final"]["diverged"]) for r in rs),
-        "steps": rs[0]["config"]["steps"],
+      "n": len(rs),
+      "lr": rs[0]["config"]["lr"],
+      "damping": rs[0]["config"].get("damping"),
+      "seeds": sorted(r["config"]["seed"] for r in rs),
+      "mean": _mean_std(vals)[0],
+      "std": _mean_std(vals)[1],
+      "values": vals,
+      "curve_final_mean": _mean_std(curve_final)[0],
+      "train_s": _mean_std([r["metrics"]["timing"]["train_s"] for r in rs])[0],
+      "ms_per_step": 1e3 * _mean_std([r["metrics"]["timing"]["train_s_per_step"] for r in rs])[0],
+      "diverged": sum(bool(r["metrics"]["final"]["diverged"]) for r in rs),
+      "steps": rs[0]["config"]["steps"],
     }
   # Time to SGD-momentum's final accuracy (on the curves' evaluation subset).
   ref = stats.get("sgd", {}).get("curve_final_mean")
@@ -128,8 +155,8 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
     stats[label]["reached_sgd_final"] = f"{len(reached)}/{len(rs)}"
   metric = "bits/char (mean ± sd)" if lm else "test accuracy % (mean ± sd)"
   lines = [
-      f"| optimizer | lr | seeds | {metric} | train s | ms/step | time to SGD's final (s) | reached |",
-      "|---|---|---|---|---|---|---|---|",
+    f"| optimizer | lr | seeds | {metric} | train s | ms/step | time to SGD's final (s) | reached |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for label in [l for l in LABELS if l in stats] + [l for l in stats if l not in LABELS]:
     s = stats[label]
@@ -142,8 +169,9 @@ def test_table(runs: list[dict[str, Any]], lm: bool = False) -> tuple[list[str],
     tt = s["time_to_sgd_final_s"]
     lr = _lr(by[label][0], suite.TUNED_AS.get(label, label) in suite.DAMPING_GRIDS)
     lines.append(
-        f"| {NAMES.get(label, label)} | {lr} | {s['n']} | {val} | {s['train_s']:.0f} | "
-        f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |")
+      f"| {NAMES.get(label, label)} | {lr} | {s['n']} | {val} | {s['train_s']:.0f} | "
+      f"{s['ms_per_step']:.0f} | {'n/a' if tt is None else f'{tt:.0f}'} | {s['reached_sgd_final']} |"
+    )
   return lines, stats
 
 
@@ -156,31 +184,41 @@ def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list
     ad = stats.get("adamw")
     if ad:
       ok = ny["mean"] <= ad["mean"]
-      out.append(f"- {model}: NysAct bits/char {ny['mean']:.4f} <= AdamW's {ad['mean']:.4f}: "
-                 f"{'MET' if ok else 'NOT MET'}")
+      out.append(
+        f"- {model}: NysAct bits/char {ny['mean']:.4f} <= AdamW's {ad['mean']:.4f}: "
+        f"{'MET' if ok else 'NOT MET'}"
+      )
     return out
   for other, rule in (("adamw", "at least AdamW's"), ("kfac", "at least K-FAC's")):
     o = stats.get(other)
     if o:
       ok = ny["mean"] >= o["mean"]
-      out.append(f"- {model}: NysAct {100 * ny['mean']:.2f}% {rule} {100 * o['mean']:.2f}%: "
-                 f"{'MET' if ok else 'NOT MET'} ({100 * (ny['mean'] - o['mean']):+.2f} points)")
+      out.append(
+        f"- {model}: NysAct {100 * ny['mean']:.2f}% {rule} {100 * o['mean']:.2f}%: "
+        f"{'MET' if ok else 'NOT MET'} ({100 * (ny['mean'] - o['mean']):+.2f} points)"
+      )
   sgd = stats.get("sgd")
   if sgd:
     gap = 100 * (ny["mean"] - sgd["mean"])
-    out.append(f"- {model}: NysAct {100 * ny['mean']:.2f}% no more than 0.2 points below "
-               f"SGD-momentum's {100 * sgd['mean']:.2f}%: {'MET' if gap >= -0.2 else 'NOT MET'} "
-               f"({gap:+.2f} points)")
+    out.append(
+      f"- {model}: NysAct {100 * ny['mean']:.2f}% no more than 0.2 points below "
+      f"SGD-momentum's {100 * sgd['mean']:.2f}%: {'MET' if gap >= -0.2 else 'NOT MET'} "
+      f"({gap:+.2f} points)"
+    )
     # SGD reaches its final accuracy at its last step: its time is the run's.
     tn, ts = ny.get("time_to_sgd_final_s"), sgd["train_s"]
     if tn is None:
-      out.append(f"- {model}: NysAct reaches SGD's final accuracy in fewer seconds: NOT MET "
-                 f"(reached in {ny['reached_sgd_final']} runs)")
+      out.append(
+        f"- {model}: NysAct reaches SGD's final accuracy in fewer seconds: NOT MET "
+        f"(reached in {ny['reached_sgd_final']} runs)"
+      )
     else:
-      out.append(f"- {model}: NysAct reaches SGD's final accuracy (curve subset, "
-                 f"{100 * sgd['curve_final_mean']:.2f}%) in {tn:.1f} s against SGD's whole "
-                 f"run, {ts:.1f} s: {'MET' if tn < ts else 'NOT MET'} (NysAct reached it in "
-                 f"{ny['reached_sgd_final']} runs; the mean is over those)")
+      out.append(
+        f"- {model}: NysAct reaches SGD's final accuracy (curve subset, "
+        f"{100 * sgd['curve_final_mean']:.2f}%) in {tn:.1f} s against SGD's whole "
+        f"run, {ts:.1f} s: {'MET' if tn < ts else 'NOT MET'} (NysAct reached it in "
+        f"{ny['reached_sgd_final']} runs; the mean is over those)"
+      )
   return out
 
 
@@ -189,13 +227,17 @@ def paired_table(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[
   by = collections.defaultdict(dict)
   for r in runs:
     by[_label(r["_name"])][r["config"]["seed"]] = _value(r)
-  labels = [l for l in ("sgd", "adamw", "muon", "nysact", "nysact-graft", "graft-identity")
-            if l in by]
+  labels = [
+    l for l in ("sgd", "adamw", "muon", "nysact", "nysact-graft", "graft-identity") if l in by
+  ]
   seeds = sorted({s for v in by.values() for s in v})
   fmt = (lambda v: f"{v:.4f}") if lm else (lambda v: f"{100 * v:.2f}")
   others = [o for o in ("adamw", "muon", "graft-identity") if o in by]
-  head = ["seed", *(NAMES.get(l, l) for l in labels),
-          *(f"graft - {NAMES.get(o, o)}" for o in others if "nysact-graft" in by)]
+  head = [
+    "seed",
+    *(NAMES.get(l, l) for l in labels),
+    *(f"graft - {NAMES.get(o, o)}" for o in others if "nysact-graft" in by),
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   diffs: dict[str, list[float]] = {o: [] for o in others}
   for seed in seeds:
@@ -210,13 +252,15 @@ def paired_table(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[
         diffs[o].append(d)
         row.append(f"{d:+.4f}" if lm else f"{d:+.2f}")
     lines.append("| " + " | ".join(row) + " |")
-  stats = {o: {"diffs": d, "mean": _mean_std(d)[0], "std": _mean_std(d)[1]}
-           for o, d in diffs.items() if d}
+  stats = {
+    o: {"diffs": d, "mean": _mean_std(d)[0], "std": _mean_std(d)[1]} for o, d in diffs.items() if d
+  }
   return lines, stats
 
 
-def tf_targets(stats: dict[str, Any], paired: dict[str, Any],
-               cost: dict[str, Any] | None = None) -> list[str]:
+def tf_targets(
+  stats: dict[str, Any], paired: dict[str, Any], cost: dict[str, Any] | None = None
+) -> list[str]:
   """Issue 13's targets, from the tables (``stats``: per section key) and
   the side-by-side step cost (``step_cost.py``'s JSON)."""
   out = []
@@ -227,47 +271,62 @@ def tf_targets(stats: dict[str, Any], paired: dict[str, Any],
     if g and "adamw" in pl:
       d = pl["adamw"]["diffs"]
       ok = len(d) >= 3 and all(x <= -0.10 for x in d)
-      out.append(f"- {name}: NysAct-graft at most AdamW's - 0.10 bits/char on every paired "
-                 f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; differences "
-                 f"{', '.join(f'{x:+.3f}' for x in d)}; means {g['mean']:.4f} vs "
-                 f"{st['adamw']['mean']:.4f})")
+      out.append(
+        f"- {name}: NysAct-graft at most AdamW's - 0.10 bits/char on every paired "
+        f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; differences "
+        f"{', '.join(f'{x:+.3f}' for x in d)}; means {g['mean']:.4f} vs "
+        f"{st['adamw']['mean']:.4f})"
+      )
     if g and "muon" in pl:
       d = pl["muon"]["diffs"]
-      out.append(f"- {name}: NysAct-graft reaches Muon: "
-                 f"{'MET' if g['mean'] <= st['muon']['mean'] else 'NOT MET'} "
-                 f"({g['mean']:.4f} vs {st['muon']['mean']:.4f}; paired "
-                 f"{', '.join(f'{x:+.3f}' for x in d)})")
+      out.append(
+        f"- {name}: NysAct-graft reaches Muon: "
+        f"{'MET' if g['mean'] <= st['muon']['mean'] else 'NOT MET'} "
+        f"({g['mean']:.4f} vs {st['muon']['mean']:.4f}; paired "
+        f"{', '.join(f'{x:+.3f}' for x in d)})"
+      )
     if g and "graft-identity" in pl:
       d = pl["graft-identity"]["diffs"]
       ok = len(d) >= 3 and all(x < 0 for x in d)
-      out.append(f"- {name}: NysAct-graft below the identity-graft control on every paired "
-                 f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; mean difference "
-                 f"{pl['graft-identity']['mean']:+.4f} ± {pl['graft-identity']['std']:.4f}; "
-                 f"{', '.join(f'{x:+.3f}' for x in d)})")
+      out.append(
+        f"- {name}: NysAct-graft below the identity-graft control on every paired "
+        f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; mean difference "
+        f"{pl['graft-identity']['mean']:+.4f} ± {pl['graft-identity']['std']:.4f}; "
+        f"{', '.join(f'{x:+.3f}' for x in d)})"
+      )
   if cost and "nysact-graft" in cost.get("ratio_to_adamw", {}):
     med, ratio = cost["median_ms_per_step"], cost["ratio_to_adamw"]
-    out.append(f"- LM: NysAct-graft's amortised step at most 1.15x AdamW's, side by side "
-               f"(step_cost.py, {cost['rounds']} interleaved rounds of {cost['block']} steps): "
-               f"{'MET' if ratio['nysact-graft'] <= 1.15 else 'NOT MET'} "
-               f"({med['nysact-graft']:.0f} vs {med['adamw']:.0f} ms, "
-               f"{ratio['nysact-graft']:.2f}x; "
-               + ", ".join(f"{NAMES.get(k, k)} {v:.2f}x" for k, v in ratio.items()
-                           if k not in ("adamw", "nysact-graft"))
-               + f"; load average {cost.get('load_average')})")
+    out.append(
+      f"- LM: NysAct-graft's amortised step at most 1.15x AdamW's, side by side "
+      f"(step_cost.py, {cost['rounds']} interleaved rounds of {cost['block']} steps): "
+      f"{'MET' if ratio['nysact-graft'] <= 1.15 else 'NOT MET'} "
+      f"({med['nysact-graft']:.0f} vs {med['adamw']:.0f} ms, "
+      f"{ratio['nysact-graft']:.2f}x; "
+      + ", ".join(
+        f"{NAMES.get(k, k)} {v:.2f}x"
+        for k, v in ratio.items()
+        if k not in ("adamw", "nysact-graft")
+      )
+      + f"; load average {cost.get('load_average')})"
+    )
   vit = stats.get("vit", {})
   gv = vit.get("nysact-graft")
   for o in ("adamw", "muon"):
     if gv and o in vit:
-      out.append(f"- ViT: NysAct-graft test accuracy at least {NAMES[o]}'s: "
-                 f"{'MET' if gv['mean'] >= vit[o]['mean'] else 'NOT MET'} "
-                 f"({100 * gv['mean']:.2f} vs {100 * vit[o]['mean']:.2f} %, n={gv['n']}/{vit[o]['n']})")
+      out.append(
+        f"- ViT: NysAct-graft test accuracy at least {NAMES[o]}'s: "
+        f"{'MET' if gv['mean'] >= vit[o]['mean'] else 'NOT MET'} "
+        f"({100 * gv['mean']:.2f} vs {100 * vit[o]['mean']:.2f} %, n={gv['n']}/{vit[o]['n']})"
+      )
   for key, model in (("cnn", "CNN"), ("resnet", "ResNet-20")):
     st = stats.get(key, {})
     if "nysact-graft" in st and "nysact" in st:
       d = 100 * (st["nysact-graft"]["mean"] - st["nysact"]["mean"])
-      out.append(f"- {model}: NysAct-graft within 0.3 points of plain NysAct or better: "
-                 f"{'MET' if d >= -0.3 else 'NOT MET'} ({100 * st['nysact-graft']['mean']:.2f} vs "
-                 f"{100 * st['nysact']['mean']:.2f} %, {d:+.2f} points)")
+      out.append(
+        f"- {model}: NysAct-graft within 0.3 points of plain NysAct or better: "
+        f"{'MET' if d >= -0.3 else 'NOT MET'} ({100 * st['nysact-graft']['mean']:.2f} vs "
+        f"{100 * st['nysact']['mean']:.2f} %, {d:+.2f} points)"
+      )
   return out
 
 
@@ -290,25 +349,28 @@ def _nystrom_of(r: dict[str, Any]) -> str:
 
 def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
   lines = [
-      "| setting | Nyström | seeds | val accuracy % (mean ± sd) | per seed | ms/step "
-      "| P error rel. Frobenius (last, mean over seeds) | rel. on top-10 eigvecs (last) "
-      "| refresh failures |",
-      "|---|---|---|---|---|---|---|---|---|",
+    "| setting | Nyström | seeds | val accuracy % (mean ± sd) | per seed | ms/step "
+    "| P error rel. Frobenius (last, mean over seeds) | rel. on top-10 eigvecs (last) "
+    "| refresh failures |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for label, rs in _by_label(runs):
     rs = sorted(rs, key=lambda r: r["config"]["seed"])
     accs = [r["metrics"]["final"]["eval_accuracy"] for r in rs]
     m, sd = _mean_std(accs)
-    per_seed = ", ".join(_pct(a) + ("*" if r["metrics"]["final"]["diverged"] else "") for a, r in zip(accs, rs))
+    per_seed = ", ".join(
+      _pct(a) + ("*" if r["metrics"]["final"]["diverged"] else "") for a, r in zip(accs, rs)
+    )
     last = [(r["curves"].get("preconditioner_error") or [None])[-1] for r in rs]
     fro = _finite([e.get("rel_fro") for e in last if e])
     top = _finite([e.get("rel_top10") for e in last if e])
     fails = sum(sum((r.get("nysact_refresh_failures") or {}).values()) for r in rs)
     ms = _mean_std([r["metrics"]["timing"]["train_s_per_step"] for r in rs])[0]
     lines.append(
-        f"| {label} | {_nystrom_of(rs[0])} | {len(rs)} | {_pct(m)} ± {_pct(sd)} | {per_seed} | "
-        f"{1e3 * ms:.0f} | {f'{np.mean(fro):.3f}' if fro else 'n/a'} | "
-        f"{f'{np.mean(top):.3f}' if top else 'n/a'} | {fails} |")
+      f"| {label} | {_nystrom_of(rs[0])} | {len(rs)} | {_pct(m)} ± {_pct(sd)} | {per_seed} | "
+      f"{1e3 * ms:.0f} | {f'{np.mean(fro):.3f}' if fro else 'n/a'} | "
+      f"{f'{np.mean(top):.3f}' if top else 'n/a'} | {fails} |"
+    )
   lines.append("")
   lines.append("(* diverged: the loss became non-finite.)")
   return lines
@@ -316,6 +378,7 @@ def ablation_table(runs: list[dict[str, Any]]) -> list[str]:
 
 def plot_curves(runs: list[dict[str, Any]], path: pathlib.Path, title: str, lm: bool = False):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -356,33 +419,43 @@ def plot_curves(runs: list[dict[str, Any]], path: pathlib.Path, title: str, lm: 
 
 def plot_ablations(runs: list[dict[str, Any]], path: pathlib.Path, title: str):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  groups = [(k, rs) for k, rs in _by_label(runs)
-            if not any(r["metrics"]["final"]["diverged"] for r in rs)]
+  groups = [
+    (k, rs) for k, rs in _by_label(runs) if not any(r["metrics"]["final"]["diverged"] for r in rs)
+  ]
   fig, axes = plt.subplots(1, 2, figsize=(13, 4))
   names = [k for k, _ in groups]
   stats = [_mean_std([r["metrics"]["final"]["eval_accuracy"] for r in rs]) for _, rs in groups]
   means = [100 * m for m, _ in stats]
   sds = [100 * s for _, s in stats]
-  colors = ["#d62728" if n == "rank10" else "#2ca02c" if n == suite.DEFAULT_ABLATION
-            else "#1f77b4" for n in names]
+  colors = [
+    "#d62728" if n == "rank10" else "#2ca02c" if n == suite.DEFAULT_ABLATION else "#1f77b4"
+    for n in names
+  ]
   axes[0].bar(names, means, yerr=sds, color=colors, capsize=3)
   for i, (_, rs) in enumerate(groups):
-    axes[0].plot([i] * len(rs), [100 * r["metrics"]["final"]["eval_accuracy"] for r in rs], "k.", ms=4)
+    axes[0].plot(
+      [i] * len(rs), [100 * r["metrics"]["final"]["eval_accuracy"] for r in rs], "k.", ms=4
+    )
   if means:
     axes[0].set_ylim(min(means) - 3, max(means) + 2)
   axes[0].set_ylabel("validation accuracy %")
-  axes[0].set_title("mean ± sd over seeds (dots: seeds; red: protocol baseline, "
-                    "green: new default)", fontsize=9)
+  axes[0].set_title(
+    "mean ± sd over seeds (dots: seeds; red: protocol baseline, green: new default)", fontsize=9
+  )
   axes[0].tick_params(axis="x", rotation=60)
   for n, rs in groups:
-    err = next((r["curves"].get("preconditioner_error") for r in rs if r["config"]["seed"] == 0), None)
+    err = next(
+      (r["curves"].get("preconditioner_error") for r in rs if r["config"]["seed"] == 0), None
+    )
     err = [e for e in (err or []) if e.get("rel_top10") is not None]
     if err:
-      axes[1].plot([e["step"] for e in err], [e["rel_top10"] for e in err], marker="o",
-                   ms=3, label=n)
+      axes[1].plot(
+        [e["step"] for e in err], [e["rel_top10"] for e in err], marker="o", ms=3, label=n
+      )
   axes[1].set_yscale("log")
   axes[1].set_xlabel("step")
   axes[1].set_ylabel("||(P - P_exact) V10|| / ||P_exact V10||")
@@ -401,10 +474,12 @@ def _describe(runs: list[dict[str, Any]]) -> str:
   c = runs[0]["config"]
   m = runs[0]["machine"]
   model = ", ".join(f"{k}={v}" for k, v in c["model"].items()) or "default size"
-  return (f"{runs[0]['metrics']['data']}; model {c['task']} ({model}, {runs[0]['metrics']['param_count']:,} params); "
-          f"{c['steps']} steps x batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine; "
-          f"{m['cpu_model']} ({m['cpus_usable']} core(s) per run, {m['jax_backend']}), "
-          f"jax {(runs[0]['versions'] or {}).get('jax')}")
+  return (
+    f"{runs[0]['metrics']['data']}; model {c['task']} ({model}, {runs[0]['metrics']['param_count']:,} params); "
+    f"{c['steps']} steps x batch {c['batch_size']}, warm-up {c['warmup']:.0%} + cosine; "
+    f"{m['cpu_model']} ({m['cpus_usable']} core(s) per run, {m['jax_backend']}), "
+    f"jax {(runs[0]['versions'] or {}).get('jax')}"
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -418,14 +493,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   md: list[str] = ["# Training quality: results so far", ""]
   summary: dict[str, Any] = {}
   sections = (
-      ("Fashion-MNIST CNN", "tune", "test", "cnn", False),
-      ("Fashion-MNIST ResNet-20", "resnet_tune", "resnet_test", "resnet", False),
-      ("Character LM (KJV Bible)", "lm_tune", "lm_test", "lm", True),
-      ("Character LM at 5x the tokens (issue 13; settings tuned on the 300-step LM)",
-       None, "lm5_test", "lm5", True),
-      ("Fashion-MNIST ViT (issue 13; settings tuned on the 300-step LM; the ViT's own "
-       "validation grid of the grafted mode is a check only)",
-       "vit_tune", "vit_test", "vit", False),
+    ("Fashion-MNIST CNN", "tune", "test", "cnn", False),
+    ("Fashion-MNIST ResNet-20", "resnet_tune", "resnet_test", "resnet", False),
+    ("Character LM (KJV Bible)", "lm_tune", "lm_test", "lm", True),
+    (
+      "Character LM at 5x the tokens (issue 13; settings tuned on the 300-step LM)",
+      None,
+      "lm5_test",
+      "lm5",
+      True,
+    ),
+    (
+      "Fashion-MNIST ViT (issue 13; settings tuned on the 300-step LM; the ViT's own "
+      "validation grid of the grafted mode is a check only)",
+      "vit_tune",
+      "vit_test",
+      "vit",
+      False,
+    ),
   )
   paired: dict[str, Any] = {}
   target_lines: list[str] = []
@@ -438,15 +523,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       continue
     md += [f"## {title}", "", _describe(test or tune), ""]
     if tune:
-      md += ["Learning-rate tuning (validation split carved from the training set, seed 0):",
-             "", *tune_table(tune, lm), ""]
+      md += [
+        "Learning-rate tuning (validation split carved from the training set, seed 0):",
+        "",
+        *tune_table(tune, lm),
+        "",
+      ]
       tested = {_label(r["_name"]) for r in test}
-      md += [f"{NAMES.get(label, label)} is tested at the learning rate and damping tuned "
-             f"for `{as_}`, the defaults while its tuning ran (`suite.TUNED_AS`)."
-             for label, as_ in suite.TUNED_AS.items() if label in tested] + [""]
+      md += [
+        f"{NAMES.get(label, label)} is tested at the learning rate and damping tuned "
+        f"for `{as_}`, the defaults while its tuning ran (`suite.TUNED_AS`)."
+        for label, as_ in suite.TUNED_AS.items()
+        if label in tested
+      ] + [""]
       if key == "cnn":
-        md += ["The ablations below change one thing of the shifted-Nyström variant (the "
-               "paper's method, the defaults before them) at its tuned learning rate.", ""]
+        md += [
+          "The ablations below change one thing of the shifted-Nyström variant (the "
+          "paper's method, the defaults before them) at its tuned learning rate.",
+          "",
+        ]
     if test:
       lines, stats = test_table(test, lm)
       summary[key] = stats
@@ -456,28 +551,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       md += [f"![{title} curves]({png.name})", ""]
       if key in ("lm5", "vit") or any(_label(r["_name"]) == "nysact-graft" for r in test):
         lines, paired[key] = paired_table(test, lm)
-        md += ["Paired seeds (NysAct-graft minus each other optimizer, same seed):", "",
-               *lines, ""]
+        md += ["Paired seeds (NysAct-graft minus each other optimizer, same seed):", "", *lines, ""]
       if key not in ("lm5", "vit"):
         target_lines += targets(stats, lm, title)
   abl = suite.load_runs(root, "ablate")
   if abl:
-    md += ["## Ablations (Fashion-MNIST CNN, validation split, NysAct's tuned lr)", "",
-           _describe(abl), "",
-           "P error: the factors in the optimizer state against the exact damped inverse "
-           "(C + rho I)^-1 of the same (exact) EMA statistics at the last inverse refresh, "
-           "for layer `Dense_0`; top-10: the error restricted to C's 10 leading eigenvectors.",
-           "", *ablation_table(abl), ""]
+    md += [
+      "## Ablations (Fashion-MNIST CNN, validation split, NysAct's tuned lr)",
+      "",
+      _describe(abl),
+      "",
+      "P error: the factors in the optimizer state against the exact damped inverse "
+      "(C + rho I)^-1 of the same (exact) EMA statistics at the last inverse refresh, "
+      "for layer `Dense_0`; top-10: the error restricted to C's 10 leading eigenvectors.",
+      "",
+      *ablation_table(abl),
+      "",
+    ]
     png = out / "ablations_cnn.png"
     plot_ablations(abl, png, "NysAct ablations on the Fashion-MNIST CNN")
     md += [f"![ablations]({png.name})", ""]
-    summary["ablations"] = {label: {
+    summary["ablations"] = {
+      label: {
         "nystrom": _nystrom_of(rs[0]),
         "seeds": [r["config"]["seed"] for r in rs],
         "val_accuracy": [r["metrics"]["final"]["eval_accuracy"] for r in rs],
         "diverged": [bool(r["metrics"]["final"]["diverged"]) for r in rs],
-        "ms_per_step": [1e3 * r["metrics"]["timing"]["train_s_per_step"] for r in rs]}
-        for label, rs in _by_label(abl)}
+        "ms_per_step": [1e3 * r["metrics"]["timing"]["train_s_per_step"] for r in rs],
+      }
+      for label, rs in _by_label(abl)
+    }
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
   cost_path = out / "step_cost_lm5.json"
   cost = None
@@ -489,8 +592,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     md += ["## Targets of issue 13 (transformers and grafting)", "", *tf, ""]
     summary["paired"] = paired
   (out / "summary.md").write_text("\n".join(md) + "\n")
-  results.write(out / "summary.json", "quality-summary", config={"runs": str(root)},
-                metrics=json.loads(json.dumps(summary, default=float)), quiet=True)
+  results.write(
+    out / "summary.json",
+    "quality-summary",
+    config={"runs": str(root)},
+    metrics=json.loads(json.dumps(summary, default=float)),
+    quiet=True,
+  )
   print("\n".join(md))
   return summary
 

@@ -129,10 +129,22 @@ class RunConfig:
 
   def compile_key(self) -> tuple:
     """What the compiled step depends on (not the lr, the seed or the data)."""
-    return (self.task, self.optimizer, self.batch_size, self.momentum,
-            self.resolved_weight_decay, self.resolved_damping, self.nysact,
-            self.kfac_periods, self.kfac_norm_constraint, self.model,
-            self.track_layer, self.steps, self.warmup, self.adam_ratio)
+    return (
+      self.task,
+      self.optimizer,
+      self.batch_size,
+      self.momentum,
+      self.resolved_weight_decay,
+      self.resolved_damping,
+      self.nysact,
+      self.kfac_periods,
+      self.kfac_norm_constraint,
+      self.model,
+      self.track_layer,
+      self.steps,
+      self.warmup,
+      self.adam_ratio,
+    )
 
   @property
   def adam_ratio(self) -> float | None:
@@ -158,8 +170,14 @@ def load_data(cfg: RunConfig) -> Data:
 
 
 def train_batches(cfg: RunConfig, d: Data) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  return tasks.train_batches(cfg.task, d, batch_size=cfg.batch_size, seed=cfg.seed,
-                             augmented=cfg.augment, context=_context(cfg) or 64)
+  return tasks.train_batches(
+    cfg.task,
+    d,
+    batch_size=cfg.batch_size,
+    seed=cfg.seed,
+    augmented=cfg.augment,
+    context=_context(cfg) or 64,
+  )
 
 
 def make_model(cfg: RunConfig, d: Data) -> tuple[nn.Module, int]:
@@ -172,11 +190,13 @@ def _has_state(cfg: RunConfig) -> bool:
   return tasks.has_state(cfg.task)
 
 
-def make_loss(cfg: RunConfig, model: nn.Module, tokens: int, *, capture: bool,
-              register_kfac: bool = False):
+def make_loss(
+  cfg: RunConfig, model: nn.Module, tokens: int, *, capture: bool, register_kfac: bool = False
+):
   """``loss(params, model_state, x, y) -> (loss, (model_state, activations))``."""
-  return tasks.make_loss(model, stateful=_has_state(cfg), tokens=tokens, capture=capture,
-                         register_kfac=register_kfac)
+  return tasks.make_loss(
+    model, stateful=_has_state(cfg), tokens=tokens, capture=capture, register_kfac=register_kfac
+  )
 
 
 def make_eval(cfg: RunConfig, model: nn.Module):
@@ -186,9 +206,10 @@ def make_eval(cfg: RunConfig, model: nn.Module):
 
 def schedule(cfg: RunConfig) -> optax.Schedule:
   """Warm-up then cosine decay to 0, with peak 1 (the peak lr scales it)."""
-  warm = max(1, int(round(cfg.warmup * cfg.steps)))
+  warm = max(1, round(cfg.warmup * cfg.steps))
   return optax.warmup_cosine_decay_schedule(
-      0.0, 1.0, warmup_steps=warm, decay_steps=max(cfg.steps, warm + 1), end_value=0.0)
+    0.0, 1.0, warmup_steps=warm, decay_steps=max(cfg.steps, warm + 1), end_value=0.0
+  )
 
 
 def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
@@ -196,9 +217,15 @@ def make_tx(cfg: RunConfig, seed: int) -> optax.GradientTransformation:
   if cfg.optimizer == "kfac":
     raise ValueError(f"{cfg.optimizer!r} is not an optax optimizer here")
   return optimizers.quality_optax(
-      cfg.optimizer, schedule(cfg), momentum=cfg.momentum,
-      weight_decay=cfg.resolved_weight_decay, damping=cfg.resolved_damping, seed=seed,
-      nysact=dict(cfg.nysact), adam_ratio=cfg.adam_ratio)
+    cfg.optimizer,
+    schedule(cfg),
+    momentum=cfg.momentum,
+    weight_decay=cfg.resolved_weight_decay,
+    damping=cfg.resolved_damping,
+    seed=seed,
+    nysact=dict(cfg.nysact),
+    adam_ratio=cfg.adam_ratio,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -229,7 +256,8 @@ class OptaxTrainer:
 
       def step(params, model_state, opt_state, x, y, lr):
         (value, (model_state, acts)), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, model_state, x, y)
+          params, model_state, x, y
+        )
         extra = {"activations": acts} if needs else {}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
@@ -247,7 +275,8 @@ class OptaxTrainer:
 
   def step(self, x, y):
     self.params, self.model_state, self.opt_state, loss, probe = self._step(
-        self.params, self.model_state, self.opt_state, x, y, self.lr)
+      self.params, self.model_state, self.opt_state, x, y, self.lr
+    )
     return loss, probe
 
   def nysact_state(self):
@@ -269,20 +298,27 @@ class KfacTrainer:
     if key not in _COMPILED:
       loss = make_loss(cfg, model, tokens, capture=False, register_kfac=True)
       if self.has_state:
+
         def value(params, model_state, batch):
           v, (ms, _) = loss(params, model_state, *batch)
           return v, ms
       else:
+
         def value(params, batch):
           return loss(params, None, *batch)[0]
+
       cov, inv = cfg.kfac_periods
       # The DenseGeneral block fix on the LM only (as the committed runs had
       # it); step_time installs it on every model.
       _COMPILED[key] = optimizers.kfac_optimizer(
-          jax.value_and_grad(value, has_aux=self.has_state), has_state=self.has_state,
-          cov_every=cov, inv_every=inv, l2_reg=cfg.resolved_weight_decay,
-          norm_constraint=cfg.kfac_norm_constraint,
-          dense_general_fix=cfg.task == "char_lm")
+        jax.value_and_grad(value, has_aux=self.has_state),
+        has_state=self.has_state,
+        cov_every=cov,
+        inv_every=inv,
+        l2_reg=cfg.resolved_weight_decay,
+        norm_constraint=cfg.kfac_norm_constraint,
+        dense_general_fix=cfg.task == "char_lm",
+      )
     self.opt = _COMPILED[key]
     self.count = 0
 
@@ -298,14 +334,18 @@ class KfacTrainer:
 
   def step(self, x, y):
     lr = jnp.asarray(self.cfg.lr * float(self.sched(self.count)), jnp.float32)
-    kw = dict(batch=(x, y), learning_rate=lr,
-              momentum=jnp.asarray(self.cfg.momentum, jnp.float32),
-              damping=jnp.asarray(self.cfg.resolved_damping, jnp.float32),
-              global_step_int=self.count)
+    kw = dict(
+      batch=(x, y),
+      learning_rate=lr,
+      momentum=jnp.asarray(self.cfg.momentum, jnp.float32),
+      damping=jnp.asarray(self.cfg.resolved_damping, jnp.float32),
+      global_step_int=self.count,
+    )
     self.rng, rng = jax.random.split(self.rng)
     if self.has_state:
       self.params, self.opt_state, self.model_state, stats = self.opt.step(
-          self.params, self.opt_state, rng, func_state=self.model_state, **kw)
+        self.params, self.opt_state, rng, func_state=self.model_state, **kw
+      )
     else:
       self.params, self.opt_state, stats = self.opt.step(self.params, self.opt_state, rng, **kw)
     self.count += 1
@@ -360,7 +400,9 @@ class ErrorTracker:
       self._eye = jnp.eye(p_in + int(has_bias), dtype=jnp.float32)
       self._stats = stats
     y = np.asarray(self._stats(probe.inputs, self._eye), np.float64)
-    self.ema = (1 - self.decay) * y if self.ema is None else self.decay * self.ema + (1 - self.decay) * y
+    self.ema = (
+      (1 - self.decay) * y if self.ema is None else self.decay * self.ema + (1 - self.decay) * y
+    )
     self.k += 1
     if count % self.inv_every == 0:
       self.snapshot = self.ema / (1 - self.decay**self.k)
@@ -371,9 +413,15 @@ class ErrorTracker:
     try:
       return self._error(layer_state)
     except np.linalg.LinAlgError:  # non-finite statistics after a divergence
-      return {"rel_fro": float("nan"), "rel_op": float("nan"), "rel_top10": float("nan"),
-              "p": int(self.snapshot.shape[0]), "cov_top_eig": float("nan"),
-              "cov_trace": float("nan"), "failed": True}
+      return {
+        "rel_fro": float("nan"),
+        "rel_op": float("nan"),
+        "rel_top10": float("nan"),
+        "p": int(self.snapshot.shape[0]),
+        "cov_top_eig": float("nan"),
+        "cov_trace": float("nan"),
+        "failed": True,
+      }
 
   def _error(self, layer_state) -> dict[str, float]:
     if not np.all(np.isfinite(self.snapshot)):
@@ -392,12 +440,12 @@ class ErrorTracker:
     # eigenvectors (where preconditioning differs from plain SGD).
     top = v[:, ::-1][:, : min(10, len(lam))]
     return {
-        "rel_fro": float(np.linalg.norm(diff) / np.linalg.norm(p_exact)),
-        "rel_op": float(np.linalg.norm(diff, 2) / np.linalg.norm(p_exact, 2)),
-        "rel_top10": float(np.linalg.norm(diff @ top) / np.linalg.norm(p_exact @ top)),
-        "p": int(c.shape[0]),
-        "cov_top_eig": float(lam[-1]),
-        "cov_trace": float(lam.sum()),
+      "rel_fro": float(np.linalg.norm(diff) / np.linalg.norm(p_exact)),
+      "rel_op": float(np.linalg.norm(diff, 2) / np.linalg.norm(p_exact, 2)),
+      "rel_top10": float(np.linalg.norm(diff @ top) / np.linalg.norm(p_exact @ top)),
+      "p": int(c.shape[0]),
+      "cov_top_eig": float(lam[-1]),
+      "cov_trace": float(lam.sum()),
     }
 
 
@@ -411,8 +459,12 @@ def _init_variables(model, cfg, x0):
   return variables["params"], variables.get("batch_stats")
 
 
-def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
-        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+  cfg: RunConfig,
+  out: str | pathlib.Path | None = None,
+  *,
+  progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
   """Trains and evaluates one configuration; writes and returns the JSON dict."""
   t_setup = time.perf_counter()
   d = load_data(cfg)
@@ -420,7 +472,9 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
   batches = train_batches(cfg, d)
   x0, y0 = next(batches)
   params, model_state = _init_variables(model, cfg, x0[:1])
-  trainer = KfacTrainer(cfg, model, tokens) if cfg.optimizer == "kfac" else OptaxTrainer(cfg, model, tokens)
+  trainer = (
+    KfacTrainer(cfg, model, tokens) if cfg.optimizer == "kfac" else OptaxTrainer(cfg, model, tokens)
+  )
   trainer.init(params, model_state, (x0, y0))
   eval_key = ("eval", cfg.task, cfg.model)
   if eval_key not in _COMPILED:
@@ -454,12 +508,19 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
   loss = None
 
   def checkpoint(step_done: int, train_s: float):
-    m = evaluate_fixed(eval_fn, trainer.params, trainer.model_state,
-                       d.eval_x[:curve_n], d.eval_y[:curve_n], chunk)
+    m = evaluate_fixed(
+      eval_fn, trainer.params, trainer.model_state, d.eval_x[:curve_n], d.eval_y[:curve_n], chunk
+    )
     tl = float(np.mean([float(v) for v in losses])) if losses else None
     losses.clear()
-    point = {"step": step_done, "train_s": train_s, "examples": step_done * cfg.batch_size,
-             "eval_loss": m["loss"], "eval_accuracy": m["accuracy"], "train_loss": tl}
+    point = {
+      "step": step_done,
+      "train_s": train_s,
+      "examples": step_done * cfg.batch_size,
+      "eval_loss": m["loss"],
+      "eval_accuracy": m["accuracy"],
+      "train_loss": tl,
+    }
     if tracker is not None:
       err = tracker.error(trainer.nysact_state().layers[cfg.track_layer])
       if err is not None:
@@ -501,32 +562,46 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
   first_step_s = compile_steps.get(0)
   train_s = measured_s * step_i / max(measured_steps, 1)
 
-  final = evaluate_fixed(eval_fn, trainer.params, trainer.model_state, d.eval_x, d.eval_y,
-                         _eval_chunk(len(d.eval_x), len(d.eval_x)))
+  final = evaluate_fixed(
+    eval_fn,
+    trainer.params,
+    trainer.model_state,
+    d.eval_x,
+    d.eval_y,
+    _eval_chunk(len(d.eval_x), len(d.eval_x)),
+  )
   nys = trainer.nysact_state()
   failures = None
   if nys is not None:
     failures = {k: int(v.failures) for k, v in nys.layers.items()}
   metrics = {
-      "data": d.description,
-      "metric": "bits_per_char" if d.kind == "chars" else "accuracy",
-      "final": {
-          "eval_loss": final["loss"],
-          "eval_accuracy": final["accuracy"],
-          "bits_per_char": final["loss"] / math.log(2) if d.kind == "chars" else None,
-          "eval_examples": int(len(d.eval_x)),
-          "steps_done": step_i,
-          "diverged": diverged,
-      },
-      "curve_eval_examples": curve_n,
-      "nysact_refresh_failures": failures,
-      "timing": {"setup_s": setup_s, "first_step_s": first_step_s, "train_s": train_s,
-                 "train_s_per_step": measured_s / max(measured_steps, 1),
-                 "excluded_steps_s": {str(k): v for k, v in compile_steps.items()}},
-      "param_count": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
+    "data": d.description,
+    "metric": "bits_per_char" if d.kind == "chars" else "accuracy",
+    "final": {
+      "eval_loss": final["loss"],
+      "eval_accuracy": final["accuracy"],
+      "bits_per_char": final["loss"] / math.log(2) if d.kind == "chars" else None,
+      "eval_examples": len(d.eval_x),
+      "steps_done": step_i,
+      "diverged": diverged,
+    },
+    "curve_eval_examples": curve_n,
+    "nysact_refresh_failures": failures,
+    "timing": {
+      "setup_s": setup_s,
+      "first_step_s": first_step_s,
+      "train_s": train_s,
+      "train_s_per_step": measured_s / max(measured_steps, 1),
+      "excluded_steps_s": {str(k): v for k, v in compile_steps.items()},
+    },
+    "param_count": int(sum(v.size for v in jax.tree_util.tree_leaves(params))),
   }
-  result = results.record("quality-run", config=cfg.to_json(), metrics=metrics,
-                          curves={"eval": curve, "preconditioner_error": errors})
+  result = results.record(
+    "quality-run",
+    config=cfg.to_json(),
+    metrics=metrics,
+    curves={"eval": curve, "preconditioner_error": errors},
+  )
   if out is not None:
     results.save(out, result, quiet=True)
   return result
@@ -534,7 +609,31 @@ def run(cfg: RunConfig, out: str | pathlib.Path | None = None, *,
 
 def _eval_chunk(n: int, total: int) -> int:
   """A chunk size dividing ``n`` (so every chunk has the same shape)."""
-  for c in (1000, 800, 500, 400, 256, 250, 200, 128, 125, 100, 64, 50, 40, 32, 25, 20, 16, 10, 8, 5, 4, 2, 1):
+  for c in (
+    1000,
+    800,
+    500,
+    400,
+    256,
+    250,
+    200,
+    128,
+    125,
+    100,
+    64,
+    50,
+    40,
+    32,
+    25,
+    20,
+    16,
+    10,
+    8,
+    5,
+    4,
+    2,
+    1,
+  ):
     if c <= n and n % c == 0:
       return c
   return 1
@@ -544,7 +643,9 @@ def evaluate_fixed(eval_fn, params, model_state, x, y, chunk: int) -> dict[str, 
   """Mean loss and accuracy over ``x, y`` in chunks of ``chunk`` rows."""
   total, correct, count = 0.0, 0, 0
   for i in range(0, len(x), chunk):
-    s, c, k = eval_fn(params, model_state, jnp.asarray(x[i : i + chunk]), jnp.asarray(y[i : i + chunk]))
+    s, c, k = eval_fn(
+      params, model_state, jnp.asarray(x[i : i + chunk]), jnp.asarray(y[i : i + chunk])
+    )
     total, correct, count = total + float(s), correct + int(c), count + int(k)
   return {"loss": total / count, "accuracy": correct / count}
 
@@ -563,8 +664,9 @@ def _parse_kv(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--task", choices=TASKS, default="fmnist_cnn")
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="nysact")
   p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
@@ -576,35 +678,67 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--momentum", type=float, default=0.9)
   p.add_argument("--weight-decay", type=float, default=None)
   p.add_argument("--damping", type=float, default=None)
-  p.add_argument("--nysact", nargs="*", default=[], metavar="KEY=VALUE",
-                 help="extra nysact_optax.nysact kwargs, e.g. rank=20 sketch=subcolumns")
-  p.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE",
-                 help="model kwargs, e.g. features=[16,32,32] hidden=128")
+  p.add_argument(
+    "--nysact",
+    nargs="*",
+    default=[],
+    metavar="KEY=VALUE",
+    help="extra nysact_optax.nysact kwargs, e.g. rank=20 sketch=subcolumns",
+  )
+  p.add_argument(
+    "--model",
+    nargs="*",
+    default=[],
+    metavar="KEY=VALUE",
+    help="model kwargs, e.g. features=[16,32,32] hidden=128",
+  )
   p.add_argument("--no-augment", action="store_true")
   p.add_argument("--train-limit", type=int, default=None)
   p.add_argument("--eval-limit", type=int, default=None, help="cap the evaluation set")
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--eval-size", type=int, default=2000)
-  p.add_argument("--track-layer", default=None,
-                 help="NysAct: layer whose preconditioner error is tracked (e.g. Dense_0)")
-  p.add_argument("--adam-lr", type=float, default=None,
-                 help="muon: peak lr of the Adam parameters (default 0.05 x --lr)")
+  p.add_argument(
+    "--track-layer",
+    default=None,
+    help="NysAct: layer whose preconditioner error is tracked (e.g. Dense_0)",
+  )
+  p.add_argument(
+    "--adam-lr",
+    type=float,
+    default=None,
+    help="muon: peak lr of the Adam parameters (default 0.05 x --lr)",
+  )
   p.add_argument("--out", required=True, help="JSON path")
   a = p.parse_args(argv)
   cfg = RunConfig(
-      task=a.task, optimizer=a.optimizer, lr=a.lr, seed=a.seed, steps=a.steps,
-      batch_size=a.batch_size, split=a.split, warmup=a.warmup, momentum=a.momentum,
-      weight_decay=a.weight_decay, damping=a.damping, nysact=_parse_kv(a.nysact),
-      model=_parse_kv(a.model), augment=not a.no_augment, train_limit=a.train_limit,
-      eval_limit=a.eval_limit,
-      eval_every=a.eval_every, eval_size=a.eval_size, track_layer=a.track_layer,
-      adam_lr=a.adam_lr,
+    task=a.task,
+    optimizer=a.optimizer,
+    lr=a.lr,
+    seed=a.seed,
+    steps=a.steps,
+    batch_size=a.batch_size,
+    split=a.split,
+    warmup=a.warmup,
+    momentum=a.momentum,
+    weight_decay=a.weight_decay,
+    damping=a.damping,
+    nysact=_parse_kv(a.nysact),
+    model=_parse_kv(a.model),
+    augment=not a.no_augment,
+    train_limit=a.train_limit,
+    eval_limit=a.eval_limit,
+    eval_every=a.eval_every,
+    eval_size=a.eval_size,
+    track_layer=a.track_layer,
+    adam_lr=a.adam_lr,
   )
   result = run(cfg, a.out, progress=lambda s: print(s, file=sys.stderr, flush=True))
   f = result["metrics"]["final"]
-  print(f"{cfg.task} {cfg.optimizer} lr={cfg.lr} seed={cfg.seed}: eval accuracy "
-        f"{f['eval_accuracy']:.4f}, loss {f['eval_loss']:.4f}, train "
-        f"{result['metrics']['timing']['train_s']:.1f}s -> {a.out}")
+  print(
+    f"{cfg.task} {cfg.optimizer} lr={cfg.lr} seed={cfg.seed}: eval accuracy "
+    f"{f['eval_accuracy']:.4f}, loss {f['eval_loss']:.4f}, train "
+    f"{result['metrics']['timing']['train_s']:.1f}s -> {a.out}"
+  )
   return result
 
 
