@@ -1,4 +1,4 @@
-"""The acceptance targets of the timing benchmarks, in one place.
+"""The acceptance targets of the benchmarks (timing and quality), in one place.
 
 The scripts evaluate them when they write a result (the evaluated list is
 stored in the result's ``metrics.targets``) and ``python -m benchmarks
@@ -20,6 +20,16 @@ STATE_OVER_PARAMS = 1.15
 SCALING_EXPONENT = 1.2
 # conv_stats: the patch-free statistics' speedup over im2col.
 CONV_SPEEDUP = 5.0
+
+# Training quality (benchmarks/quality/summary.py).
+# NysAct's test accuracy at most this many points below SGD-momentum's.
+QUALITY_BELOW_SGD_POINTS = 0.2
+# Issue 13: NysAct-graft's bits/char at most AdamW's minus this, every paired seed.
+GRAFT_BELOW_ADAMW_BITS = 0.10
+# Issue 13: NysAct-graft's amortised step over AdamW's, side by side.
+GRAFT_STEP_OVER_ADAMW = 1.15
+# Issue 13: NysAct-graft at most this many points below plain NysAct (CNN, ResNet-20).
+GRAFT_BELOW_PLAIN_POINTS = 0.3
 
 
 def step_time(models_out: dict[str, Any]) -> list[dict[str, Any]]:

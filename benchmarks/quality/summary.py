@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import results
+from benchmarks import targets as T
 from benchmarks.quality import suite
 
 LABELS = (
@@ -201,8 +202,9 @@ def targets(stats: dict[str, Any], lm: bool = False, model: str = "CNN") -> list
   if sgd:
     gap = 100 * (ny["mean"] - sgd["mean"])
     out.append(
-      f"- {model}: NysAct {100 * ny['mean']:.2f}% no more than 0.2 points below "
-      f"SGD-momentum's {100 * sgd['mean']:.2f}%: {'MET' if gap >= -0.2 else 'NOT MET'} "
+      f"- {model}: NysAct {100 * ny['mean']:.2f}% no more than "
+      f"{T.QUALITY_BELOW_SGD_POINTS} points below SGD-momentum's {100 * sgd['mean']:.2f}%: "
+      f"{'MET' if gap >= -T.QUALITY_BELOW_SGD_POINTS else 'NOT MET'} "
       f"({gap:+.2f} points)"
     )
     # SGD reaches its final accuracy at its last step: its time is the run's.
@@ -270,9 +272,10 @@ def tf_targets(
     seeds = f"{g['n']} seed(s)" if g else ""
     if g and "adamw" in pl:
       d = pl["adamw"]["diffs"]
-      ok = len(d) >= 3 and all(x <= -0.10 for x in d)
+      ok = len(d) >= 3 and all(x <= -T.GRAFT_BELOW_ADAMW_BITS for x in d)
       out.append(
-        f"- {name}: NysAct-graft at most AdamW's - 0.10 bits/char on every paired "
+        f"- {name}: NysAct-graft at most AdamW's - {T.GRAFT_BELOW_ADAMW_BITS:.2f} bits/char "
+        "on every paired "
         f"seed: {'MET' if ok else 'NOT MET'} ({seeds}; differences "
         f"{', '.join(f'{x:+.3f}' for x in d)}; means {g['mean']:.4f} vs "
         f"{st['adamw']['mean']:.4f})"
@@ -297,9 +300,10 @@ def tf_targets(
   if cost and "nysact-graft" in cost.get("ratio_to_adamw", {}):
     med, ratio = cost["median_ms_per_step"], cost["ratio_to_adamw"]
     out.append(
-      f"- LM: NysAct-graft's amortised step at most 1.15x AdamW's, side by side "
+      f"- LM: NysAct-graft's amortised step at most {T.GRAFT_STEP_OVER_ADAMW}x AdamW's, "
+      "side by side "
       f"(step_cost.py, {cost['rounds']} interleaved rounds of {cost['block']} steps): "
-      f"{'MET' if ratio['nysact-graft'] <= 1.15 else 'NOT MET'} "
+      f"{'MET' if ratio['nysact-graft'] <= T.GRAFT_STEP_OVER_ADAMW else 'NOT MET'} "
       f"({med['nysact-graft']:.0f} vs {med['adamw']:.0f} ms, "
       f"{ratio['nysact-graft']:.2f}x; "
       + ", ".join(
@@ -323,8 +327,9 @@ def tf_targets(
     if "nysact-graft" in st and "nysact" in st:
       d = 100 * (st["nysact-graft"]["mean"] - st["nysact"]["mean"])
       out.append(
-        f"- {model}: NysAct-graft within 0.3 points of plain NysAct or better: "
-        f"{'MET' if d >= -0.3 else 'NOT MET'} ({100 * st['nysact-graft']['mean']:.2f} vs "
+        f"- {model}: NysAct-graft within {T.GRAFT_BELOW_PLAIN_POINTS} points of plain NysAct "
+        f"or better: {'MET' if d >= -T.GRAFT_BELOW_PLAIN_POINTS else 'NOT MET'} "
+        f"({100 * st['nysact-graft']['mean']:.2f} vs "
         f"{100 * st['nysact']['mean']:.2f} %, {d:+.2f} points)"
       )
   return out
