@@ -25,7 +25,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["BasicBlock", "CharTransformer", "FashionCNN", "ResNet20", "TransformerBlock", "ViT"]
+__all__ = [
+  "BasicBlock",
+  "CharMLP",
+  "CharTransformer",
+  "FashionCNN",
+  "ResNet20",
+  "TransformerBlock",
+  "VGGStrided",
+  "ViT",
+]
 
 
 class FashionCNN(nn.Module):
@@ -48,6 +57,41 @@ class FashionCNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden)(x))
     return nn.Dense(self.num_classes)(x)
+
+
+class VGGStrided(nn.Module):
+  """A VGG-style CNN for 32x32x3 images whose downsampling is strided convs:
+  3x3 convs of 32 (stride 1), 64, 128, 128 (stride 2 each), then Dense(256)
+  and the head."""
+
+  num_classes: int = 10
+  features: Sequence[int] = (32, 64, 128, 128)
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, f in enumerate(self.features):
+      x = nn.relu(nn.Conv(f, (3, 3), strides=(1, 1) if i == 0 else (2, 2), padding="SAME")(x))
+    x = nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CharMLP(nn.Module):
+  """A character MLP language model: the previous ``context`` characters,
+  embedded (``vocab_size x embed``), concatenated, two Dense(``hidden``)
+  layers, and the next character's logits."""
+
+  vocab_size: int = 32
+  context: int = 8
+  embed: int = 16
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = nn.Embed(self.vocab_size, self.embed)(tokens).reshape(tokens.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.vocab_size)(x)
 
 
 class BasicBlock(nn.Module):

@@ -335,7 +335,18 @@ STEP_TIME: dict[str, StepTimeLabel] = {
     "nysact(0.05, rank=10, nystrom='stable')",
     nysact=_nys(10, "gaussian", nystrom="stable"),
   ),
+  # The library as a user gets it (issue 14's zoo): every default.
+  "nysact": StepTimeLabel("nysact", "nysact(0.05): the library defaults", nysact=_nys(10)),
+  "nysact_graft": StepTimeLabel(
+    "nysact",
+    "nysact(1e-3, graft='rmsprop', weight_decay=1e-4): the grafted mode, against AdamW",
+    learning_rate=1e-3,
+    weight_decay=1e-4,
+    nysact=_nys(10, graft="rmsprop"),
+  ),
 }
+# The zoo's selection: the library defaults against the peers a user would pick.
+STEP_TIME_ZOO = ("sgd", "adamw", "nysact", "nysact_graft")
 # The step-time benchmark's default selection.
 STEP_TIME_DEFAULT = (
   "sgd",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import random
 import sys
 import time
@@ -45,11 +46,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+import nysact_optax
 from benchmarks import _common, optimizers, results, targets, tasks
 
 INVERSE_PERIOD = optimizers.INVERSE_PERIOD  # NysAct's and K-FAC's T_inv at equal periods
 COV_PERIOD = optimizers.COV_PERIOD
-OPTIMIZERS = optimizers.STEP_TIME_DEFAULT
+OPTIMIZERS = optimizers.STEP_TIME_ZOO
+ZOO = ("digits", "cnn", "resnet20", "vgg32", "char_mlp", "transformer")
+BATCH = {"digits": 64, "cnn": 128, "resnet20": 64, "vgg32": 64, "char_mlp": 256, "transformer": 8}
 OPTIMIZER_HELP = {name: spec.help for name, spec in optimizers.STEP_TIME.items()}
 Task = tasks.Task
 build_task = tasks.build_task
@@ -136,17 +140,20 @@ class OptaxRunner(Runner):
 
   def set_count(self, count: int) -> None:
     """Moves NysAct's step counter (only its branch choice depends on it)."""
-    first = self.opt_state[0]
-    first = first._replace(count=jnp.asarray(count, first.count.dtype))
-    self.opt_state = (first,) + tuple(self.opt_state[1:])
+    is_nysact = lambda x: isinstance(x, nysact_optax.ScaleByNysActState)
+    self.opt_state = jax.tree.map(
+      lambda s: s._replace(count=jnp.asarray(count, s.count.dtype)) if is_nysact(s) else s,
+      self.opt_state,
+      is_leaf=is_nysact,
+    )
     self.count = count
 
   def state_bytes(self) -> dict[str, int]:
     total = _common.tree_bytes(self.opt_state)
     out = {"total": total}
     if self.family == "nysact":
-      # chain(scale_by_nysact, [add_decayed_weights], trace, scale_by_lr)
-      out["preconditioner"] = _common.tree_bytes(self.opt_state[0])
+      # the preconditioner's state; the rest: momentum (and the graft's RMS)
+      out["preconditioner"] = _common.tree_bytes(nysact_optax.find_nysact_state(self.opt_state))
       out["momentum"] = total - out["preconditioner"]
     return out
 
@@ -324,6 +331,23 @@ def amortised_from_phases(ph: dict[str, list[float]], periods: tuple[int, int]) 
   return total / inv
 
 
+@contextlib.contextmanager
+def threading_mode(mode: str):
+  """``"default"``: the machine's threading as it is; ``"pinned"``: the
+  BLAS/LAPACK libraries (OpenBLAS, which jax's CPU LAPACK calls run in)
+  limited to one thread for the block (XLA's own pool is left alone)."""
+  if mode == "default":
+    yield
+    return
+  if mode != "pinned":
+    raise ValueError(f"threading mode must be 'default' or 'pinned', got {mode!r}")
+  import scipy.linalg  # noqa: F401 - loads the OpenBLAS jax's LAPACK calls use
+  import threadpoolctl
+
+  with threadpoolctl.threadpool_limits(1, user_api="blas"):
+    yield
+
+
 def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
   rng = random.Random(args.seed)
   runners: dict[str, Runner] = {}
@@ -367,27 +391,35 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
       blocks = r.blocks()
       result[name]["kfac_blocks"] = {b: blocks.count(b) for b in sorted(set(blocks))}
     bar.update(1)
-  for rnd in range(args.rounds):
+  modes = list(args.threading)
+  for name in names:
+    result[name]["by_threading"] = {m: {"block_s_per_step": []} for m in modes}
+  for rnd, mode in itertools.product(range(args.rounds), modes):
     order = list(names)
     rng.shuffle(order)
-    for pos, name in enumerate(order):
-      bar.set_description(f"{task.name}: round {rnd + 1}/{args.rounds} {name}")
-      r = runners[name]
-      acc = result[name].setdefault("phases", {}) if r.can_sample else None
-      if result[name]["timing"] == "whole blocks":
-        dt = run_block(r, task, args.steps)
-        result[name]["block_s_per_step"].append(dt / args.steps)
-        if r.can_sample and args.phase_samples:
-          # After the timed block: a few steps timed alone, for the phase split.
-          for k, v in sample_phases(r, task, n_plain=2).items():
+    first_mode = mode == modes[0]
+    with threading_mode(mode):
+      for pos, name in enumerate(order):
+        bar.set_description(f"{task.name}: round {rnd + 1}/{args.rounds} {mode} {name}")
+        r = runners[name]
+        acc = result[name].setdefault("phases", {}) if r.can_sample else None
+        if result[name]["timing"] == "whole blocks":
+          dt = run_block(r, task, args.steps)
+          result[name]["by_threading"][mode]["block_s_per_step"].append(dt / args.steps)
+          if first_mode:
+            result[name]["block_s_per_step"].append(dt / args.steps)
+          if r.can_sample and args.phase_samples and first_mode:
+            # After the timed block: a few steps timed alone, for the phase split.
+            for k, v in sample_phases(r, task, n_plain=2).items():
+              acc.setdefault(k, []).extend(v)
+        elif rnd < args.sampled_rounds and first_mode:
+          ph = sample_phases(r, task)
+          for k, v in ph.items():
             acc.setdefault(k, []).extend(v)
-      elif rnd < args.sampled_rounds:
-        ph = sample_phases(r, task)
-        for k, v in ph.items():
-          acc.setdefault(k, []).extend(v)
-        result[name]["block_s_per_step"].append(amortised_from_phases(ph, r.periods))
-      result[name]["round_order"].append(pos)
-      bar.update(1)
+          result[name]["block_s_per_step"].append(amortised_from_phases(ph, r.periods))
+        if first_mode:
+          result[name]["round_order"].append(pos)
+        bar.update(1)
   for _ in range(args.phase_blocks):
     for name in names:
       if result[name]["timing"] != "whole blocks":
@@ -401,8 +433,21 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
       bar.update(1)
   # Summaries
   sgd = result.get("sgd")
+  for mode in modes:  # each threading mode against the same mode's SGD / AdamW blocks
+    for name in names:
+      mine = result[name]["by_threading"][mode]
+      blocks = mine["block_s_per_step"]
+      mine["step_s_median"] = _common.median(blocks) if blocks else None
+      for base in ("sgd", "adamw"):
+        if base in result and blocks:
+          theirs = result[base]["by_threading"][mode]["block_s_per_step"]
+          ratios = [a / b for a, b in zip(blocks, theirs)]
+          mine[f"ratio_to_{base}_per_round"] = ratios
+          mine[f"ratio_to_{base}_median"] = _common.median(ratios)
   for name in names:
     res = result[name]
+    if "adamw" in result:
+      res["ratio_to_adamw_median"] = res["by_threading"][modes[0]].get("ratio_to_adamw_median")
     blocks = res["block_s_per_step"]
     res["step_s_median"] = _common.median(blocks) if blocks else None
     res["step_s_min"] = min(blocks) if blocks else None
@@ -459,12 +504,28 @@ def plot(results: dict[str, Any], path) -> None:
     colors = ["#d62728" if n.startswith("kfac") else c for n, c in zip(names, colors)]
     colors = ["#9467bd" if n == "foof" else c for n, c in zip(names, colors)]
     ax = axes[row][0]
-    vals = [opts[n].get("ratio_to_sgd_median") or np.nan for n in names]
-    lo = [min(opts[n].get("ratio_to_sgd_per_round", [np.nan])) for n in names]
-    hi = [max(opts[n].get("ratio_to_sgd_per_round", [np.nan])) for n in names]
-    err = np.array([[v - l for v, l in zip(vals, lo)], [h - v for v, h in zip(vals, hi)]])
-    ax.bar(names, vals, color=colors, yerr=err, capsize=3)
-    limit = targets.STEP_TIME_RATIO[model]
+    modes = list(opts[names[0]].get("by_threading", {})) or [None]
+    width = 0.8 / len(modes)
+    for k, mode in enumerate(modes):
+      src = [opts[n]["by_threading"][mode] if mode else opts[n] for n in names]
+      vals = [s.get("ratio_to_sgd_median") or np.nan for s in src]
+      lo = [min(s.get("ratio_to_sgd_per_round") or [np.nan]) for s in src]
+      hi = [max(s.get("ratio_to_sgd_per_round") or [np.nan]) for s in src]
+      err = np.array([[v - l for v, l in zip(vals, lo)], [h - v for v, h in zip(vals, hi)]])
+      x = np.arange(len(names)) + (k - (len(modes) - 1) / 2) * width
+      ax.bar(
+        x,
+        vals,
+        width,
+        color=colors,
+        yerr=err,
+        capsize=3,
+        alpha=1.0 if k == 0 else 0.5,
+        hatch=None if k == 0 else "//",
+        label=f"{mode} threading" if mode else None,
+      )
+    ax.set_xticks(np.arange(len(names)), names)
+    limit = targets.STEP_TIME_RATIO.get(model, targets.STEP_TIME_RATIO_DEFAULT)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(limit, color="g", ls="--", lw=0.8, label=f"target {limit:.2f}x")
     ax.set_yscale("log")
@@ -504,13 +565,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   parser.add_argument(
     "--models",
-    default="cnn,resnet20,transformer",
-    help="comma-separated subset of cnn,resnet20,transformer",
+    default=",".join(ZOO),
+    help=f"comma-separated subset of {','.join(ZOO)} (default: all, the zoo)",
   )
   parser.add_argument(
     "--optimizers",
     default=",".join(OPTIMIZERS),
-    help="comma-separated; available: "
+    help="comma-separated (default: the zoo's sgd,adamw,nysact,nysact_graft; the "
+    "earlier full comparison: "
+    + ",".join(optimizers.STEP_TIME_DEFAULT)
+    + "); available: "
     + ", ".join(f"{k} ({v})" for k, v in OPTIMIZER_HELP.items()),
   )
   parser.add_argument(
@@ -557,10 +621,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     help="skip the few NysAct steps timed alone after each block "
     "(plain / statistics / inverse split)",
   )
-  parser.add_argument("--batch-cnn", type=int, default=128)
-  parser.add_argument("--batch-resnet20", type=int, default=64)
   parser.add_argument(
-    "--batch-transformer", type=int, default=8, help="sequences of 128 tokens per batch"
+    "--batch",
+    default="",
+    help="per-model batch sizes, e.g. cnn=128,transformer=8 (default: "
+    + ",".join(f"{k}={v}" for k, v in BATCH.items())
+    + "; transformer: sequences of 128 tokens)",
+  )
+  parser.add_argument(
+    "--threading",
+    default="default,pinned",
+    help="threading modes, interleaved round by round in one process: 'default' "
+    "(the machine's, as users run) and 'pinned' (OpenBLAS limited to one thread); "
+    "ratios and targets use the first",
   )
   parser.add_argument(
     "--data",
@@ -572,12 +645,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument(
     "--blas-threads",
     type=int,
-    default=1,
-    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+    default=0,
+    help="cap OpenBLAS threads for the whole run (0, the default: leave as is; "
+    "use --threading pinned to time a pinned run beside the default one)",
   )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "step_time.json"))
   parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
   args = parser.parse_args(argv)
+  args.threading = [m for m in args.threading.split(",") if m]
+  for m in args.threading:
+    if m not in ("default", "pinned"):
+      parser.error(f"--threading: unknown mode {m!r} (default, pinned)")
   blas = _common.limit_blas_threads(args.blas_threads)
   if args.steps % INVERSE_PERIOD:
     parser.error(f"--steps must be a multiple of {INVERSE_PERIOD}")
@@ -586,11 +664,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for n in names:
     if n not in OPTIMIZER_HELP:
       parser.error(f"unknown optimizer {n!r}")
-  batch = {
-    "cnn": args.batch_cnn,
-    "resnet20": args.batch_resnet20,
-    "transformer": args.batch_transformer,
-  }
+  batch = dict(BATCH)
+  for item in filter(None, args.batch.split(",")):
+    k, _, v = item.partition("=")
+    if k not in BATCH or not v.isdigit():
+      parser.error(f"--batch: expected model=size with a model of {sorted(BATCH)}, got {item!r}")
+    batch[k] = int(v)
 
   method = (
     "one process; per model, every optimizer is built and warmed up, then "
@@ -603,7 +682,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     f"{args.sampled_rounds} round(s) only."
   )
   metrics: dict[str, Any] = {"models": {}}
-  total = len(model_names) * len(names) * (1 + args.rounds + args.phase_blocks)
+  total = (
+    len(model_names) * len(names) * (1 + args.rounds * len(args.threading) + args.phase_blocks)
+  )
   t_start = time.perf_counter()
   with tqdm(total=total, unit="block", file=sys.stderr) as bar:
     for model in model_names:
@@ -622,13 +703,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       f"\n{model}: {res['description']}; batch {tuple(res['batch_shape'])}, "
       f"{res['param_count']:,} params"
     )
-    print(f"  {'optimizer':<14}{'ms/step':>9}{'x SGD':>8}{'compile s':>11}{'state/params':>14}")
+    modes = args.threading
+    head = "".join(f"{m + ' ms':>12}{'x SGD':>7}{'x AdamW':>8}" for m in modes)
+    print(f"  {'optimizer':<14}{head}{'compile s':>11}{'state/params':>14}")
+    nan = float("nan")
     for name, o in res["optimizers"].items():
-      ms = 1e3 * (o.get("step_s_median") or float("nan"))
-      ratio = o.get("ratio_to_sgd_median") or float("nan")
+      cells = ""
+      for m in modes:
+        t = o["by_threading"][m]
+        cells += (
+          f"{1e3 * (t.get('step_s_median') or nan):12.1f}"
+          f"{t.get('ratio_to_sgd_median') or nan:7.3f}{t.get('ratio_to_adamw_median') or nan:8.3f}"
+        )
       print(
-        f"  {name:<14}{ms:9.1f}{ratio:8.3f}{o.get('compile_s', float('nan')):11.1f}"
-        f"{o['state_over_param_bytes']:14.3f}"
+        f"  {name:<14}{cells}{o.get('compile_s', nan):11.1f}{o['state_over_param_bytes']:14.3f}"
       )
   print()
   for t in metrics["targets"]:

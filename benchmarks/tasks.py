@@ -35,7 +35,12 @@ from benchmarks import models
 
 # name -> description
 TIMING_TASKS = {
+  "digits": "the demo's two-conv CNN on scikit-learn's 8x8 digits (make train's model)",
   "cnn": "FashionCNN (3 conv + 2 dense) on Fashion-MNIST 28x28x1",
+  "vgg32": "VGG-style CNN, strided 3x3 convs 32-64-128-128 + Dense 256, on 32x32x3 "
+  "(random images: no 32x32 colour data set installs here; time does not depend on values)",
+  "char_mlp": "char MLP LM (8 previous characters, embedding vocab x 16, two Dense 512) "
+  "on the KJV Bible",
   "resnet20": "ResNet-20 (BatchNorm, 1x1-conv shortcuts) on Fashion-MNIST 28x28x1",
   "transformer": "decoder-only char transformer (4 layers, width 256, 4 heads, context 128) "
   "on the KJV Bible",
@@ -61,6 +66,10 @@ def make_model(task: str, *, vocab_size: int | None = None, **kw: Any) -> tuple[
   tokens per example (1 for images)."""
   if task == "cnn":
     return models.FashionCNN(**kw), 1
+  if task == "vgg32":
+    return models.VGGStrided(**kw), 1
+  if task == "char_mlp":
+    return models.CharMLP(vocab_size=vocab_size, **kw), 1
   if task == "resnet20":
     return models.ResNet20(**kw), 1
   if task == "transformer":  # the timing size
@@ -174,6 +183,40 @@ def build_task(
   if name in ("cnn", "resnet20"):
     batches = _image_batches(batch_size, n_batches, source, seed)
     model, tokens = make_model(name)
+    desc = TIMING_TASKS[name]
+  elif name == "digits":
+    from nysact_optax.demo import load_digits_split
+
+    digits = load_digits_split(seed=seed)
+    it = bdata.classification_batches(digits.x_train, digits.y_train, batch_size, seed=seed)
+    batches = [tuple(jax.device_put(a) for a in next(it)) for _ in range(n_batches)]
+    model, tokens = make_model(name)
+    desc = TIMING_TASKS[name]
+  elif name == "vgg32":
+    rng = np.random.default_rng(seed)
+    batches = [
+      (
+        jax.device_put(rng.random((batch_size, 32, 32, 3), dtype=np.float32)),
+        jax.device_put(rng.integers(0, 10, batch_size).astype(np.int32)),
+      )
+      for _ in range(n_batches)
+    ]
+    model, tokens = make_model(name)
+    desc = TIMING_TASKS[name]
+  elif name == "char_mlp":
+    context = 8
+    if source == "synthetic":
+      vocab, stream = 73, np.random.default_rng(seed).integers(0, 73, 200_000).astype(np.uint8)
+    else:
+      ds = bdata.load_kjv_chars()
+      vocab, stream = ds.vocab_size, ds.train
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(n_batches):
+      starts = rng.integers(0, len(stream) - context - 1, batch_size)
+      windows = np.stack([stream[s : s + context + 1] for s in starts]).astype(np.int32)
+      batches.append((jax.device_put(windows[:, :-1]), jax.device_put(windows[:, -1])))
+    model, tokens = make_model(name, vocab_size=vocab)
     desc = TIMING_TASKS[name]
   elif name == "transformer":
     context = 128
