@@ -18,7 +18,7 @@ train: $(VENV)/.installed
 
 # One pytest worker per core (pytest-xdist): the suite is compile-bound.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto $(ARGS)
+	$(PY) -m pytest -q -n auto --durations=25 $(ARGS)
 
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e ".[lint,docs]"
