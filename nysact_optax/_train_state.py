@@ -86,18 +86,28 @@ class TrainState(train_state.TrainState):
       ...
       ValueError: TrainState.apply_gradients(grads=...) needs activations=...: ...
     """
-    extra = {"activations": activations, "statistics": statistics}
-    extra = {k: v for k, v in extra.items() if v is not None}
-    if not extra and _needs_activations(self.opt_state):
-      raise ValueError(
-        "TrainState.apply_gradients(grads=...) needs activations=... with a "
-        "NysAct optimizer: take the gradient with "
-        "nysact_optax.value_and_grad(loss_fn, ...) in place of "
-        "jax.value_and_grad(loss_fn, ...); it returns ((value, grads), "
-        "activations). Pass them: state.apply_gradients(grads=grads, "
-        "activations=activations)"
-      )
+    extra = _extra_args(
+      self.opt_state,
+      activations,
+      statistics,
+      "TrainState.apply_gradients(grads=...) needs activations=... with a "
+      "NysAct optimizer: take the gradient with "
+      "nysact_optax.value_and_grad(loss_fn, ...) in place of "
+      "jax.value_and_grad(loss_fn, ...); it returns ((value, grads), "
+      "activations). Pass them: state.apply_gradients(grads=grads, "
+      "activations=activations)",
+    )
     return _with_extra_args(self, grads, extra, kwargs, super().apply_gradients)
+
+
+def _extra_args(opt_state, activations, statistics, missing: str) -> dict[str, Any]:
+  """The extra arguments given, or ``ValueError(missing)`` when a NysAct
+  state needs them and neither was given."""
+  extra = {"activations": activations, "statistics": statistics}
+  extra = {k: v for k, v in extra.items() if v is not None}
+  if not extra and _needs_activations(opt_state):
+    raise ValueError(missing)
+  return extra
 
 
 def _with_extra_args(state, grads, extra, kwargs, apply):
@@ -162,13 +172,13 @@ def apply_gradients(
     return state.apply_gradients(
       grads=grads, activations=activations, statistics=statistics, **kwargs
     )
-  extra = {"activations": activations, "statistics": statistics}
-  extra = {k: v for k, v in extra.items() if v is not None}
-  if not extra and _needs_activations(state.opt_state):
-    raise ValueError(
-      "nysact_optax.apply_gradients(state, grads=...) needs activations=... "
-      "with a NysAct optimizer: take the gradient with "
-      "nysact_optax.value_and_grad(loss_fn, ...), which returns ((value, "
-      "grads), activations)"
-    )
+  extra = _extra_args(
+    state.opt_state,
+    activations,
+    statistics,
+    "nysact_optax.apply_gradients(state, grads=...) needs activations=... "
+    "with a NysAct optimizer: take the gradient with "
+    "nysact_optax.value_and_grad(loss_fn, ...), which returns ((value, "
+    "grads), activations)",
+  )
   return _with_extra_args(state, grads, extra, kwargs, state.apply_gradients)
