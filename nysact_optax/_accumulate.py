@@ -10,7 +10,7 @@ accumulators are ``p x r`` per layer, the size of the state's ``cov``;
 activations are never kept beyond their micro-batch.
 
 The statistics come from the same per-layer function as ``update``'s own
-(:func:`nysact_optax._statistics.layer_statistics`), with the settings and
+(:func:`nysact_optax._statistics.statistics`), with the settings and
 layer layouts stored in the state, so both paths agree in every dtype, sketch
 and layer kind.
 """
@@ -79,13 +79,12 @@ def sketched_statistics(opt_state: Any, activations: Mapping[str, Any]) -> dict[
   table = _validation.check_activations(layers, activations, extra_ok=True)
 
   def compute(_):
-    stats = {}
-    for layer in layers:
-      with jax.named_scope(f"nysact/micro_batch_statistics/{layer.name}"):
-        _, stats[layer.name] = _statistics.layer_statistics(
-          layer, state.layers[layer.name].sketch_key, table[layer.name], config
-        )
-    return stats
+    with jax.named_scope("nysact/micro_batch_statistics"):
+      keys = _statistics.next_keys(
+        layers, {name: ls.sketch_key for name, ls in state.layers.items()}, config
+      )
+      _, _, sketches = _statistics.sketches_of(layers, keys, config)
+      return _statistics.statistics(layers, sketches, table, config)
 
   if config.cov_update_every == 1:
     return compute(None)

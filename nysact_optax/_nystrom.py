@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 __all__ = ["NYSTROM_METHODS", "exact_eigh", "nystrom_shifted", "nystrom_stable"]
 
@@ -33,33 +32,36 @@ def _sym(w: jax.Array) -> jax.Array:
   return 0.5 * (w + w.T)
 
 
-def _factor_from_cholesky(y: jax.Array, w: jax.Array, shift: jax.Array):
-  """``B = Y chol(W)^{-T}``, ``B = U Sigma V^T``, ``lam = max(sigma^2 - shift, 0)``.
+def _factor_from_gram(y: jax.Array, q: jax.Array, theta: jax.Array, shift: jax.Array):
+  """``B = Y W^{-1/2}``, ``B = U Sigma V^T``, ``lam = max(sigma^2 - shift, 0)``.
 
-  Every LAPACK call is on an ``r x r`` matrix; the ``p``-sized work is plain
-  matrix products. On CPU, threaded LAPACK calls on tall ``p x r`` matrices
-  (triangular solve, QR) were measured 100-1000x slower than these products
-  for some ``p`` on a busy 2-core machine, and products also map better to
-  accelerators and sharded ``p``. The thin SVD of ``B`` comes from the
-  eigendecomposition of ``B^T B``: directions with ``sigma^2 <= shift`` get
-  ``lam = 0`` and a zero column in ``U``, so they drop out of ``P`` (their
-  ``1/(lam + rho) - 1/rho`` is 0 anyway) and a rank-deficient ``B`` is harmless.
+  ``W = Q diag(theta) Q^T`` is the (shifted) core matrix, positive definite;
+  any ``B`` with ``B B^T = Y W^{-1} Y^T`` gives the same Nyström
+  approximation, here ``B = Y Q diag(theta^{-1/2})`` (a Cholesky factor of
+  ``W`` gives the same ``B`` up to a rotation on the right, with two more
+  LAPACK calls). Every LAPACK call is on an ``r x r`` matrix; the
+  ``p``-sized work is plain matrix products. On CPU, threaded LAPACK calls on
+  tall ``p x r`` matrices (triangular solve, QR) were measured 100-1000x
+  slower than these products for some ``p`` on a busy 2-core machine, and
+  products also map better to accelerators and sharded ``p``. The thin SVD
+  of ``B`` comes from the eigendecomposition of ``B^T B``: directions with
+  ``sigma^2 <= shift`` get ``lam = 0`` and a zero column in ``U``, so they
+  drop out of ``P`` (their ``1/(lam + rho) - 1/rho`` is 0 anyway) and a
+  rank-deficient ``B`` is harmless. A ``theta <= 0`` (a failed shift) makes
+  ``B`` non-finite, and the caller keeps the previous factors.
   """
-  r = w.shape[0]
-  chol = jnp.linalg.cholesky(w)
-  chol_inv = solve_triangular(chol, jnp.eye(r, dtype=w.dtype), lower=True)
-  b = jnp.matmul(y, chol_inv.T, precision=_HIGHEST)  # Y L^{-T}
+  b = jnp.matmul(y, q * jax.lax.rsqrt(theta)[None, :], precision=_HIGHEST)  # Y W^{-1/2}
   sigma2, v = jnp.linalg.eigh(jnp.matmul(b.T, b, precision=_HIGHEST))
   # The Gram eigendecomposition resolves sigma_i^2 to about eps sigma_max^2:
   # columns below sqrt(eps) of the largest would be off by more than
   # sqrt(eps) from orthonormal, so they are dropped (lam = 0, a 1/rho step).
-  resolved = sigma2 > jnp.sqrt(jnp.finfo(w.dtype).eps) * sigma2[-1]
+  resolved = sigma2 > jnp.sqrt(jnp.finfo(y.dtype).eps) * sigma2[-1]
   lam = jnp.where(resolved, jnp.maximum(sigma2 - shift, 0.0), 0.0)
   keep = lam > 0
   scale = jnp.where(keep, jax.lax.rsqrt(jnp.maximum(sigma2, 1e-30)), 0.0)
   u = jnp.matmul(b, v, precision=_HIGHEST) * scale[None, :]
   u = _orthonormal(u, keep)
-  # Non-finite statistics or a failed Cholesky must not hide behind the
+  # Non-finite statistics or a failed shift must not hide behind the
   # dropped (zeroed) columns: the caller then keeps the previous factors.
   finite = jnp.isfinite(b).all() & jnp.isfinite(sigma2).all()
   return jnp.where(finite, u, jnp.nan), lam
@@ -81,18 +83,19 @@ def _orthonormal(u: jax.Array, keep: jax.Array) -> jax.Array:
   w, q = jnp.linalg.eigh(gram)
   inv_sqrt = jnp.matmul(q * jax.lax.rsqrt(jnp.maximum(w, 1e-30))[None, :], q.T, precision=_HIGHEST)
   u = jnp.where(keep[None, :], jnp.matmul(u, inv_sqrt, precision=_HIGHEST), 0.0)
-  top = jnp.linalg.eigvalsh(jnp.matmul(u.T, u, precision=_HIGHEST))[-1]
+  # Gershgorin: the largest row sum of |U^T U| bounds its top eigenvalue.
+  top = jnp.max(jnp.sum(jnp.abs(jnp.matmul(u.T, u, precision=_HIGHEST)), axis=1))
   eps = jnp.finfo(u.dtype).eps
   return u * jax.lax.rsqrt(jnp.maximum(top, 1.0) * (1.0 + 4.0 * r * eps))
 
 
-def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax.Array]:
+def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho, *, p=None) -> tuple[jax.Array, jax.Array]:
   """The paper's factorisation (design note, section 2).
 
   ``C_rho = C_hat + rho S``, ``W = S^T C_rho``, shifted by
-  ``|lambda_min(W)| + rho`` (plus ``10 r eps ||W||``, so that the Cholesky
-  factor exists when ``rho`` is below ``W``'s round-off) before its Cholesky
-  factor. ``U diag(lam) U^T`` is meant to approximate the damped covariance
+  ``|lambda_min(W)| + rho`` (plus ``10 r eps ||W||``, so that it stays
+  positive definite when ``rho`` is below ``W``'s round-off) before its
+  inverse square root. ``U diag(lam) U^T`` is meant to approximate the damped covariance
   ``A + rho I`` (the preconditioner damps it once more, as the reference
   does), but the shift is added to ``W`` only, not to ``C_rho``, and then
   subtracted from ``sigma^2``: the eigenvalues come out below the
@@ -102,52 +105,61 @@ def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho) -> tuple[jax.Array, jax
     c_hat: bias-corrected sketched covariance ``A S`` (p x r).
     s: the sketch ``S`` (p x r) that made ``c_hat``.
     rho: damping.
+    p: unused; present so both methods share one signature.
 
   Returns:
     ``(U, lam)``.
   """
+  del p
   c_rho = c_hat + rho * s
-  w = _sym(jnp.matmul(s.T, c_rho, precision=_HIGHEST))
-  eigs = jnp.linalg.eigvalsh(w)
+  theta, q = jnp.linalg.eigh(_sym(jnp.matmul(s.T, c_rho, precision=_HIGHEST)))
   # When W is indefinite (statistics averaged over several sketches) the
   # paper's shift leaves W + shift I with smallest eigenvalue rho; with rho
-  # below W's round-off the Cholesky factor breaks down (NaN). A margin of
-  # 10 r ulps of ||W|| keeps it defined; it is of the order of W's own
-  # float32 round-off, so it changes nothing where the factor was accurate.
-  margin = 10.0 * w.shape[0] * jnp.finfo(w.dtype).eps * jnp.max(jnp.abs(eigs))
-  shift = jnp.abs(eigs[0]) + rho + margin
-  w = w + shift * jnp.eye(w.shape[0], dtype=w.dtype)
-  return _factor_from_cholesky(c_rho, w, shift)
+  # below W's round-off that eigenvalue is not resolved (a zero or negative
+  # theta). A margin of 10 r ulps of ||W|| keeps it positive; it is of the
+  # order of W's own float32 round-off, so it changes nothing where the
+  # factor was accurate.
+  margin = 10.0 * theta.shape[0] * jnp.finfo(theta.dtype).eps * jnp.max(jnp.abs(theta))
+  shift = jnp.abs(theta[0]) + rho + margin
+  return _factor_from_gram(c_rho, q, theta + shift, shift)  # W + shift I
 
 
-def nystrom_stable(c_hat: jax.Array, s: jax.Array, rho=None) -> tuple[jax.Array, jax.Array]:
+def nystrom_stable(
+  c_hat: jax.Array, s: jax.Array, rho=None, *, p=None
+) -> tuple[jax.Array, jax.Array]:
   """Stable Nyström (Tropp et al. 2017; Frangella et al. 2021) of ``A`` itself.
 
   ``Y_nu = Y + nu S`` with ``nu = sqrt(p) eps ||Y||_F``, ``W = S^T Y_nu``,
-  ``B = Y_nu chol(W)^{-T}``, ``lam = max(sigma^2 - nu, 0)``. ``S`` should have
-  orthonormal columns. When ``W`` is indefinite (statistics averaged over
-  different sketches) the shift grows by ``-lambda_min(W)`` so the Cholesky
-  factor exists; with one sketch this never triggers.
+  ``B = Y_nu W^{-1/2}`` (Tropp et al. use ``chol(W)^{-T}``: the same ``B B^T``),
+  ``lam = max(sigma^2 - nu, 0)``. ``S`` should have orthonormal columns. When
+  ``W`` is indefinite (statistics averaged over different sketches) the
+  shift grows by ``-lambda_min(W)`` so that ``W`` is positive definite; with
+  one sketch this never triggers.
 
   Args:
     c_hat: bias-corrected sketched covariance ``Y = A S`` (p x r).
     s: the sketch ``S`` (p x r).
     rho: unused; present so both methods share one signature.
+    p: the layer's rows when ``c_hat`` and ``s`` are zero-padded below them
+      (default: all rows); ``nu`` depends on it.
 
   Returns:
     ``(U, lam)``.
   """
   del rho
-  p = c_hat.shape[0]
+  p = c_hat.shape[0] if p is None else p
   eps = jnp.finfo(c_hat.dtype).eps
   # Floor at a tiny positive value so an all-zero Y (a dead layer) still has
   # a Cholesky factor; then lam = 0 exactly.
-  nu = jnp.sqrt(float(p)) * eps * jnp.linalg.norm(c_hat) + 1e-30
+  nu = jnp.sqrt(jnp.asarray(p, c_hat.dtype)) * eps * jnp.linalg.norm(c_hat) + 1e-30
   w0 = _sym(jnp.matmul(s.T, c_hat, precision=_HIGHEST))
   sts = jnp.matmul(s.T, s, precision=_HIGHEST)
-  deficit = jnp.maximum(-jnp.linalg.eigvalsh(w0 + nu * sts)[0], 0.0)
+  theta, q = jnp.linalg.eigh(w0 + nu * sts)
+  deficit = jnp.maximum(-theta[0], 0.0)
   shift = nu + 2.0 * deficit
-  return _factor_from_cholesky(c_hat + shift * s, w0 + shift * sts, shift)
+  # W = w0 + shift S^T S: with S^T S = I (to float32 round-off) its
+  # eigenvalues are theta + 2 deficit, on the same vectors.
+  return _factor_from_gram(c_hat + shift * s, q, theta + 2.0 * deficit, shift)
 
 
 def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:

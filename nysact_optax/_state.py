@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nysact_optax import _sketch
 from nysact_optax._tree import Layer
 
 __all__ = [
@@ -56,13 +55,6 @@ class NysActConfig:
   @property
   def dtype(self) -> jnp.dtype:
     return jnp.dtype(self.stats_dtype)
-
-  def draw(self, layer: Layer, key: jax.Array) -> _sketch.Sketch:
-    """One layer copy's sketch for ``key``: the one draw that the statistics
-    and the factors share, so they cannot use different sketches."""
-    return _sketch.draw_sketch(
-      key, layer.p, layer.rank, self.sketch, orthonormal=self.orthonormal, dtype=self.dtype
-    )
 
 
 jax.tree_util.register_static(NysActConfig)

@@ -19,20 +19,21 @@ patch rows count as rows of ``A``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nysact_optax import _distributed, _sketch, _tree
+from nysact_optax import _batch, _distributed, _sketch, _tree
 from nysact_optax._layers import ConvSpec, DenseSpec, LayerInputs
 from nysact_optax._sketch import Sketch
 
 if TYPE_CHECKING:
   from nysact_optax._state import NysActConfig
 
-__all__ = ["layer_statistics", "sketched_covariance"]
+__all__ = ["next_keys", "sketched_covariance", "sketches_of", "statistics"]
 
 
 def _dense_rows(x: jax.Array, spec: DenseSpec) -> jax.Array:
@@ -265,31 +266,62 @@ def sketched_covariance(
   return total / rows
 
 
-def layer_statistics(
-  layer: _tree.Layer, sketch_key: jax.Array, inputs: LayerInputs, config: NysActConfig
-) -> tuple[jax.Array, jax.Array]:
-  """The next sketch key and ``Y = A^T A S / n`` of one layer.
+def next_keys(
+  layers: Sequence[_tree.Layer], sketch_keys: Mapping[str, jax.Array], config: NysActConfig
+) -> dict[str, jax.Array]:
+  """Every layer's key for its next statistics update (stack axes first)."""
+  return {
+    layer.name: _tree.over_stack(
+      layer,
+      lambda k, layer=layer: _sketch.next_sketch_key(k, config.sketch_refresh, layer.exact),
+      sketch_keys[layer.name],
+    )
+    for layer in layers
+  }
+
+
+def statistics(
+  layers: Sequence[_tree.Layer],
+  sketches: Mapping[str, Sketch],
+  inputs: Mapping[str, LayerInputs],
+  config: NysActConfig,
+) -> dict[str, jax.Array]:
+  """``Y = A^T A S / n`` of every layer, from its sketch(es).
 
   The one statistics step of the library: ``update(activations=...)`` and
-  :func:`nysact_optax.sketched_statistics` both call it, so the sketch, the
-  dtype and the stacking cannot differ between them. For a layer stacked by
-  ``stack_axes`` both results carry its stack axes first.
+  :func:`nysact_optax.sketched_statistics` both call it with the sketches of
+  :func:`nysact_optax._batch.draw` (and :func:`sketches_of`), so the sketch,
+  the dtype and the stacking cannot differ between them.
 
   Args:
-    layer: the layer's layout.
-    sketch_key: the layer's current sketch key(s) from its state.
-    inputs: the layer's captured inputs.
+    layers: the layers' layouts.
+    sketches: each layer's sketch(es), stack axes first.
+    inputs: each layer's captured inputs.
     config: the optimizer's static settings.
 
   Returns:
-    ``(key, y)``: the key of the sketch ``S`` used (the state's next key)
-    and the ``p x r`` statistics in ``config.stats_dtype``, its products at
-    ``config.precision``.
+    Each layer's ``p x r`` statistics (stack axes first) in
+    ``config.stats_dtype``, its products at ``config.precision``.
   """
+  out = {}
+  for layer in layers:
+    with jax.named_scope(f"nysact/statistics/{layer.name}"):
+      out[layer.name] = _tree.over_stack(
+        layer,
+        lambda s, x, layer=layer: sketched_covariance(
+          x, s, layer.has_bias, config.dtype, config.precision
+        ),
+        sketches[layer.name],
+        inputs[layer.name],
+      )
+  return out
 
-  def one(key, layer_inputs):
-    key = _sketch.next_sketch_key(key, config.sketch_refresh, layer.exact)
-    s = config.draw(layer, key)
-    return key, sketched_covariance(layer_inputs, s, layer.has_bias, config.dtype, config.precision)
 
-  return _tree.over_stack(layer, one, sketch_key, inputs)
+def sketches_of(
+  layers: Sequence[_tree.Layer], keys: Mapping[str, jax.Array], config: NysActConfig
+) -> tuple[tuple[_batch.Group, ...], list[Sketch | None], dict[str, Sketch]]:
+  """The layers' groups, each group's sketch batch and each layer's sketch
+  for the given keys: one vmapped draw per group."""
+  groups = _batch.group_layers(layers)
+  batches = [_batch.draw(group, keys, config) for group in groups]
+  return groups, batches, _batch.layer_sketches(groups, batches, config.dtype)

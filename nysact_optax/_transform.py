@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from nysact_optax import _apply, _distributed, _nystrom, _sketch, _statistics, _tree, _validation
+from nysact_optax import _apply, _distributed, _nystrom, _statistics, _tree, _validation
 from nysact_optax._state import (
   NysActConfig,
   NysActLayerState,
@@ -56,65 +56,84 @@ def _accumulate(ls: NysActLayerState, key, y, stat_decay, axis_name, dtype) -> N
   )
 
 
-def _factors(layer, cov, key, count, *, config, factorise, stat_decay, damping, relative_damping):
-  """``(U, lam, damping_scale)`` of one layer copy from its EMA statistics."""
+def _factors(cov, sketch, count, width, *, group, factorise, stat_decay, damping, relative_damping):
+  """``(U, lam, damping_scale)`` of one batch entry of a group (padded rows 0)."""
   correction = 1.0 - jnp.asarray(stat_decay, cov.dtype) ** count
   c_hat = cov / jnp.where(count > 0, correction, 1.0)
-  s = config.draw(layer, key)
   scale = jnp.ones((), cov.dtype)
-  if relative_damping:  # tr(S^T C S) / r estimates tr(C) / p
-    mean = jnp.trace(jnp.matmul(s.matrix.T, c_hat, precision=lax.Precision.HIGHEST))
-    scale = jnp.maximum(mean / layer.rank, jnp.finfo(cov.dtype).tiny)
-  if layer.exact:
+  if group.exact:
+    if relative_damping:  # the sketch is the identity: tr(C) / p
+      scale = jnp.maximum(jnp.trace(c_hat) / group.rank, jnp.finfo(cov.dtype).tiny)
     u, lam = _nystrom.exact_eigh(c_hat)
-  else:
-    u, lam = factorise(c_hat, s.matrix, damping * scale)
+    return u, lam, scale
+  if relative_damping:  # tr(S^T C S) / r estimates tr(C) / p
+    mean = jnp.trace(jnp.matmul(sketch.T, c_hat, precision=lax.Precision.HIGHEST))
+    scale = jnp.maximum(mean / group.rank, jnp.finfo(cov.dtype).tiny)
+  u, lam = factorise(c_hat, sketch, damping * scale, p=width)
   return u, lam, scale
 
 
-def _update_statistics(layer_states, *, layers, config, inputs, statistics, stat_decay, axis_name):
+def _update_statistics(
+  layer_states, sketches, *, layers, config, inputs, statistics, keys, stat_decay, axis_name
+):
   """Every layer's new statistics (from ``inputs``, or given) into its EMA."""
+  if statistics is None:
+    statistics = _statistics.statistics(layers, sketches, inputs, config)
   new = dict(layer_states)
   for layer in layers:
-    with jax.named_scope(f"nysact/statistics/{layer.name}"):
-      ls = layer_states[layer.name]
-      if statistics is None:
-        key, y = _statistics.layer_statistics(layer, ls.sketch_key, inputs[layer.name], config)
-      else:
-        key = _tree.over_stack(
-          layer,
-          lambda k, layer=layer: _sketch.next_sketch_key(k, config.sketch_refresh, layer.exact),
-          ls.sketch_key,
-        )
-        y = jnp.asarray(statistics[layer.name], config.dtype)
-      new[layer.name] = _accumulate(ls, key, y, stat_decay, axis_name, config.dtype)
+    with jax.named_scope(f"nysact/accumulate/{layer.name}"):
+      y = jnp.asarray(statistics[layer.name], config.dtype)
+      new[layer.name] = _accumulate(
+        layer_states[layer.name], keys[layer.name], y, stat_decay, axis_name, config.dtype
+      )
   return new
 
 
-def _refresh(layer_states, *, layers, config, factorise, stat_decay, damping, relative_damping):
-  """Every layer's factors from its EMA; non-finite ones keep the previous factors."""
+def _refresh(
+  layer_states, groups, batches, *, config, factorise, stat_decay, damping, relative_damping
+):
+  """Every layer's factors from its EMA, one vmapped call per group;
+  non-finite ones keep the previous factors."""
+  if config.sketch_refresh != "fixed":  # a skipped update kept a layer's old key
+    layers = [layer for group in groups for layer in group.layers]
+    keys = {layer.name: layer_states[layer.name].sketch_key for layer in layers}
+    groups, batches, _ = _statistics.sketches_of(layers, keys, config)
   new = dict(layer_states)
-  for layer in layers:
-    with jax.named_scope(f"nysact/factors/{layer.name}"):
-      ls = layer_states[layer.name]
+  dtype = config.dtype
+  for group, sketch in zip(groups, batches, strict=True):
+    with jax.named_scope(f"nysact/factors/{group.name}"):
+      states = [layer_states[layer.name] for layer in group.layers]
+      cov, basis = group.stack([(ls.cov, ls.basis) for ls in states], pad_axis=0)
+      eigvals, scale, count, failures = group.stack(
+        [(ls.eigvals, ls.damping_scale, ls.stat_count, ls.failures) for ls in states]
+      )
       one = functools.partial(
         _factors,
-        layer,
-        config=config,
+        group=group,
         factorise=factorise,
         stat_decay=stat_decay,
         damping=damping,
         relative_damping=relative_damping,
       )
-      u, lam, scale = _tree.over_stack(layer, one, ls.cov, ls.sketch_key, ls.stat_count)
-      ok = jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(lam).all(-1)  # per copy
-      dtype = config.dtype
-      new[layer.name] = ls._replace(
-        basis=jnp.where(ok[..., None, None], u, ls.basis).astype(dtype),
-        eigvals=jnp.where(ok[..., None], lam, ls.eigvals).astype(dtype),
-        damping_scale=jnp.where(ok, scale, ls.damping_scale).astype(dtype),
-        failures=ls.failures + (~ok).astype(jnp.int32),
+      s = None if sketch is None else sketch.matrix
+      u, lam, new_scale = jax.vmap(one, in_axes=(0, None if s is None else 0, 0, 0))(
+        cov, s, count, jnp.asarray(group.widths, jnp.int32)
       )
+      ok = jnp.isfinite(u).all((-2, -1)) & jnp.isfinite(lam).all(-1)  # per copy
+      basis = jnp.where(ok[..., None, None], u, basis).astype(dtype)
+      vectors = (
+        jnp.where(ok[..., None], lam, eigvals).astype(dtype),
+        jnp.where(ok, new_scale, scale).astype(dtype),
+        failures + (~ok).astype(jnp.int32),
+      )
+      for layer, ls, b, (lam, scale, fails) in zip(
+        group.layers,
+        states,
+        group.split(basis, pad_axis=0),
+        group.split(vectors),
+        strict=True,
+      ):
+        new[layer.name] = ls._replace(basis=b, eigvals=lam, damping_scale=scale, failures=fails)
   return new
 
 
@@ -383,34 +402,41 @@ def scale_by_nysact(
     else:
       _validation.check_statistics(layers, statistics)
 
-    layer_states = _periodic(
-      state.count,
-      cov_update_every,
-      functools.partial(
-        _update_statistics,
+    def statistics_step(layer_states):
+      keys = _statistics.next_keys(
+        layers, {name: ls.sketch_key for name, ls in layer_states.items()}, config
+      )
+      groups, batches, sketches = _statistics.sketches_of(layers, keys, config)
+      layer_states = _update_statistics(
+        layer_states,
+        sketches,
         layers=layers,
         config=config,
         inputs=inputs,
         statistics=statistics,
+        keys=keys,
         stat_decay=stat_decay,
         axis_name=axis_name,
-      ),
-      state.layers,
-    )
-    layer_states = _periodic(
-      state.count,
-      inv_update_every,
-      functools.partial(
-        _refresh,
-        layers=layers,
-        config=config,
-        factorise=factorise,
-        stat_decay=stat_decay,
-        damping=damping,
-        relative_damping=relative_damping,
-      ),
-      layer_states,
-    )
+      )
+      # T_inv is a multiple of T_cov: every refresh falls on a statistics
+      # step, and reuses its sketches.
+      return _periodic(
+        state.count,
+        inv_update_every,
+        lambda ls: _refresh(
+          ls,
+          groups,
+          batches,
+          config=config,
+          factorise=factorise,
+          stat_decay=stat_decay,
+          damping=damping,
+          relative_damping=relative_damping,
+        ),
+        layer_states,
+      )
+
+    layer_states = _periodic(state.count, cov_update_every, statistics_step, state.layers)
     updates = _precondition_all(updates, layers, layer_states, damping, dtype, apply_precision)
     new_state = ScaleByNysActState(
       count=optax.safe_increment(state.count), layers=layer_states, config=state.config

@@ -32,14 +32,19 @@ def _lapack_shapes(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
 @pytest.mark.parametrize("nystrom", ["stable", "shifted"])
 @pytest.mark.parametrize("sketch", ["gaussian", "subcolumns"])
 def test_lapack_only_on_rank_sized_matrices(nystrom, sketch):
-  params = {"d": {"kernel": jnp.ones((P_IN, 20)), "bias": jnp.zeros(20)}}
+  # Two layers in one padded group: LAPACK calls carry a batch axis of 2.
+  widths = {"d": P_IN, "e": P_IN // 2}
+  params = {k: {"kernel": jnp.ones((n, 20)), "bias": jnp.zeros(20)} for k, n in widths.items()}
   tx = nysact_optax.scale_by_nysact(
     rank=RANK, sketch=sketch, nystrom=nystrom, cov_update_every=1, inv_update_every=1
   )
-  acts = {"d": nysact_optax.LayerInputs([jnp.ones((8, P_IN))], nysact_optax.DenseSpec())}
+  acts = {
+    k: nysact_optax.LayerInputs([jnp.ones((8, n))], nysact_optax.DenseSpec())
+    for k, n in widths.items()
+  }
   step = jax.jit(lambda g, s, a: tx.update(g, s, activations=a))
   hlo = step.lower(params, tx.init(params), acts).compile().as_text()
   calls = _lapack_shapes(hlo)
   assert calls, "no LAPACK call found: the HLO scan is broken"
-  for target, shapes in calls:
-    assert all(max(shape, default=0) <= RANK for shape in shapes), (target, shapes)
+  for target, shapes in calls:  # the matrix axes are the last two; batch axes lead
+    assert all(max(shape[-2:], default=0) <= RANK for shape in shapes), (target, shapes)
