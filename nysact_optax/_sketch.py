@@ -70,21 +70,25 @@ def _orthonormalise(s: jax.Array) -> jax.Array:
 def _gaussian(key: jax.Array, width: int, p: jax.Array, r: int, dtype: Any) -> jax.Array:
   """``N(0, 1/p)`` entries in the first ``p`` of ``width`` rows, zeros below.
 
-  Entry ``(i, j)`` is a function of the key and its counter ``i r + j`` only
-  (one threefry hash of the pair ``(i r + j, 0)``, turned into a normal as
-  ``jax.random.normal`` does), so a padded draw agrees with an unpadded one
-  on the rows they share. One hash for a whole group of layers: each hash
-  in a step costs about 0.4 s of XLA:CPU compile, whatever its size.
+  Entries ``(i, 2k)`` and ``(i, 2k + 1)`` are the two words of one threefry
+  hash of the counter pair ``(i ceil(r/2) + k, 0)`` under the key, turned
+  into normals as ``jax.random.normal`` does: a function of the key, ``i``,
+  the column and ``r`` only, so a padded draw agrees with an unpadded one on
+  the rows they share. One hash for a whole group of layers: each hash in a
+  step costs about 0.4 s of XLA:CPU compile, whatever its size.
   """
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  counter = jnp.arange(width * r, dtype=jnp.uint32)
-  bits = threefry_2x32(key, jnp.concatenate([counter, jnp.zeros_like(counter)]))[: width * r]
+  half = -(-r // 2)
+  counter = jnp.arange(width * half, dtype=jnp.uint32)
+  words = threefry_2x32(key, jnp.concatenate([counter, jnp.zeros_like(counter)]))
+  bits = jnp.stack([words[: width * half], words[width * half :]], axis=-1)
+  bits = bits.reshape(width, 2 * half)[:, :r]
   float_bits = (bits >> 9) | jnp.uint32(0x3F800000)  # 23 random mantissa bits in [1, 2)
   uniform = jax.lax.bitcast_convert_type(float_bits, jnp.float32) - 1.0
   low = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
   uniform = jnp.maximum(low, uniform * (1.0 - low) + low)  # in (-1, 1)
-  z = (jnp.sqrt(jnp.float32(2.0)) * jax.lax.erf_inv(uniform)).reshape(width, r).astype(dtype)
+  z = (jnp.sqrt(jnp.float32(2.0)) * jax.lax.erf_inv(uniform)).astype(dtype)
   rows = jnp.arange(width)[:, None] < p
   return jnp.where(rows, z, 0.0) / jnp.sqrt(jnp.asarray(p, dtype))
 
