@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nysact_optax import ConvSpec, DenseSpec, LayerInputs
+from nysact_optax import ConvSpec, DenseSpec, LayerInputs, _statistics
 from nysact_optax._sketch import draw_sketch
 from nysact_optax._statistics import sketched_covariance
 from tests import _reference
@@ -38,10 +38,17 @@ def test_conv_patches_match_explicit_loops(conv):
   np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.fixture
+def convolutions(monkeypatch):
+  """Every convolution takes the patch-free path (no input here is too big
+  for explicit patches)."""
+  monkeypatch.setattr(_statistics, "PATCH_LIMIT", 0)
+
+
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kind", ["gaussian", "subcolumns"])
-def test_patch_free_conv_statistics_equal_patch_formula(conv, bias, kind):
+def test_patch_free_conv_statistics_equal_patch_formula(conv, bias, kind, convolutions):
   *cfg, shape = conv
   spec = _spec(*cfg)
   x = jax.random.normal(jax.random.PRNGKey(1), shape)
@@ -53,6 +60,38 @@ def test_patch_free_conv_statistics_equal_patch_formula(conv, bias, kind):
   ours = jax.jit(sketched_covariance, static_argnums=2)(LayerInputs([x], spec), s, bias)
   expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_small_convs_take_explicit_patches_with_the_same_result(conv):
+  *cfg, shape = conv
+  spec = _spec(*cfg)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  a = _reference.with_bias_column(np.asarray(conv_patches(x, spec), np.float64))
+  assert a.size <= _statistics.PATCH_LIMIT
+  s = draw_sketch(jax.random.PRNGKey(2), a.shape[1], min(4, a.shape[1] - 1), "gaussian")
+  step = jax.jit(sketched_covariance, static_argnums=2)
+  ours = step(LayerInputs([x], spec), s, True)
+  expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _convolutions(x, spec, s, limit, monkeypatch):
+  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
+  fn = lambda x, s: sketched_covariance(LayerInputs([x], spec), s, True)
+  return jax.jit(fn).lower(x, s).as_text().count("stablehlo.convolution")
+
+
+@pytest.mark.parametrize("conv", CONVS[:2] + CONVS[3:4])
+def test_patches_replace_the_two_statistics_convolutions(conv, monkeypatch):
+  *cfg, shape = conv
+  spec = _spec(*cfg)
+  x = jnp.ones(shape)
+  s = draw_sketch(jax.random.PRNGKey(2), spec.input_width(shape) + 1, 3, "gaussian")
+  patches = _convolutions(x, spec, s, _statistics.PATCH_LIMIT, monkeypatch)
+  convolutions = _convolutions(x, spec, s, 0, monkeypatch)
+  grouped = cfg[-1] > 1  # grouped convolutions always take the convolutions
+  assert (patches == convolutions) if grouped else (patches < convolutions)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -88,8 +127,10 @@ def test_bf16_inputs_are_accumulated_in_float32():
   np.testing.assert_allclose(y, a.T @ a / 64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("limit", [0, _statistics.PATCH_LIMIT])  # convolutions, patches
 @pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 1), (-1, 2))])
-def test_conv_statistics_with_input_dilation_equal_patch_formula(padding):
+def test_conv_statistics_with_input_dilation_equal_patch_formula(padding, limit, monkeypatch):
+  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
   """Input (lhs) dilation and negative explicit pads (lax takes no string
   padding with input dilation): A^T A S against the patch matrix that lax
   builds for the same convolution."""
