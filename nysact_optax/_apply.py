@@ -21,7 +21,7 @@ import numpy as np
 
 from nysact_optax._tree import Layer
 
-__all__ = ["from_matrix", "precondition", "to_matrix"]
+__all__ = ["from_parts", "precondition", "precondition_parts", "to_matrix", "to_parts"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -32,30 +32,40 @@ def _bias_perm(layer: Layer) -> tuple[int, ...]:
   return tuple(range(s)) + tuple(s + a for a in layer.bias_perm)
 
 
-def to_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None, dtype: Any) -> jax.Array:
-  """The gradient matrix ``(*stack, p, o)`` in ``dtype``: kernel rows, then the bias row."""
+def to_parts(
+  layer: Layer, kernel: jax.Array, bias: jax.Array | None, dtype: Any
+) -> tuple[jax.Array, jax.Array | None]:
+  """The kernel rows ``(*stack, p_in, o)`` and the bias row ``(*stack, 1, o)``
+  (or ``None``) of the gradient matrix, in ``dtype``."""
   g = jnp.transpose(kernel, layer.kernel_perm)
   g = g.reshape(layer.stack_shape + (layer.p_in, layer.out)).astype(dtype)
   if bias is None:
-    return g
+    return g, None
   if layer.bias_perm is not None:
     bias = jnp.transpose(bias, _bias_perm(layer))
-  b = bias.reshape(layer.stack_shape + (1, layer.out))
-  return jnp.concatenate([g, b.astype(dtype)], axis=-2)
+  return g, bias.reshape(layer.stack_shape + (1, layer.out)).astype(dtype)
 
 
-def from_matrix(layer: Layer, pg: jax.Array, kernel: jax.Array, bias: jax.Array | None):
-  """Inverse of :func:`to_matrix`, in the kernel's and bias's dtypes."""
+def to_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None, dtype: Any) -> jax.Array:
+  """The gradient matrix ``(*stack, p, o)`` in ``dtype``: kernel rows, then the bias row."""
+  g, b = to_parts(layer, kernel, bias, dtype)
+  return g if b is None else jnp.concatenate([g, b], axis=-2)
+
+
+def from_parts(
+  layer: Layer, pk: jax.Array, pb: jax.Array | None, kernel: jax.Array, bias: jax.Array | None
+):
+  """Inverse of :func:`to_parts`, in the kernel's and bias's dtypes."""
   kperm = layer.kernel_perm
-  k = pg[..., : layer.p_in, :].reshape(tuple(kernel.shape[i] for i in kperm))
+  k = pk.reshape(tuple(kernel.shape[i] for i in kperm))
   k = jnp.transpose(k, tuple(np.argsort(kperm))).astype(kernel.dtype)
   if bias is None:
     return k, None
-  b = pg[..., layer.p_in, :]
+  assert pb is not None, layer.name
   if layer.bias_perm is None:
-    return k, b.reshape(bias.shape).astype(bias.dtype)
+    return k, pb.reshape(bias.shape).astype(bias.dtype)
   bperm = _bias_perm(layer)
-  b = b.reshape(tuple(bias.shape[i] for i in bperm))
+  b = pb.reshape(tuple(bias.shape[i] for i in bperm))
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
 
 
@@ -78,6 +88,35 @@ def precondition(
     >>> precondition(jnp.ones((3, 1)), u, jnp.array([1.0]), 1.0).ravel()
     Array([0.5, 1. , 1. ], dtype=float32)
   """
-  ug = jnp.matmul(u.T, g, precision=precision)
-  coeff = 1.0 / (lam + rho) - 1.0 / rho
-  return jnp.matmul(u, coeff[:, None] * ug, precision=precision) + g / rho
+  return precondition_parts(g, None, u, lam, rho, precision=precision)[0]
+
+
+def precondition_parts(
+  g: jax.Array,
+  b: jax.Array | None,
+  u: jax.Array,
+  lam: jax.Array,
+  rho,
+  *,
+  precision: jax.lax.Precision = _HIGHEST,
+) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`precondition` of the matrix ``[g; b]`` (kernel rows ``g``, bias row
+  ``b`` or ``None``) without forming it: the rows of ``P [g; b]``, split alike.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u = jnp.eye(3)[:, :1]
+    >>> pk, pb = precondition_parts(jnp.ones((2, 1)), jnp.ones((1, 1)), u, jnp.array([1.0]), 1.0)
+    >>> pk.ravel(), pb.ravel()
+    (Array([0.5, 1. ], dtype=float32), Array([1.], dtype=float32))
+  """
+  p_in = g.shape[0]
+  uk = u[:p_in]
+  ug = jnp.matmul(uk.T, g, precision=precision)
+  if b is not None:
+    ug = ug + u[p_in:].T * b  # the bias row's outer product, (r, 1) * (1, o)
+  c = (1.0 / (lam + rho) - 1.0 / rho)[:, None] * ug
+  pk = jnp.matmul(uk, c, precision=precision) + g / rho
+  if b is None:
+    return pk, None
+  return pk, jnp.matmul(u[p_in:], c, precision=precision) + b / rho

@@ -150,7 +150,7 @@ def nystrom_stable(
   p = c_hat.shape[0] if p is None else p
   eps = jnp.finfo(c_hat.dtype).eps
   # Floor at a tiny positive value so an all-zero Y (a dead layer) still has
-  # a Cholesky factor; then lam = 0 exactly.
+  # a positive definite W; then lam = 0 exactly.
   nu = jnp.sqrt(jnp.asarray(p, c_hat.dtype)) * eps * jnp.linalg.norm(c_hat) + 1e-30
   w0 = _sym(jnp.matmul(s.T, c_hat, precision=_HIGHEST))
   sts = jnp.matmul(s.T, s, precision=_HIGHEST)

@@ -147,18 +147,19 @@ def _precondition_all(updates, layers, layer_states, damping, dtype, precision):
       ls = layer_states[layer.name]
       kernel = leaves[position[layer.kernel_path]]
       bias = leaves[position[layer.bias_path]] if layer.has_bias else None
-      g = _apply.to_matrix(layer, kernel, bias, dtype)
-      pg = _tree.over_stack(
+      g, b = _apply.to_parts(layer, kernel, bias, dtype)
+      pk, pb = _tree.over_stack(
         layer,
-        lambda g, u, lam, scale: _apply.precondition(
-          g, u, lam, damping * scale, precision=precision
+        lambda g, b, u, lam, scale: _apply.precondition_parts(
+          g, b, u, lam, damping * scale, precision=precision
         ),
         g,
+        b,
         ls.basis,
         ls.eigvals,
         ls.damping_scale,
       )
-      kernel, bias = _apply.from_matrix(layer, pg, kernel, bias)
+      kernel, bias = _apply.from_parts(layer, pk, pb, kernel, bias)
       leaves[position[layer.kernel_path]] = kernel
       if layer.has_bias:
         leaves[position[layer.bias_path]] = bias

@@ -75,15 +75,16 @@ def test_a_padded_draw_is_the_unpadded_draw_on_its_rows():
   jitted = jax.jit(lambda k: _sketch.draw_sketches(k, widths, 64, 6, "gaussian", orthonormal=True))(
     keys
   )
+  draw = jax.jit(_sketch.draw_sketch, static_argnums=(1, 2, 3), static_argnames="orthonormal")
   for i, p in enumerate(widths):
-    alone = _sketch.draw_sketch(keys[i], p, 6, "gaussian", orthonormal=True).matrix
+    alone = draw(keys[i], p, 6, "gaussian", orthonormal=True).matrix
     np.testing.assert_allclose(padded.matrix[i, :p], alone, atol=2e-6)
     # Compiled elsewhere (statistics and factors live in different jitted
     # functions), the draw agrees to round-off: no sign or order choices.
     np.testing.assert_allclose(jitted.matrix[i], padded.matrix[i], atol=2e-6)
     assert (padded.matrix[i, p:] == 0).all()
     np.testing.assert_allclose(alone.T @ alone, np.eye(6), atol=2e-6)
-  raw = _sketch.draw_sketch(keys[0], 4000, 3, "gaussian").matrix * math.sqrt(4000)
+  raw = draw(keys[0], 4000, 3, "gaussian").matrix * math.sqrt(4000)
   assert abs(float(raw.mean())) < 0.05 and abs(float(raw.std()) - 1.0) < 0.03  # N(0, 1/p)
 
 
