@@ -132,10 +132,23 @@ def _conv_pads(x: jax.Array, spec: ConvSpec, padding) -> list[tuple[int, int]]:
   return [tuple(p) for p in lax.padtype_to_pads(x.shape[1:-1], dilated, spec.strides, padding)]
 
 
-def _out_size(n: int, pad: int, k: int, stride: int, dilation: int, input_dilation: int) -> int:
-  """Output positions along one spatial axis (lax's arithmetic)."""
-  span = (n - 1) * input_dilation + 1 + pad
-  return max(0, (span - ((k - 1) * dilation + 1)) // stride + 1)
+def _padded(x: jax.Array, spec: ConvSpec, padding) -> jax.Array:
+  """``x`` with the convolution's padding and input dilation applied, so that
+  every convolution (or slice) over it is ``VALID``."""
+  pads = _conv_pads(x, spec, padding)
+  return lax.pad(
+    x,
+    jnp.zeros((), x.dtype),
+    [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)] + [(0, 0, 0)],
+  )
+
+
+def _out_sizes(padded_shape, spec: ConvSpec) -> list[int]:
+  """Output positions along each spatial axis of a ``VALID`` convolution."""
+  return [
+    (n - (k - 1) * d - 1) // st + 1
+    for n, k, d, st in zip(padded_shape[1:-1], spec.kernel_size, spec.kernel_dilation, spec.strides)
+  ]
 
 
 def _explicitly_sharded(x: jax.Array) -> bool:
@@ -154,19 +167,10 @@ PATCH_CHANNELS = 4
 PATCH_LIMIT = 1 << 20
 
 
-def _patch_stats(x, spec, padding, s, has_bias, precision):
-  """``A^T (A S)`` from the explicit patch matrix ``A`` (kernel row order),
-  gathered by one strided slice per kernel offset."""
-  pads = _conv_pads(x, spec, padding)
-  xp = lax.pad(
-    x,
-    jnp.zeros((), x.dtype),
-    [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)] + [(0, 0, 0)],
-  )
-  out = [
-    (n - (k - 1) * d - 1) // st + 1
-    for n, k, d, st in zip(xp.shape[1:-1], spec.kernel_size, spec.kernel_dilation, spec.strides)
-  ]
+def _patch_stats(xp, spec, s, has_bias, precision):
+  """``A^T (A S)`` from the explicit patch matrix ``A`` (kernel row order) of
+  the padded input ``xp``, gathered by one strided slice per kernel offset."""
+  out = _out_sizes(xp.shape, spec)
   cols = []
   for offset in itertools.product(*(range(k) for k in spec.kernel_size)):
     start = [0] + [o * d for o, d in zip(offset, spec.kernel_dilation)] + [0]
@@ -192,20 +196,10 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   p_in = math.prod(spec.kernel_size) * cg
   s = sketch.matrix.astype(dtype)
   r = s.shape[1]
-  rows = x.shape[0] * math.prod(
-    _out_size(n, lo + hi, k, st, d, di)
-    for n, (lo, hi), k, st, d, di in zip(
-      x.shape[1:-1],
-      _conv_pads(x, spec, padding),
-      spec.kernel_size,
-      spec.strides,
-      spec.kernel_dilation,
-      spec.input_dilation,
-    )
-  )
-  small = cg <= PATCH_CHANNELS and rows * p_in <= PATCH_LIMIT
-  if groups == 1 and small and not _explicitly_sharded(x):
-    return _patch_stats(x, spec, padding, s, has_bias, precision)
+  if groups == 1 and cg <= PATCH_CHANNELS and not _explicitly_sharded(x):
+    xp = _padded(x, spec, padding)
+    if xp.shape[0] * math.prod(_out_sizes(xp.shape, spec)) * p_in <= PATCH_LIMIT:
+      return _patch_stats(xp, spec, s, has_bias, precision)
   kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
   kernel = _distributed.replicate(kernel)  # typed on the mesh, if any
@@ -236,14 +230,7 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   else:
     # Input dilation and padding applied once, explicitly, so both products
     # below are plain strided convolutions.
-    pads = _conv_pads(x, spec, padding)
-    xp = lax.pad(
-      x,
-      jnp.zeros((), x.dtype),
-      [(0, 0, 0)]
-      + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, spec.input_dilation)]
-      + [(0, 0, 0)],
-    )
+    xp = _padded(x, spec, padding)
     z = lax.conv_general_dilated(
       xp,
       kernel,
