@@ -290,6 +290,20 @@ def run_block(runner: Runner, task: Task, steps: int, *, per_step: bool = False)
   return time.perf_counter() - t0
 
 
+def _minor_faults() -> int:
+  """The process's minor page faults so far (0 where ``resource`` is missing).
+
+  XLA:CPU allocates a step's temporaries afresh at every execution; above
+  glibc's mmap threshold each first touch of a page is a fault, so a step
+  that holds more memory pays for it in time as well.
+  """
+  try:
+    import resource
+  except ImportError:  # not a POSIX system
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def sample_phases(runner: Runner, task: Task, n_plain: int = 4) -> dict[str, list[float]]:
   """Times ``n_plain`` plain steps, one statistics and one inverse step.
 
@@ -404,8 +418,13 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
         r = runners[name]
         acc = result[name].setdefault("phases", {}) if r.can_sample else None
         if result[name]["timing"] == "whole blocks":
+          faults = _minor_faults()
           dt = run_block(r, task, args.steps)
+          faults = _minor_faults() - faults
           result[name]["by_threading"][mode]["block_s_per_step"].append(dt / args.steps)
+          result[name]["by_threading"][mode].setdefault("page_faults_per_step", []).append(
+            faults / args.steps
+          )
           if first_mode:
             result[name]["block_s_per_step"].append(dt / args.steps)
           if r.can_sample and args.phase_samples and first_mode:
@@ -438,6 +457,8 @@ def measure_task(task: Task, names: Sequence[str], args, bar) -> dict[str, Any]:
       mine = result[name]["by_threading"][mode]
       blocks = mine["block_s_per_step"]
       mine["step_s_median"] = _common.median(blocks) if blocks else None
+      if mine.get("page_faults_per_step"):
+        mine["page_faults_per_step_median"] = _common.median(mine["page_faults_per_step"])
       for base in ("sgd", "adamw"):
         if base in result and blocks:
           theirs = result[base]["by_threading"][mode]["block_s_per_step"]
@@ -705,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     modes = args.threading
     head = "".join(f"{m + ' ms':>12}{'x SGD':>7}{'x AdamW':>8}" for m in modes)
-    print(f"  {'optimizer':<14}{head}{'compile s':>11}{'state/params':>14}")
+    print(f"  {'optimizer':<14}{head}{'faults/step':>12}{'compile s':>11}{'state/params':>14}")
     nan = float("nan")
     for name, o in res["optimizers"].items():
       cells = ""
@@ -715,8 +736,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{1e3 * (t.get('step_s_median') or nan):12.1f}"
           f"{t.get('ratio_to_sgd_median') or nan:7.3f}{t.get('ratio_to_adamw_median') or nan:8.3f}"
         )
+      faults = o["by_threading"][modes[0]].get("page_faults_per_step_median", nan)
       print(
-        f"  {name:<14}{cells}{o.get('compile_s', nan):11.1f}{o['state_over_param_bytes']:14.3f}"
+        f"  {name:<14}{cells}{faults:12.0f}{o.get('compile_s', nan):11.1f}"
+        f"{o['state_over_param_bytes']:14.3f}"
       )
   print()
   for t in metrics["targets"]:
