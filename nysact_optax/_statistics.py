@@ -143,6 +143,16 @@ def _padded(x: jax.Array, spec: ConvSpec, padding) -> jax.Array:
   )
 
 
+def _padded_shape(x: jax.Array, spec: ConvSpec, padding) -> tuple[int, ...]:
+  """The shape of :func:`_padded` ``(x, spec, padding)``, without building it."""
+  pads = _conv_pads(x, spec, padding)
+  spatial = [
+    lo + hi + (n - 1) * d + 1 if n else lo + hi
+    for n, (lo, hi), d in zip(x.shape[1:-1], pads, spec.input_dilation)
+  ]
+  return (x.shape[0], *spatial, x.shape[-1])
+
+
 def _out_sizes(padded_shape, spec: ConvSpec) -> list[int]:
   """Output positions along each spatial axis of a ``VALID`` convolution."""
   return [
@@ -188,18 +198,67 @@ def _patch_stats(xp, spec, s, has_bias, precision):
   return y, a.shape[0]
 
 
+# On one CPU device the convolution statistics run over chunks of the batch
+# whose work (input entries, or patch entries on the patch path) is at most
+# CHUNK_LIMIT: XLA:CPU allocates a step's temporaries afresh at every
+# execution, so a chunk's few MiB cost fewer page faults than the whole
+# batch's tens, and stay in cache (2-core AMD EPYC, batch 64: VGG's 32x32x32
+# stride-2 input 15.2 -> 13.3 ms, 10.9 -> 2.3 MB of temporaries; a 32x32x3
+# patch path 7.6 -> 5.4 ms).
+CHUNK_LIMIT = 1 << 18
+
+
+def _chunking_applies(x: jax.Array) -> bool:
+  """Only on a single CPU device: elsewhere the whole batch is one product
+  (and a sharded batch axis must not be split)."""
+  return jax.default_backend() == "cpu" and jax.device_count() == 1 and not _explicitly_sharded(x)
+
+
+def _chunks(x: jax.Array, work: int) -> int:
+  """The fewest equal batch chunks of ``x`` with at most CHUNK_LIMIT work
+  each; 1 where chunking does not apply."""
+  if not _chunking_applies(x):
+    return 1
+  b = x.shape[0]
+  return next((k for k in range(1, b) if b % k == 0 and work <= k * CHUNK_LIMIT), max(b, 1))
+
+
 def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   x, padding = prepare_conv_input(x.astype(dtype), spec)
+  groups = spec.feature_group_count
+  cg = x.shape[-1] // groups
+  p_in = math.prod(spec.kernel_size) * cg
+  patches = False
+  work = x.size
+  if groups == 1 and cg <= PATCH_CHANNELS and not _explicitly_sharded(x):
+    entries = x.shape[0] * math.prod(_out_sizes(_padded_shape(x, spec, padding), spec)) * p_in
+    patches = entries <= PATCH_LIMIT
+    work = max(work, entries) if patches else work
+  k = _chunks(x, work)
+  if k == 1:
+    return _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision)
+  rows = []
+
+  def chunk(total, xc):
+    y, n = _conv_stats_whole(xc, padding, patches, spec, sketch, has_bias, dtype, precision)
+    rows.append(n)  # traced once
+    return total + y, None
+
+  zeros = jnp.zeros((p_in + has_bias, sketch.matrix.shape[1]), dtype)
+  total, _ = lax.scan(chunk, zeros, x.reshape((k, -1) + x.shape[1:]))
+  return total, k * rows[0]
+
+
+def _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision):
+  """``(A^T A S, rows)`` of the merged-batch input ``x``, in one go."""
   nsp = len(spec.kernel_size)
   groups = spec.feature_group_count
   cg = x.shape[-1] // groups
   p_in = math.prod(spec.kernel_size) * cg
   s = sketch.matrix.astype(dtype)
   r = s.shape[1]
-  if groups == 1 and cg <= PATCH_CHANNELS and not _explicitly_sharded(x):
-    xp = _padded(x, spec, padding)
-    if xp.shape[0] * math.prod(_out_sizes(xp.shape, spec)) * p_in <= PATCH_LIMIT:
-      return _patch_stats(xp, spec, s, has_bias, precision)
+  if patches:
+    return _patch_stats(_padded(x, spec, padding), spec, s, has_bias, precision)
   kernel = s[:p_in].reshape(spec.kernel_size + (cg, r))
   kernel = jnp.tile(kernel, (1,) * (kernel.ndim - 1) + (groups,))
   kernel = _distributed.replicate(kernel)  # typed on the mesh, if any

@@ -142,3 +142,22 @@ def test_conv_statistics_with_input_dilation_equal_patch_formula(padding, limit,
   ours = jax.jit(sketched_covariance, static_argnums=2)(LayerInputs([x], spec), s, True)
   expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [0, _statistics.PATCH_LIMIT])  # convolutions, patches
+@pytest.mark.parametrize("conv", [c for c in CONVS if c[-1][0] > 1])
+def test_batch_chunks_give_the_whole_batch_statistics(conv, limit, monkeypatch):
+  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
+  monkeypatch.setattr(_statistics, "_chunking_applies", lambda x: True)  # 8 devices here
+  *cfg, shape = conv
+  spec = _spec(*cfg)
+  x = jax.random.normal(jax.random.PRNGKey(1), shape)
+  a = _reference.with_bias_column(np.asarray(conv_patches(x, spec), np.float64))
+  s = draw_sketch(jax.random.PRNGKey(2), a.shape[1], min(4, a.shape[1] - 1), "gaussian")
+  fn = lambda x, s: sketched_covariance(LayerInputs([x], spec), s, True)
+  monkeypatch.setattr(_statistics, "CHUNK_LIMIT", 1)  # one sample per chunk
+  lowered = jax.jit(fn).lower(x, s)
+  assert "stablehlo.while" in lowered.as_text()  # the chunks are a scan
+  chunked = lowered.compile()(x, s)
+  expected = a.T @ (a @ np.asarray(s.matrix, np.float64)) / a.shape[0]
+  np.testing.assert_allclose(chunked, expected, rtol=1e-5, atol=1e-5)
