@@ -228,25 +228,25 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   groups = spec.feature_group_count
   cg = x.shape[-1] // groups
   p_in = math.prod(spec.kernel_size) * cg
+  rows = x.shape[0] * math.prod(_out_sizes(_padded_shape(x, spec, padding), spec))
   patches = False
-  work = x.size
   if groups == 1 and cg <= PATCH_CHANNELS and not _explicitly_sharded(x):
-    entries = x.shape[0] * math.prod(_out_sizes(_padded_shape(x, spec, padding), spec)) * p_in
-    patches = entries <= PATCH_LIMIT
-    work = max(work, entries) if patches else work
-  k = _chunks(x, work)
+    k = _chunks(x, rows * p_in)  # the patch matrix, chunk by chunk
+    patches = rows * p_in // k <= PATCH_LIMIT
+  if not patches:
+    k = _chunks(x, max(x.size, rows * sketch.matrix.shape[-1]))  # the input, or A S
   if k == 1:
     return _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision)
-  rows = []
+  counts = []
 
   def chunk(total, xc):
     y, n = _conv_stats_whole(xc, padding, patches, spec, sketch, has_bias, dtype, precision)
-    rows.append(n)  # traced once
+    counts.append(n)  # traced once
     return total + y, None
 
   zeros = jnp.zeros((p_in + has_bias, sketch.matrix.shape[1]), dtype)
   total, _ = lax.scan(chunk, zeros, x.reshape((k, -1) + x.shape[1:]))
-  return total, k * rows[0]
+  return total, k * counts[0]
 
 
 def _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision):
