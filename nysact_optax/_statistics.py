@@ -143,16 +143,6 @@ def _padded(x: jax.Array, spec: ConvSpec, padding) -> jax.Array:
   )
 
 
-def _padded_shape(x: jax.Array, spec: ConvSpec, padding) -> tuple[int, ...]:
-  """The shape of :func:`_padded` ``(x, spec, padding)``, without building it."""
-  pads = _conv_pads(x, spec, padding)
-  spatial = [
-    lo + hi + (n - 1) * d + 1 if n else lo + hi
-    for n, (lo, hi), d in zip(x.shape[1:-1], pads, spec.input_dilation)
-  ]
-  return (x.shape[0], *spatial, x.shape[-1])
-
-
 def _out_sizes(padded_shape, spec: ConvSpec) -> list[int]:
   """Output positions along each spatial axis of a ``VALID`` convolution."""
   return [
@@ -228,7 +218,8 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
   groups = spec.feature_group_count
   cg = x.shape[-1] // groups
   p_in = math.prod(spec.kernel_size) * cg
-  rows = x.shape[0] * math.prod(_out_sizes(_padded_shape(x, spec, padding), spec))
+  padded = jax.eval_shape(lambda x: _padded(x, spec, padding), x)  # its shape, not built
+  rows = x.shape[0] * math.prod(_out_sizes(padded.shape, spec))  # rows of A
   patches = False
   if groups == 1 and cg <= PATCH_CHANNELS and not _explicitly_sharded(x):
     k = _chunks(x, rows * p_in)  # the patch matrix, chunk by chunk
@@ -237,16 +228,14 @@ def _conv_stats(x, spec, sketch, has_bias, dtype, precision):
     k = _chunks(x, max(x.size, rows * sketch.matrix.shape[-1]))  # the input, or A S
   if k == 1:
     return _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision)
-  counts = []
 
   def chunk(total, xc):
-    y, n = _conv_stats_whole(xc, padding, patches, spec, sketch, has_bias, dtype, precision)
-    counts.append(n)  # traced once
+    y, _ = _conv_stats_whole(xc, padding, patches, spec, sketch, has_bias, dtype, precision)
     return total + y, None
 
   zeros = jnp.zeros((p_in + has_bias, sketch.matrix.shape[1]), dtype)
   total, _ = lax.scan(chunk, zeros, x.reshape((k, -1) + x.shape[1:]))
-  return total, k * counts[0]
+  return total, rows * groups  # as _conv_stats_whole counts them
 
 
 def _conv_stats_whole(x, padding, patches, spec, sketch, has_bias, dtype, precision):
