@@ -1,6 +1,6 @@
 """Patch-free convolution statistics against explicit im2col.
 
-For a 3x3 convolution (SAME padding, stride 1) with ``C`` input channels on
+For a 3x3 convolution (SAME padding) with ``C`` input channels on
 ``B x H x W`` inputs, NysAct needs ``Y = A^T (A S) / n`` where ``A`` is the
 im2col patch matrix (n = B H W rows, p = 9 C columns) and ``S`` a p x r
 sketch. Two ways:
@@ -15,6 +15,13 @@ sketch. Two ways:
   is a convolution of ``x`` with ``S`` as an r-channel kernel and ``A^T Z``
   that convolution's kernel-gradient (written as a canonical convolution of
   the transposed input with ``Z`` as kernel), so ``A`` never exists.
+
+Three suites of configurations: the grid (``--channels`` x ``--sizes``,
+stride 1, the one the speed target is checked on), strided convolutions
+(``--strided-channels`` x ``--strided-sizes``, stride 2) and few-channel
+inputs (``--few-channels`` x ``--few-sizes``, e.g. images at 32x32 and
+224x224, strides 1 and 2), where the library builds the small patch matrix
+itself, chunk by chunk, instead of the convolution form.
 
 NysAct computes its statistics inside ``lax.cond`` (only every T_cov steps).
 With ``--in-cond-max-elems`` > 0, configurations with at most that many input
@@ -51,10 +58,10 @@ from nysact_optax import ConvSpec, LayerInputs, _sketch, _statistics
 from tests import _reference
 
 
-def _spec(k: int) -> ConvSpec:
+def _spec(k: int, stride: int = 1) -> ConvSpec:
   return ConvSpec(
     kernel_size=(k, k),
-    strides=(1, 1),
+    strides=(stride, stride),
     padding="SAME",
     input_dilation=(1, 1),
     kernel_dilation=(1, 1),
@@ -74,12 +81,18 @@ def im2col(x, s, *, spec, has_bias):
 
 
 def im2col_slices(x, s, *, spec, has_bias):
-  """im2col from shifted slices (stride 1, SAME padding, odd square kernel)."""
-  k = spec.kernel_size[0]
+  """im2col from ``k*k`` shifted (strided) slices (SAME padding, square kernel)."""
+  k, st = spec.kernel_size[0], spec.strides[0]
   h, w, c = x.shape[1:]
-  lo, hi = (k - 1) // 2, k // 2
-  xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-  cols = [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)]
+  oh, ow = -(-h // st), -(-w // st)
+  pad_h, pad_w = max((oh - 1) * st + k - h, 0), max((ow - 1) * st + k - w, 0)
+  pads = ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+  xp = jnp.pad(x, pads)
+  cols = [
+    xp[:, i : i + (oh - 1) * st + 1 : st, j : j + (ow - 1) * st + 1 : st, :]
+    for i in range(k)
+    for j in range(k)
+  ]
   a = jnp.stack(cols, axis=3).reshape(-1, k * k * c)  # columns (kh, kw, c)
   if has_bias:
     a = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
@@ -140,7 +153,7 @@ def measure(method, x, s, *, spec, has_bias, repeats, once_above, in_cond=False)
 
 def evaluate_targets(rows, kernel: int) -> list[dict[str, Any]]:
   """The project's target (>= 5x for >= 64 channels) against each baseline."""
-  big = [r for r in rows if r["channels"] >= 64]
+  big = [r for r in rows if r["channels"] >= 64 and r["suite"] == "grid"]
   targets = []
   if big:
     worst = min(big, key=lambda r: r["speedup_vs_conv_patches"])
@@ -199,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--channels", default="16,32,64,128,256")
   parser.add_argument("--sizes", default="8,16,32,64", help="input height = width")
+  parser.add_argument("--strided-channels", default="16,64,256", help="stride 2 ('' for none)")
+  parser.add_argument("--strided-sizes", default="16,64")
+  parser.add_argument("--few-channels", default="1,3", help="strides 1 and 2 ('' for none)")
+  parser.add_argument("--few-sizes", default="32,224")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--rank", type=int, default=10)
   parser.add_argument("--kernel", type=int, default=3)
@@ -214,21 +231,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument(
     "--blas-threads",
     type=int,
-    default=1,
-    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+    default=0,
+    help="OpenBLAS threads for jax's LAPACK calls (0: the machine's default, as users run)",
   )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "conv_stats.json"))
   parser.add_argument("--plot", default=None)
   args = parser.parse_args(argv)
   blas = _common.limit_blas_threads(args.blas_threads)
 
-  channels = [int(c) for c in args.channels.split(",")]
-  sizes = [int(s) for s in args.sizes.split(",")]
-  spec = _spec(args.kernel)
+  ints = lambda text: [int(v) for v in text.split(",") if v]
+  jobs = [("grid", c, h, 1) for c in ints(args.channels) for h in ints(args.sizes)]
+  jobs += [
+    ("strided", c, h, 2) for c in ints(args.strided_channels) for h in ints(args.strided_sizes)
+  ]
+  jobs += [
+    ("few-channel", c, h, st)
+    for c in ints(args.few_channels)
+    for h in ints(args.few_sizes)
+    for st in (1, 2)
+  ]
   rows = []
   t_start = time.perf_counter()
-  jobs = [(c, h) for c in channels for h in sizes]
-  for c, h in tqdm(jobs, unit="config", file=sys.stderr):
+  for suite, c, h, stride in tqdm(jobs, unit="config", file=sys.stderr):
+    spec = _spec(args.kernel, stride)
     kx, ks = jax.random.split(jax.random.PRNGKey(c * 1000 + h))
     x = jax.random.normal(kx, (args.batch, h, h, c), jnp.float32)
     p = args.kernel**2 * c + int(args.bias)
@@ -281,11 +306,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     del x
     rows.append(
       {
+        "suite": suite,
+        "stride": stride,
         "channels": c,
         "size": h,
         "batch": args.batch,
         "p": p,
-        "rows_n": args.batch * h * h,
+        "rows_n": args.batch * (-(-h // stride)) ** 2,
         "patch_free": pf,
         "im2col": ic,
         "im2col_slices": sl,
@@ -297,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           if best.get("temp_bytes") and pf.get("temp_bytes")
           else None
         ),
-        "patch_matrix_bytes": 4 * args.batch * h * h * args.kernel**2 * c,
+        "patch_matrix_bytes": 4 * args.batch * (-(-h // stride)) ** 2 * args.kernel**2 * c,
         "relative_difference": rel,
         "relative_difference_slices": rel_sl,
       }
@@ -320,13 +347,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   bresults.save(args.out, rec, plot=plot, plot_path=getattr(args, "plot", None))
   print("times in ms (best of runs), XLA temp memory in MiB; speedup = faster im2col / patch-free")
   print(
-    f"{'C':>5}{'HxW':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
+    f"{'C':>5}{'HxW':>9}{'stride':>7}{'p':>6}{'patches':>9}{'slices':>9}{'free':>8}{'speedup':>9}"
     f"{'MiB patches':>12}{'slices':>8}{'free':>7}{'rel.diff':>10}"
   )
   for r in rows:
     mb = lambda b: b / 2**20 if b is not None else float("nan")
     print(
-      f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}{r['p']:>6}"
+      f"{r['channels']:>5}{r['size']:>5}x{r['size']:<3}{r['stride']:>7}{r['p']:>6}"
       f"{1e3 * r['im2col']['min_s']:9.2f}{1e3 * r['im2col_slices']['min_s']:9.2f}"
       f"{1e3 * r['patch_free']['min_s']:8.2f}{r['speedup']:9.2f}"
       f"{mb(r['im2col']['temp_bytes']):12.1f}{mb(r['im2col_slices']['temp_bytes']):8.1f}"
@@ -336,12 +363,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if cond_rows:
     print("\ninside lax.cond (as the optimizer runs it):")
     print(
-      f"{'C':>5}{'HxW':>7}{'patches':>9}{'slices':>9}{'free':>9}{'speedup':>9}"
+      f"{'C':>5}{'HxW':>9}{'stride':>7}{'patches':>9}{'slices':>9}{'free':>9}{'speedup':>9}"
       f"{'free top-level':>16}"
     )
     for r in cond_rows:
       print(
-        f"{r['channels']:>5}{r['size']:>4}x{r['size']:<2}"
+        f"{r['channels']:>5}{r['size']:>5}x{r['size']:<3}{r['stride']:>7}"
         f"{1e3 * r['im2col_in_cond']['min_s']:9.2f}{1e3 * r['im2col_slices_in_cond']['min_s']:9.2f}"
         f"{1e3 * r['patch_free_in_cond']['min_s']:9.2f}"
         f"{r['speedup_in_cond']:9.2f}{1e3 * r['patch_free']['min_s']:16.2f}"
@@ -360,7 +387,7 @@ def plot(results: dict[str, Any], path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = results["metrics"]["rows"]
+  rows = [r for r in results["metrics"]["rows"] if r.get("suite", "grid") == "grid"]
   sizes = sorted({r["size"] for r in rows})
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for h in sizes:
@@ -412,7 +439,7 @@ def plot(results: dict[str, Any], path) -> None:
     ax.legend(fontsize=6, ncol=2)
   s, m = results["config"], results["machine"]
   fig.suptitle(
-    f"{s['kernel']}x{s['kernel']} conv statistics, batch {s['batch']}, rank "
+    f"{s['kernel']}x{s['kernel']} conv statistics (stride-1 grid), batch {s['batch']}, rank "
     f"{s['rank']}; {m['cpu_model']} ({m['cpus_usable']} cpus), jax "
     f"{results['versions']['jax']}",
     fontsize=9,
