@@ -159,6 +159,7 @@ def conv_md(r: dict[str, Any]) -> list[Block]:
     [
       "C",
       "HxW",
+      "stride",
       "p",
       "im2col (conv_patches) ms",
       "im2col (slices) ms",
@@ -168,7 +169,7 @@ def conv_md(r: dict[str, Any]) -> list[Block]:
       "temp MiB patch-free",
       "in lax.cond: im2col best / patch-free ms",
     ],
-    align="rlrrrrrrrl",
+    align="rlrrrrrrrrl",
   )
   mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"
   for x in r["metrics"]["rows"]:
@@ -179,6 +180,7 @@ def conv_md(r: dict[str, Any]) -> list[Block]:
     t.add(
       x["channels"],
       f"{x['size']}x{x['size']}",
+      x.get("stride", 1),
       x["p"],
       _ms(x["im2col"]["min_s"]),
       _ms(x["im2col_slices"]["min_s"]),
@@ -191,8 +193,8 @@ def conv_md(r: dict[str, Any]) -> list[Block]:
   return [
     _head(
       r,
-      f"; batch {s['batch']}, rank {s['rank']}, {s['kernel']}x{s['kernel']} SAME "
-      "stride 1; best-of-runs ms, XLA temp MiB",
+      f"; batch {s['batch']}, rank {s['rank']}, {s['kernel']}x{s['kernel']} SAME; "
+      "the stride-1 grid, then strided and few-channel inputs; best-of-runs ms, XLA temp MiB",
     ),
     t,
   ]
