@@ -249,3 +249,33 @@ def test_vit_shapes_and_stage_tf_plan(tmp_path):
   assert (
     muon.cfg.steps == 1500 and muon.cfg.lr == 0.05 and muon.cfg.adam_ratio == pytest.approx(0.05)
   )
+
+
+def test_error_tracker_uses_the_layers_relative_damping():
+  # With relative_damping=True a layer's rho is damping * damping_scale: the
+  # tracker must compare against the exact inverse at that rho.
+  from nysact_optax import NysActLayerState
+
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(40, 6))
+  c = a.T @ a / 40
+  lam, v = np.linalg.eigh(c)
+  basis, eigvals = v[:, -2:], lam[-2:]  # a rank-2 approximation: error depends on rho
+
+  def error(damping, scale):
+    tracker = train.ErrorTracker(train.RunConfig(task="digits", damping=damping), "layer")
+    tracker.snapshot = c
+    ls = NysActLayerState(
+      sketch_key=np.zeros(2, np.uint32),
+      cov=np.zeros((6, 2)),
+      basis=basis,
+      eigvals=eigvals,
+      damping_scale=np.float32(scale),
+      stat_count=0,
+      failures=0,
+      stat_skips=0,
+    )
+    return tracker.error(ls)["rel_fro"]
+
+  assert error(0.1, 4.0) == pytest.approx(error(0.4, 1.0), rel=1e-6)
+  assert abs(error(0.1, 4.0) - error(0.1, 1.0)) > 1e-3

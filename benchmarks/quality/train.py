@@ -429,10 +429,13 @@ class ErrorTracker:
     c = 0.5 * (self.snapshot + self.snapshot.T)
     lam, v = np.linalg.eigh(c)
     lam = np.maximum(lam, 0.0)
-    p_exact = (v / (lam + self.rho)) @ v.T
+    # relative_damping=True scales the damping per layer (damping_scale is 1
+    # otherwise); both sides use the optimizer's rho.
+    rho = self.rho * float(layer_state.damping_scale)
+    p_exact = (v / (lam + rho)) @ v.T
     u = np.asarray(layer_state.basis, np.float64)
     mu = np.asarray(layer_state.eigvals, np.float64)
-    p_nys = np.asarray(_reference.dense_preconditioner(u, mu, self.rho), np.float64)
+    p_nys = np.asarray(_reference.dense_preconditioner(u, mu, rho), np.float64)
     diff = p_nys - p_exact
     if not np.all(np.isfinite(diff)):
       raise np.linalg.LinAlgError("non-finite preconditioner")
