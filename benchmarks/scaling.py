@@ -181,8 +181,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument(
     "--blas-threads",
     type=int,
-    default=1,
-    help="OpenBLAS threads for jax's LAPACK calls (0: leave as is)",
+    default=0,
+    help="OpenBLAS threads for jax's LAPACK calls (0: the machine's default, as users run)",
   )
   parser.add_argument("--out", default=str(_common.RESULTS_DIR / "scaling.json"))
   parser.add_argument("--plot", default=None)
