@@ -38,6 +38,10 @@ SUITES: dict[str, tuple[str, str]] = {
   "quality": ("benchmarks.quality.suite", "the training-quality suite (resumable runner)"),
   "quality-run": ("benchmarks.quality.train", "one training-quality run -> one JSON"),
   "quality-summary": ("benchmarks.quality.summary", "summary tables and plots of the quality runs"),
+  "quality-recheck": (
+    "benchmarks.quality.recheck",
+    "rerun recorded quality runs at the current code, paired by seed",
+  ),
   "step-cost": (
     "benchmarks.quality.step_cost",
     "side-by-side step cost of the quality optimizers on one task",

@@ -279,3 +279,16 @@ def test_error_tracker_uses_the_layers_relative_damping():
 
   assert error(0.1, 4.0) == pytest.approx(error(0.4, 1.0), rel=1e-6)
   assert abs(error(0.1, 4.0) - error(0.1, 1.0)) > 1e-3
+
+
+def test_run_config_round_trips_through_its_json():
+  cfg = train.RunConfig(
+    task="digits",
+    optimizer="nysact",
+    nysact=(("rank", 5), ("sketch", "subcolumns")),
+    model=(("features", (4, 8)),),
+    kfac_periods=(3, 30),
+  )
+  back = train.RunConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+  assert back.to_json() == cfg.to_json()
+  assert back.nysact == cfg.nysact and back.model == cfg.model and back.kfac_periods == (3, 30)

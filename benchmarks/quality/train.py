@@ -119,6 +119,19 @@ class RunConfig:
     out["damping"] = self.resolved_damping
     return out
 
+  @classmethod
+  def from_json(cls, config: dict[str, Any]) -> RunConfig:
+    """The run's config from a result JSON's ``config`` (inverse of :meth:`to_json`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in config.items() if k in names}
+    for key in ("nysact", "model"):
+      kw[key] = tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in (kw.get(key) or {}).items()
+      )
+    if kw.get("kfac_periods") is not None:
+      kw["kfac_periods"] = tuple(kw["kfac_periods"])
+    return cls(**kw)
+
   @property
   def resolved_weight_decay(self) -> float:
     return WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else self.weight_decay
