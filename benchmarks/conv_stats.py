@@ -84,10 +84,9 @@ def im2col_slices(x, s, *, spec, has_bias):
   """im2col from ``k*k`` shifted (strided) slices (SAME padding, square kernel)."""
   k, st = spec.kernel_size[0], spec.strides[0]
   h, w, c = x.shape[1:]
-  oh, ow = -(-h // st), -(-w // st)
-  pad_h, pad_w = max((oh - 1) * st + k - h, 0), max((ow - 1) * st + k - w, 0)
-  pads = ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
-  xp = jnp.pad(x, pads)
+  oh, ow = -(-h // st), -(-w // st)  # SAME
+  pads = jax.lax.padtype_to_pads((h, w), (k, k), (st, st), "SAME")
+  xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
   cols = [
     xp[:, i : i + (oh - 1) * st + 1 : st, j : j + (ow - 1) * st + 1 : st, :]
     for i in range(k)
@@ -257,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     kx, ks = jax.random.split(jax.random.PRNGKey(c * 1000 + h))
     x = jax.random.normal(kx, (args.batch, h, h, c), jnp.float32)
     p = args.kernel**2 * c + int(args.bias)
+    rows_n = args.batch * (-(-h // stride)) ** 2  # SAME: ceil(h / stride) per axis
     s = jax.random.normal(ks, (p, args.rank), jnp.float32) / np.sqrt(p)
     jax.block_until_ready((x, s))
     pf, y_pf = measure(
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "size": h,
         "batch": args.batch,
         "p": p,
-        "rows_n": args.batch * (-(-h // stride)) ** 2,
+        "rows_n": rows_n,
         "patch_free": pf,
         "im2col": ic,
         "im2col_slices": sl,
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           if best.get("temp_bytes") and pf.get("temp_bytes")
           else None
         ),
-        "patch_matrix_bytes": 4 * args.batch * (-(-h // stride)) ** 2 * args.kernel**2 * c,
+        "patch_matrix_bytes": 4 * rows_n * args.kernel**2 * c,
         "relative_difference": rel,
         "relative_difference_slices": rel_sl,
       }

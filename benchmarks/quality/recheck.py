@@ -29,15 +29,18 @@ from benchmarks import results as bresults
 from benchmarks.quality import suite, train
 
 
-def _pin(workers: int) -> None:
-  """One core per worker process (as ``run_cpu.sh``)."""
-  if workers > 1 and hasattr(os, "sched_setaffinity"):
+def _pin() -> None:
+  """One core per worker process, also with one worker, as ``run_cpu.sh``
+  ran the recorded runs: the thread count changes the round-off, and a
+  300-step run's final accuracy moves by points with it."""
+  if hasattr(os, "sched_setaffinity"):
     ident = multiprocessing.current_process()._identity
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[(ident[0] - 1) % len(cores)] if ident else cores[0]})
 
 
 def _rerun(source: str, out_dir: str) -> tuple[str, float, float]:
+  """``(source, recorded score, new score)`` of one recorded run, rerun."""
   old = bresults.read(source)
   cfg = train.RunConfig.from_json(old["config"])
   new = train.run(cfg, pathlib.Path(out_dir) / pathlib.Path(source).name)
@@ -87,14 +90,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   with (
     tempfile.TemporaryDirectory() as out_dir,
     concurrent.futures.ProcessPoolExecutor(
-      args.workers, mp_context=context, initializer=_pin, initargs=(args.workers,)
+      args.workers, mp_context=context, initializer=_pin
     ) as pool,
   ):
-    done = list(pool.map(_rerun, sources, [out_dir] * len(sources)))
-  by_source = {source: (old, new) for source, old, new in done}
+    done = list(pool.map(_rerun, sources, [out_dir] * len(sources)))  # in order
   per = {}
-  for label in labels:
-    pairs = [by_source[str(root / name(args.task, label, s))] for s in seeds]
+  for i, label in enumerate(labels):
+    pairs = [(old, new) for _, old, new in done[i * len(seeds) : (i + 1) * len(seeds)]]
     per[label] = {
       "seeds": seeds,
       "recorded": [o for o, _ in pairs],
