@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nysact_optax import _statistics, _validation
+from nysact_optax import _batch, _statistics, _validation
 from nysact_optax._state import find_nysact_state
 
 __all__ = ["sketched_statistics"]
@@ -83,7 +83,7 @@ def sketched_statistics(opt_state: Any, activations: Mapping[str, Any]) -> dict[
       keys = _statistics.next_keys(
         layers, {name: ls.sketch_key for name, ls in state.layers.items()}, config
       )
-      _, _, sketches = _statistics.sketches_of(layers, keys, config)
+      _, sketches = _statistics.sketches_of(_batch.group_layers(layers), keys, config)
       return _statistics.statistics(layers, sketches, table, config)
 
   if config.cov_update_every == 1:

@@ -465,10 +465,9 @@ def statistics(
 
 
 def sketches_of(
-  layers: Sequence[_tree.Layer], keys: Mapping[str, jax.Array], config: NysActConfig
-) -> tuple[tuple[_batch.Group, ...], list[Sketch | None], dict[str, Sketch]]:
-  """The layers' groups, each group's sketch batch and each layer's sketch
-  for the given keys: one vmapped draw per group."""
-  groups = _batch.group_layers(layers)
+  groups: Sequence[_batch.Group], keys: Mapping[str, jax.Array], config: NysActConfig
+) -> tuple[list[Sketch | None], dict[str, Sketch]]:
+  """Each group's sketch batch (from :func:`nysact_optax._batch.group_layers`)
+  and each layer's sketch for the given keys: one vmapped draw per group."""
   batches = [_batch.draw(group, keys, config) for group in groups]
-  return groups, batches, _batch.layer_sketches(groups, batches, config.dtype)
+  return batches, _batch.layer_sketches(groups, batches, config.dtype)

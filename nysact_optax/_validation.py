@@ -20,6 +20,7 @@ from nysact_optax import _layers, _nystrom, _sketch, _tree
 
 __all__ = [
   "PRECISIONS",
+  "SETTINGS",
   "SKETCH_REFRESH",
   "STATS_DTYPES",
   "check_activations",
@@ -92,14 +93,32 @@ def _known_now(x: Any) -> Any:
   return np.asarray(x)
 
 
+# The settings validate_settings checks besides stats_dtype and precision.
+SETTINGS = (
+  "rank",
+  "sketch",
+  "damping",
+  "stat_decay",
+  "cov_update_every",
+  "inv_update_every",
+  "sketch_refresh",
+  "nystrom",
+  "seed",
+  "exclude",
+  "input_axes",
+  "relative_damping",
+)
+
+
 def validate_settings(
+  *,
   rank,
   sketch,
   damping,
   stat_decay,
-  cov_every,
-  inv_every,
-  refresh,
+  cov_update_every,
+  inv_update_every,
+  sketch_refresh,
   nystrom,
   seed=0,
   exclude=(),
@@ -109,6 +128,7 @@ def validate_settings(
   precision="highest",
 ):
   """Every setting of ``scale_by_nysact``; raises ``ValueError`` naming the first bad one."""
+  cov_every, inv_every, refresh = cov_update_every, inv_update_every, sketch_refresh
 
   def bad(name, value, must):
     if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):

@@ -1,7 +1,6 @@
 """Layers batched into groups: the grouping rule, the padding round trip, and
 that padding a layer into a group changes neither its sketch nor its factors."""
 
-import functools
 import math
 
 import jax
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 
 import nysact_optax
-from nysact_optax import _batch, _nystrom, _sketch, _statistics, _transform
+from nysact_optax import _batch, _sketch, _statistics
+from nysact_optax._pipeline import Factors
 from nysact_optax._tree import find_layers
 
 # p = rows + 1 (bias): 301, 121, 41, 8 (exact at rank 8), and a 2 x 3 stack of p = 61.
@@ -120,15 +120,28 @@ def test_factors_of_a_layer_do_not_depend_on_its_group(nystrom):
       )
       for name, ls in state.layers.items()
     }
-    refresh = functools.partial(
-      _transform._refresh,
-      config=config,
-      factorise={"stable": _nystrom.nystrom_stable, "shifted": _nystrom.nystrom_shifted}[nystrom],
-      stat_decay=0.0,
+    factors, _ = Factors.create(
+      "test",
+      rank=RANK,
+      sketch="gaussian",
       damping=0.5,
+      stat_decay=0.0,
+      cov_update_every=1,
+      inv_update_every=1,
+      seed=0,
+      sketch_refresh="fixed",
+      nystrom=nystrom,
+      exclude=(),
+      input_axes=None,
+      include=None,
+      stack_axes={"stacked": 2},
+      stats_dtype="float32",
+      axis_name=None,
       relative_damping=False,
+      precision="highest",
     )
-    results.append((jax.jit(refresh, static_argnums=1)(layer_states, groups, batches), sketches))
+    refresh = jax.jit(factors._refresh, static_argnums=1)
+    results.append((refresh(layer_states, groups, batches), sketches))
   (together, sketches), (alone, _) = results
   assert len(_batch.group_layers(layers, 100.0, 10**6)) == 2  # exact + one padded group
   for layer in layers:
@@ -150,7 +163,8 @@ def test_statistics_and_factors_share_the_groups_sketches():
   layers = _layers()
   state = nysact_optax.scale_by_nysact(rank=RANK, stack_axes={"stacked": 2}).init(_params())
   keys = {name: ls.sketch_key for name, ls in state.layers.items()}
-  _, _, eager = _statistics.sketches_of(layers, keys, state.config)
-  jitted = jax.jit(lambda k: _statistics.sketches_of(layers, k, state.config)[2])(keys)
+  groups = _batch.group_layers(layers)
+  _, eager = _statistics.sketches_of(groups, keys, state.config)
+  jitted = jax.jit(lambda k: _statistics.sketches_of(groups, k, state.config)[1])(keys)
   for name in eager:
     np.testing.assert_allclose(eager[name].matrix, jitted[name].matrix, atol=2e-6)
