@@ -46,12 +46,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 import nysact_optax
 
-FAMILIES = ("sgd", "adamw", "muon", "nysact", "graft-identity", "kfac")
+FAMILIES = ("sgd", "adamw", "muon", "nysact", "graft-identity", "nysact-adam", "adam-orth", "kfac")
 # Step time: NysAct's and K-FAC's periods at equal T_cov, T_inv.
 COV_PERIOD = 5
 INVERSE_PERIOD = 50
@@ -64,6 +65,8 @@ QUALITY_WEIGHT_DECAY = {
   "nysact": 5e-4,
   "muon": 1e-2,
   "graft-identity": 1e-2,
+  "nysact-adam": 1e-2,
+  "adam-orth": 1e-2,
 }
 # K-FAC's fixed damping: 1e-3 (kfac-jax's usual start for adaptive damping)
 # collapses to chance at the first inverse refresh with a fixed damping; 0.1
@@ -76,6 +79,27 @@ MUON_ADAM_RATIO = 0.05
 def _rms() -> optax.GradientTransformation:
   """The layer-wise RMSProp norm NysAct's grafted mode (and its control) use."""
   return optax.scale_by_rms(decay=0.999, eps=1e-8, eps_in_sqrt=False, bias_correction=True)
+
+
+def _orthogonalised_rms(rms: float) -> optax.GradientTransformation:
+  """Each leaf's update (input axes leading, outputs last, as a ``p x o``
+  matrix with the bias alone) orthogonalised by optax's Newton-Schulz
+  iteration, scaled to RMS about ``rms``."""
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def one(u):
+      m = u.reshape(-1, u.shape[-1]) if u.ndim > 1 else u.reshape(1, -1)
+      muon = optax.contrib.scale_by_muon(
+        beta=0.0, nesterov=False, weight_dimension_numbers=optax.contrib.MuonDimensionNumbers()
+      )
+      o, _ = muon.update(m, muon.init(m))
+      return (o * (rms * math.sqrt(max(m.shape)))).reshape(u.shape)
+
+    return jax.tree.map(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def optax_optimizer(
@@ -132,6 +156,27 @@ def optax_optimizer(
         optax.scale_by_learning_rate(lr),
       )
     return nysact_optax.nysact(lr, momentum=momentum, **extra, **kw)
+  if family == "nysact-adam":
+    # ``basis="gradients"`` (the one-sided SOAP control) is the same
+    # transformation in exact mode fed G G^T as its statistics: the trainer
+    # computes them (benchmarks.quality.train), the optimizer is unchanged.
+    kw.pop("basis", None)
+    extra = {k: v for k, v in (("weight_decay", wd), ("seed", seed)) if v is not None}
+    return nysact_optax.nysact_adam(lr, **extra, **kw)
+  if family == "adam-orth":
+    # The orthogonalised mode's identity-basis control: Adam, then each
+    # layer's step orthogonalised as Muon does, at Adam's RMS (the same
+    # consistent-RMS scale as nysact_adam(orthogonalise=True)), decoupled
+    # weight decay; optax's own pieces.
+    mask = nysact_optax.preconditioned_mask(
+      nysact_optax.scale_by_nysact(**{k: v for k, v in kw.items() if k in ("exclude", "include")})
+    )
+    return optax.chain(
+      optax.scale_by_adam(),
+      optax.masked(_orthogonalised_rms(0.2), mask),
+      optax.add_decayed_weights(wd or 0.0),
+      optax.scale_by_learning_rate(lr),
+    )
   if family == "graft-identity":
     # NysAct's grafted mode with the identity for its direction: the same
     # groups (NysAct's layers; the rest get RMSProp's step), momentum and
@@ -417,6 +462,24 @@ QUALITY: dict[str, tuple[str, dict[str, Any]]] = {
   ),
   # The control: the same graft with an identity direction.
   "graft-identity": ("graft-identity", {}),
+  # Issue 25: Adam in the eigenbasis of the activation covariance (the
+  # library's defaults), its exact mode, its orthogonalised variant, the
+  # second-moment policy and the rank ablations, the gradient-basis
+  # control (one-sided SOAP: the same optimizer in exact mode with G G^T as
+  # its statistics) and the orthogonalised variant's identity control.
+  "nysact-adam": ("nysact-adam", {}),
+  "nysact-adam-exact": ("nysact-adam", {"nysact": (("rank", 10**9),)}),
+  "nysact-adam-orth": ("nysact-adam", {"nysact": (("orthogonalise", True),)}),
+  "nysact-adam-orth-exact": (
+    "nysact-adam",
+    {"nysact": (("orthogonalise", True), ("rank", 10**9))},
+  ),
+  "nysact-adam-rotate": ("nysact-adam", {"nysact": (("second_moment", "rotate"),)}),
+  "nysact-adam-r8": ("nysact-adam", {"nysact": (("rank", 8),)}),
+  "nysact-adam-r16": ("nysact-adam", {"nysact": (("rank", 16),)}),
+  "nysact-adam-r64": ("nysact-adam", {"nysact": (("rank", 64),)}),
+  "soap-1s": ("nysact-adam", {"nysact": (("rank", 10**9), ("basis", "gradients"))}),
+  "adam-orth": ("adam-orth", {}),
 }
 
 
@@ -442,7 +505,7 @@ def quality_optax(
     momentum=momentum,
     weight_decay=wd,
     damping=damping if family == "nysact" else None,
-    seed=seed if family == "nysact" else None,
+    seed=seed if family in ("nysact", "nysact-adam") else None,
     nysact=nysact,
     adam_ratio=adam_ratio,
   )
@@ -450,4 +513,4 @@ def quality_optax(
 
 def needs_activations(family: str) -> bool:
   """Whether ``update`` takes NysAct's ``activations``."""
-  return family == "nysact"
+  return family in ("nysact", "nysact-adam")

@@ -2,7 +2,8 @@
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax._accumulate import sketched_statistics
-from nysact_optax._alias import nysact
+from nysact_optax._adam import ScaleByNysActAdamState, scale_by_nysact_adam
+from nysact_optax._alias import nysact, nysact_adam
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._graft import GraftState, graft, preconditioned_mask
@@ -40,6 +41,7 @@ __all__ = [
   "LayerDiagnostics",
   "LayerInputs",
   "NysActLayerState",
+  "ScaleByNysActAdamState",
   "ScaleByNysActState",
   "TrainState",
   "apply_gradients",
@@ -49,10 +51,12 @@ __all__ = [
   "grad",
   "graft",
   "nysact",
+  "nysact_adam",
   "preconditioned_mask",
   "restore_checkpoint",
   "save_checkpoint",
   "scale_by_nysact",
+  "scale_by_nysact_adam",
   "sketched_statistics",
   "value_and_grad",
 ]

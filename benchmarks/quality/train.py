@@ -67,7 +67,7 @@ from benchmarks import optimizers, results, tasks
 from nysact_optax import _sketch, _statistics
 from tests import _reference
 
-OPTIMIZERS = ("sgd", "adamw", "kfac", "nysact", "muon", "graft-identity")  # families
+OPTIMIZERS = optimizers.FAMILIES
 TASKS = tuple(tasks.QUALITY_TASKS)
 # Defaults per optimizer family (benchmarks.optimizers); every one can be
 # overridden in a RunConfig.
@@ -254,12 +254,31 @@ _COMPILED: dict[tuple, Any] = {}
 results.commit_record()
 
 
+def gradient_statistics(opt_state, grads) -> dict[str, jax.Array]:
+  """``G G^T`` of every layer (``G``: its ``p x o`` gradient matrix, input
+  axes leading, the bias as the last row), the statistics of the
+  gradient-basis control: an exact-mode ``nysact_adam`` fed these instead of
+  the activations' is one-sided SOAP (the eigenbasis of the EMA of
+  ``G G^T``)."""
+  out = {}
+  for layer in nysact_optax.find_nysact_state(opt_state).config.layers:
+    node = grads
+    for key in layer.name.split("/"):
+      node = node[key]
+    g = node["kernel"].reshape(layer.p_in, -1)
+    if layer.has_bias:
+      g = jnp.concatenate([g, node["bias"].reshape(1, -1)])
+    out[layer.name] = g @ g.T
+  return out
+
+
 class OptaxTrainer:
   """SGD, AdamW or NysAct: one jitted step with the peak lr as an argument."""
 
   def __init__(self, cfg: RunConfig, model: nn.Module, tokens: int):
     self.cfg = cfg
-    needs = cfg.optimizer == "nysact"
+    needs = optimizers.needs_activations(cfg.optimizer)
+    gradient_basis = dict(cfg.nysact).get("basis") == "gradients"
     self.tx = make_tx(cfg, cfg.seed)
     key = ("optax",) + cfg.compile_key()
     if key not in _COMPILED:
@@ -272,6 +291,8 @@ class OptaxTrainer:
           params, model_state, x, y
         )
         extra = {"activations": acts} if needs else {}
+        if gradient_basis:
+          extra = {"statistics": gradient_statistics(opt_state, grads)}
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
         probe = acts[track] if track else None
@@ -293,7 +314,7 @@ class OptaxTrainer:
     return loss, probe
 
   def nysact_state(self):
-    if self.cfg.optimizer != "nysact":
+    if not optimizers.needs_activations(self.cfg.optimizer):
       return None
     return nysact_optax.find_nysact_state(self.opt_state)
 
