@@ -321,7 +321,7 @@ class StepTimeLabel:
     """(T_cov, T_inv) of a curvature optimizer, else ``None``."""
     if self.family == "kfac":
       return self.kfac_periods
-    if self.family == "nysact":
+    if self.family in ("nysact", "nysact-adam"):
       kw = dict(self.nysact)
       return kw["cov_update_every"], kw["inv_update_every"]
     return None
@@ -389,9 +389,31 @@ STEP_TIME: dict[str, StepTimeLabel] = {
     weight_decay=1e-4,
     nysact=_nys(10, graft="rmsprop"),
   ),
+  # Issue 25: Adam in the activation eigenbasis at its defaults (rank 32,
+  # statistics every 5 steps, refresh every 10), and its orthogonalised
+  # variant, against AdamW and Muon (Adam at 0.05x on the other leaves).
+  "muon": StepTimeLabel(
+    "muon", "optax.contrib.muon(0.05, adam_learning_rate=2.5e-3)", weight_decay=0.0
+  ),
+  "nysact_adam": StepTimeLabel(
+    "nysact-adam",
+    "nysact_adam(1e-3, weight_decay=1e-4): the library defaults, against AdamW",
+    learning_rate=1e-3,
+    weight_decay=1e-4,
+    nysact=(("cov_update_every", 5), ("inv_update_every", 10)),
+  ),
+  "nysact_adam_orth": StepTimeLabel(
+    "nysact-adam",
+    "nysact_adam(1e-3, orthogonalise=True): against Muon",
+    learning_rate=1e-3,
+    weight_decay=1e-4,
+    nysact=(("cov_update_every", 5), ("inv_update_every", 10), ("orthogonalise", True)),
+  ),
 }
 # The zoo's selection: the library defaults against the peers a user would pick.
 STEP_TIME_ZOO = ("sgd", "adamw", "nysact", "nysact_graft")
+# Issue 25's cost comparison: nysact_adam against AdamW and Muon.
+STEP_TIME_ADAM = ("adamw", "muon", "nysact_adam", "nysact_adam_orth")
 # The step-time benchmark's default selection.
 STEP_TIME_DEFAULT = (
   "sgd",

@@ -136,7 +136,7 @@ class OptaxRunner(Runner):
 
   @property
   def can_sample(self) -> bool:
-    return self.family == "nysact"
+    return optimizers.needs_activations(self.family)
 
   def set_count(self, count: int) -> None:
     """Moves NysAct's step counter (only its branch choice depends on it)."""
@@ -151,7 +151,7 @@ class OptaxRunner(Runner):
   def state_bytes(self) -> dict[str, int]:
     total = _common.tree_bytes(self.opt_state)
     out = {"total": total}
-    if self.family == "nysact":
+    if optimizers.needs_activations(self.family):
       # the preconditioner's state; the rest: momentum (and the graft's RMS)
       out["preconditioner"] = _common.tree_bytes(nysact_optax.find_nysact_state(self.opt_state))
       out["momentum"] = total - out["preconditioner"]
@@ -253,7 +253,7 @@ def make_runner(name: str, task: Task) -> Runner:
   spec = optimizers.STEP_TIME[name]
   if spec.family == "kfac":
     return KfacRunner(name, task)
-  nysact = spec.family == "nysact"
+  nysact = optimizers.needs_activations(spec.family)
   return OptaxRunner(
     name,
     spec.family,

@@ -16,6 +16,15 @@ Stages, in priority order (each reads what the earlier ones wrote):
 5. ``lm``: the character transformer on the KJV Bible, SGD/AdamW/NysAct,
    tuned on a validation stream, then seeds on held-out books.
 6. ``resnet``: ResNet-20 on Fashion-MNIST, tune + test as in 1-2.
+8. ``adam`` (issue 25: Adam in the activation eigenbasis, ``nysact_adam``):
+   its default, exact mode and orthogonalised variant, the gradient-basis
+   control (one-sided SOAP) and the orthogonalised variant's identity
+   control tuned on the 300-step LM's validation stream beside the earlier
+   optimizers; the second-moment policy and the rank on the validation
+   stream (3 seeds); then the tests: the 300-step LM, the LM at 5x the
+   tokens and the ViT at the LM-tuned settings, the CNN and ResNet-20 with
+   their own grids (the identity control of the default is AdamW: rank 0
+   equals it exactly, ``tests/test_adam.py``).
 7. ``tf`` (issue 13: transformers and grafting): NysAct's grafted mode
    (``nysact-graft``), its identity-direction control (``graft-identity``)
    and Muon tuned on the 300-step LM validation stream beside the earlier
@@ -65,7 +74,7 @@ from benchmarks.quality import train
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
 _STALE_S = 3 * 3600  # a lock older than this is from a process that died
-STAGES = ("tune", "test", "ablate", "best", "lm", "resnet", "tf")
+STAGES = ("tune", "test", "ablate", "best", "lm", "resnet", "tf", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -642,6 +651,52 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
       yield from _transfer(preset.lm_long, "lm5_test", TF_LATER, seeds, root, grids)
       if preset.vit is not None:
         yield from _transfer(preset.vit, "vit_test", TF_LATER, seeds, root, grids)
+    elif stage == "adam" and preset.lm_long is not None and preset.lm is not None:
+      yield from _adam_stage(preset, root)
+
+
+# Stage adam (issue 25).
+ADAM_GRID = (1e-3, 3e-3, 1e-2)
+ADAM_LM_TUNED = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth", "soap-1s", "adam-orth")
+ADAM_ABLATIONS = ("nysact-adam-rotate", "nysact-adam-r8", "nysact-adam-r16", "nysact-adam-r64")
+ADAM_LONG = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth", "soap-1s")
+ADAM_VIT = ("nysact-adam", "nysact-adam-orth")
+ADAM_SEEDS = 3
+
+
+def _adam_stage(preset: Preset, root: pathlib.Path) -> Iterator[Run]:
+  assert preset.lm is not None and preset.lm_long is not None
+  grids = {**(preset.lm_grids or LM_GRIDS), **dict.fromkeys(ADAM_LM_TUNED, ADAM_GRID)}
+  tuned = {label: grids[label] for label in ADAM_LM_TUNED}
+  yield from _tune_test(preset.lm, tuned, 0, "lm_tune", "lm_test", root, ADAM_LM_TUNED)
+  # The ablations at the default's tuned lr, paired seeds on the validation stream.
+  lr = best_lr(root, "lm_tune", "char_lm", "nysact-adam", ADAM_GRID)
+  for seed in range(ADAM_SEEDS):
+    for label in ("nysact-adam", *ADAM_ABLATIONS):
+      cfg = None if lr is None else _cfg(preset.lm, label, lr=lr, split="val", seed=seed)
+      copy = None
+      if label == "nysact-adam" and seed == 0 and lr is not None:
+        copy = root / "lm_tune" / f"{tune_name('char_lm', label, lr)}.json"
+      yield Run("lm_ablate", f"char_lm__{label}__s{seed}", cfg, copy)
+  seeds = range(ADAM_SEEDS)
+  yield from _transfer(preset.lm, "lm_test", ADAM_LM_TUNED, seeds, root, grids)
+  for seed in seeds:
+    yield from _transfer(preset.lm_long, "lm5_test", ADAM_LONG, [seed], root, grids)
+  if preset.vit is not None:
+    yield from _transfer(preset.vit, "vit_test", ADAM_VIT, seeds, root, grids)
+  yield from _tune_test(
+    preset.cnn, {"nysact-adam": ADAM_GRID}, preset.seeds, "tune", "test", root, ("nysact-adam",)
+  )
+  if preset.resnet is not None:
+    yield from _tune_test(
+      preset.resnet,
+      {"nysact-adam": ADAM_GRID},
+      preset.resnet_seeds,
+      "resnet_tune",
+      "resnet_test",
+      root,
+      ("nysact-adam",),
+    )
 
 
 def _past(deadline: str | None) -> bool:
