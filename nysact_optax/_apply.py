@@ -8,7 +8,13 @@ decides both). The preconditioner
   ``P = U diag(1 / (lam + rho)) U^T + (I - U U^T) / rho``
 
 is applied in factored form, ``O(p r o)``; no ``p x p`` array is formed unless
-``U`` itself is square (exact mode).
+``U`` itself is square (exact mode). In exact mode (``r == p``) the basis is
+complete and ``P = U diag(1 / (lam + rho)) U^T``: the complement term is
+dropped, because there its only effect is round-off, ``(I - U U^T) g / rho``,
+which for a gradient in the covariance's range is an error of order
+``eps lam / rho``, and which turns ``P`` indefinite when ``U^T U`` exceeds
+``I`` by more than ``rho / lam``. The complement-free form is symmetric
+positive definite for any nonsingular ``U`` and any ``lam / rho``.
 """
 
 from __future__ import annotations
@@ -75,12 +81,14 @@ def precondition(
   """``P g`` for ``g`` of shape (p, o), in O(p r o) time.
 
   ``P g = U ((1/(lam + rho) - 1/rho) * (U^T g)) + g / rho``: with the zero
-  basis of a fresh state, ``P = I / rho``. ``precision`` is that of both
-  products: below ``HIGHEST`` the ``U^T g`` term carries a relative error
-  ``delta`` (bf16: ``2^-9``) that ``1/(lam + rho) - 1/rho`` multiplies, so a
-  direction with ``lam / rho`` above about ``1 / delta`` can get a negative
-  step (measured from ``lam / rho`` of about 600 with bf16 operands:
-  ``python -m benchmarks.precision``).
+  basis of a fresh state, ``P = I / rho``. A square ``U`` (exact mode, a
+  complete eigenbasis) gives ``P g = U ((1/(lam + rho)) * (U^T g))`` instead
+  (module docstring), and ``g / rho`` while it is all zero. ``precision`` is
+  that of both products: below ``HIGHEST`` the ``U^T g`` term carries a
+  relative error ``delta`` (bf16: ``2^-9``) that ``1/(lam + rho) - 1/rho``
+  multiplies, so a direction with ``lam / rho`` above about ``1 / delta`` can
+  get a negative step in the factored form (measured from ``lam / rho`` of
+  about 600 with bf16 operands: ``python -m benchmarks.precision``).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -115,6 +123,15 @@ def precondition_parts(
   ug = jnp.matmul(uk.T, g, precision=precision)
   if b is not None:
     ug = ug + u[p_in:].T * b  # the bias row's outer product, (r, 1) * (1, o)
+  if u.shape[0] == u.shape[1]:  # exact mode: a complete basis, no complement
+    c = (1.0 / (lam + rho))[:, None] * ug
+    pk = jnp.matmul(uk, c, precision=precision)
+    # A fresh state's zero basis (no refresh yet) means P = I / rho.
+    fresh = ~jnp.any(u != 0)
+    pk = jnp.where(fresh, g / rho, pk)
+    if b is None:
+      return pk, None
+    return pk, jnp.where(fresh, b / rho, jnp.matmul(u[p_in:], c, precision=precision))
   c = (1.0 / (lam + rho) - 1.0 / rho)[:, None] * ug
   pk = jnp.matmul(uk, c, precision=precision) + g / rho
   if b is None:

@@ -95,10 +95,15 @@ def conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
 
 
 def dense_preconditioner(u, lam, rho):
-  """The dense ``p x p`` matrix ``P = U diag(1/(lam+rho)) U^T + (I - U U^T)/rho`` (float64)."""
+  """The dense ``p x p`` matrix ``P = U diag(1/(lam+rho)) U^T + (I - U U^T)/rho`` (float64),
+  as ``nysact_optax._apply`` applies it: without the complement term when ``U``
+  is square (exact mode's complete eigenbasis), unless ``U`` is all zero."""
   u, lam = np.asarray(u, np.float64), np.asarray(lam, np.float64)
-  p = u.shape[0]
-  return (u * (1.0 / (lam + rho))[None, :]) @ u.T + (np.eye(p) - u @ u.T) / rho
+  p, r = u.shape
+  main = (u * (1.0 / (lam + rho))[None, :]) @ u.T
+  if p == r and np.any(u != 0):
+    return main
+  return main + (np.eye(p) - u @ u.T) / rho
 
 
 def conv_patches(x, spec):
