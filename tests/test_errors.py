@@ -72,10 +72,14 @@ def test_activations_missing_for_a_covered_layer(net):
   params, acts = net
   _raises(
     ValueError,
-    "no activations were captured for layer 'Conv_0' (kernel (3, 3, 1, 2)); "
-    "activations hold layers ['Dense_0']. Capture them with "
-    "nysact_optax.capture_activations, or exclude the layer with "
-    "exclude=['Conv_0'].",
+    "NysAct cannot precondition 1 layer(s) as captured: layer 'Conv_0': no "
+    "captured inputs (kernel (3, 3, 1, 2)): no covered layer computed with this "
+    "kernel; a module that computes its product itself is not covered (covered: "
+    "nn.Einsum, nn.DenseGeneral, nn.Dense, nn.Conv, nn.OptimizedLSTMCell, "
+    "nnx.Einsum, nnx.LinearGeneral, nnx.Linear, nnx.Conv). Activations hold "
+    "layers ['Dense_0']. Take the gradient with nysact_optax.value_and_grad (or "
+    "capture with nysact_optax.capture_activations), or leave the layer to the "
+    "plain gradient with exclude=['Conv_0'].",
     _update,
     params,
     {"Dense_0": acts["Dense_0"]},
