@@ -291,9 +291,16 @@ def check_activations(layers, activations, include=None, exclude=(), *, extra_ok
       for name, (axes, layer) in axes_wanted.items()
     )
     fix = ", ".join(f"{name!r}: {_axes_hint(axes)}" for name, (axes, _) in axes_wanted.items())
+    nnx_model = type(activations).__module__.startswith("flax.nnx")  # an nnx.State
     raise ValueError(
       f"{len(axes_wanted)} layer(s) have a kernel layout the parameter shapes "
-      f"do not tell: {lines}. Pass input_axes={{{fix}}}."
+      f"do not tell: {lines}. Pass input_axes={{{fix}}}"
+      + (
+        ", or the model itself: nysact(..., model=model) (or scale_by_nysact"
+        "(..., model=model)) reads every NNX layer's layout off it."
+        if nnx_model
+        else "."
+      )
     )
   return table
 
