@@ -1,14 +1,15 @@
 """Capturing layer inputs from ``flax.nnx`` modules during the forward pass.
 
 NNX has no method interceptor. While a captured call runs, ``__call__`` of
-``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and ``nnx.Einsum`` is
-wrapped (class attribute, reference-counted, restored on exit and on
-exceptions) so that each of those layers ``sow``s its input into a private
-``Variable`` type, through the same ``__captures__`` protocol that
-``nnx.capture`` sets up. Only the layer instances of the captured model carry
-that ``Variable`` type, so other models (and other threads) are untouched, and
-an enclosing ``nnx.capture`` of the user keeps its own intermediates. The
-sown values are module state, so they flow through NNX's lifted transforms
+the NNX classes of :data:`nysact_optax._kinds.KINDS` (``nnx.Linear``,
+``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum``) is wrapped (class
+attribute, reference-counted, restored on exit and on exceptions) so that
+each of those layers sows its input into a private ``Variable`` type,
+through the same ``__captures__`` protocol that ``nnx.capture`` sets up.
+Only the layer instances of the captured model carry that ``Variable``
+type, so other models (and other threads) are untouched, and an enclosing
+``nnx.capture`` of the user keeps its own intermediates. The sown values
+are module state, so they flow through NNX's lifted transforms
 (``nnx.remat``, ...) like any other.
 
 ``nnx.MultiHeadAttention`` is covered through its ``LinearGeneral``
@@ -35,18 +36,12 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nysact_optax import _grad, _record
+from nysact_optax import _kinds, _record
 from nysact_optax._layers import LayerInputs, Unsupported
 
 __all__ = ["capture_nnx", "is_nnx"]
 
-# Order matters where classes are related; see _record.spec_of for each kind.
-_KINDS = (
-  (nnx.Einsum, "einsum"),
-  (nnx.LinearGeneral, "general"),
-  (nnx.Linear, "dense"),
-  (nnx.Conv, "conv"),
-)
+_KINDS = _kinds.classes("nnx")
 _LAYER_TYPES = tuple(cls for cls, _ in _KINDS)
 
 
@@ -96,8 +91,11 @@ def _nnx_capture_code():
 _NNX_CAPTURE_CODE = _nnx_capture_code()
 
 
-def _layer_kind(layer: nnx.Module) -> str:
-  return next(kind for cls, kind in _KINDS if isinstance(layer, cls))
+def _kind(layer: nnx.Module) -> _kinds.LayerKind:
+  kind = _kinds.kind_of(layer, _KINDS)
+  if kind is None:  # only covered layers are wrapped or walked
+    raise TypeError(f"{type(layer).__name__} is not a covered layer")
+  return kind
 
 
 def _ours(layer: nnx.Module) -> bool:
@@ -107,14 +105,13 @@ def _ours(layer: nnx.Module) -> bool:
 def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(call)
   def __call__(self, inputs, *args, **kwargs):
-    recorder = _grad.active()
+    recorder = _record.active()
     path = None if recorder is None else recorder.nnx_paths.get(id(self))
     if _ours(self) or path is not None:
-      kind = _layer_kind(self)
-      einsum_str = kwargs.get("einsum_str", args[0] if args else None)
-      spec = _record.spec_of(self, kind, einsum_str if kind == "einsum" else None)
+      spec = _record.spec_of(self, _kind(self), args, kwargs)
       if recorder is not None and path is not None:  # nysact_optax.value_and_grad
-        recorder.add(path, _record.Call(spec, tuple(self.kernel.shape)), inputs)
+        xs = [] if isinstance(spec, Unsupported) else [inputs]
+        recorder.add(path, [_record.Call(spec, tuple(self.kernel.shape))], xs)
       if _ours(self):  # capture_activations
         calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
         self.sow(_LayerInputsVar, "inputs", LayerInputs(calls, spec, tuple(self.kernel.shape)))
@@ -167,8 +164,8 @@ def input_axes_of(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   """
   axes = {}
   for path, layer in covered(model):
-    kind = _layer_kind(layer)
-    if kind == "einsum" and not getattr(layer, "einsum_str", None):
+    kind = _kind(layer)
+    if kind.name == "einsum" and not getattr(layer, "einsum_str", None):
       continue
     spec = _record.spec_of(layer, kind)
     if not isinstance(spec, Unsupported):

@@ -7,9 +7,10 @@ covered layer that runs inside it, so that swapping ``jax.value_and_grad`` for
 ``nysact_optax.value_and_grad`` is the whole change to a train step's
 gradient line:
 
-- ``flax.linen`` layers (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Conv``,
-  ``nn.Einsum``) through :func:`flax.linen.intercept_methods`, whatever calls
-  ``apply`` inside the loss (``state.apply_fn``, a ``mutable=`` apply);
+- ``flax.linen`` layers (those of :data:`nysact_optax._kinds.KINDS`) of
+  every apply inside the loss (``state.apply_fn``, a ``mutable=`` apply), as
+  :func:`capture_activations` captures them, layers under ``nn.scan``,
+  ``nn.RNN`` and ``nn.remat`` included;
 - ``flax.nnx`` layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
   ``nnx.Einsum``) of an ``nnx.Module`` argument, through the wrapped
   ``__call__`` of :mod:`nysact_optax._capture_nnx`; an ``nnx.capture`` inside
@@ -17,10 +18,9 @@ gradient line:
   ``nnx.value_and_grad``.
 
 The inputs are recorded where the loss itself is traced. A layer that runs
-under a further JAX transform inside the loss (``nn.scan``, ``nn.remat``,
-``jax.vmap``, ``nnx.remat``) cannot hand its inputs out that way; it raises
-and names :func:`capture_activations`, which carries inputs through flax's
-lifted transforms.
+under a further JAX transform inside the loss that flax does not lift
+(``jax.vmap`` around an apply, ``nnx.scan``, ``nnx.remat``) cannot hand its
+inputs out that way; it raises and names :func:`capture_activations`.
 """
 
 from __future__ import annotations
@@ -28,94 +28,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-from flax.core import tracers
 
-from nysact_optax import _record
-from nysact_optax._layers import Unsupported
+from nysact_optax import _capture, _record
 
 __all__ = ["grad", "value_and_grad"]
-
-_ACTIVE = threading.local()
-
-
-class _Recorder:
-  """The inputs of the layers that run while one differentiated call traces."""
-
-  def __init__(self, nnx_paths: dict[int, tuple[Any, ...]]):
-    self.trace = tracers.current_trace()
-    self.nnx_paths = nnx_paths  # id(layer) -> its path in the NNX model
-    self.calls: dict[tuple[Any, ...], list[_record.Call]] = {}
-    self.inputs: dict[tuple[Any, ...], list[jax.Array]] = {}
-
-  def add(self, path: tuple[Any, ...], call: _record.Call, x: Any) -> None:
-    if tracers.current_trace() != self.trace:
-      name = "/".join(map(str, path))
-      raise ValueError(
-        f"layer {name!r} runs under a JAX transform inside the loss "
-        "(nn.scan, nn.remat, nn.vmap, jax.vmap, jax.checkpoint, nnx.remat, "
-        "...), where nysact_optax.value_and_grad cannot record its inputs. "
-        "Wrap the model's apply with nysact_optax.capture_activations inside "
-        "the loss instead and return its activations as aux: it carries "
-        "them through flax's lifted transforms"
-      )
-    self.calls.setdefault(path, []).append(call)
-    if not isinstance(call.spec, Unsupported):
-      self.inputs.setdefault(path, []).append(jax.lax.stop_gradient(x))
-
-  def activations(self, nnx_model: bool) -> Any:
-    table = {
-      path: _record.layer_inputs("/".join(map(str, path)), calls, self.inputs.get(path, ()))
-      for path, calls in self.calls.items()
-    }
-    if not nnx_model:
-      return {"/".join(path): inputs for path, inputs in table.items()}
-    from flax import nnx
-
-    if () in table:  # the model is itself a layer
-      root = table.pop(())
-      if not table:
-        return root
-      table[("",)] = root
-    return nnx.from_flat_state(table)
-
-
-def active() -> _Recorder | None:
-  """The recorder of the innermost running :func:`value_and_grad`, if any."""
-  stack = getattr(_ACTIVE, "stack", ())
-  return stack[-1] if stack else None
-
-
-@contextlib.contextmanager
-def _recording(recorder: _Recorder):
-  stack = getattr(_ACTIVE, "stack", ())
-  _ACTIVE.stack = (*stack, recorder)
-  try:
-    yield recorder
-  finally:
-    _ACTIVE.stack = stack
-
-
-def _linen_interceptor(recorder: _Recorder):
-  from nysact_optax import _capture
-
-  def interceptor(next_fun, args, kwargs, context):
-    found = _capture.layer_call(context, args, kwargs)
-    if found is None:
-      return next_fun(*args, **kwargs)
-    spec, x = found
-    out = next_fun(*args, **kwargs)
-    recorder.add(
-      tuple(context.module.path), _record.Call(spec, _capture.kernel_shape(context.module)), x
-    )
-    return out
-
-  return interceptor
 
 
 def _nnx_argnums(args: Sequence[Any], argnums: int | Sequence[int]) -> list[int]:
@@ -202,8 +122,8 @@ def value_and_grad(
           layers = _capture_nnx.covered(inner_args[modules[0]])
           nnx_paths = {id(layer): path for path, layer in layers}
           contexts.enter_context(_capture_nnx.wrapped_layer_classes())
-        recorder = contexts.enter_context(_recording(_Recorder(nnx_paths)))
-        contexts.enter_context(nn.intercept_methods(_linen_interceptor(recorder)))
+        recorder = contexts.enter_context(_record.recording(_record.Recorder(nnx_paths)))
+        contexts.enter_context(_capture.recording_applies())
         out = fun(*inner_args, **inner_kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, recorder.activations(bool(modules)))

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nysact_optax._state import find_nysact_state
+
 __all__ = ["GraftState", "graft", "preconditioned_mask"]
 
 GROUPS = ("layer", "leaf")
@@ -206,8 +208,6 @@ def preconditioned_mask(transform: optax.GradientTransformation) -> Callable[[An
     )
 
   def mask_fn(params):
-    from nysact_optax import find_nysact_state  # the package's public name
-
     state = find_nysact_state(jax.eval_shape(transform.init, params))
     leaves = {
       path

@@ -258,27 +258,3 @@ def int_tuple(x: Any, n: int) -> tuple[int, ...]:
   if x is None:
     x = 1
   return (int(x),) * n if isinstance(x, int) else tuple(int(v) for v in x)
-
-
-def conv_spec_of(conv: Any) -> ConvSpec:
-  """The :class:`ConvSpec` of a ``flax.linen.Conv`` or ``flax.nnx.Conv``.
-
-  Both keep the same options under the same names; they are canonicalised as
-  flax does before calling ``lax.conv_general_dilated``.
-  """
-  from flax.linen import linear as flax_linear  # only when a flax module is captured
-
-  ks = conv.kernel_size
-  ks = int_tuple(ks, 1 if isinstance(ks, int) else len(ks))
-  n = len(ks)
-  padding = flax_linear.canonicalize_padding(conv.padding, n)
-  if not isinstance(padding, str):
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return ConvSpec(
-    kernel_size=ks,
-    strides=int_tuple(conv.strides, n),
-    padding=padding,
-    input_dilation=int_tuple(conv.input_dilation, n),
-    kernel_dilation=int_tuple(conv.kernel_dilation, n),
-    feature_group_count=int(conv.feature_group_count),
-  )

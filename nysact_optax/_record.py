@@ -1,4 +1,5 @@
-"""One covered layer, as both captures see it: its spec and its calls.
+"""One covered layer, as both captures see it: its spec, its calls, and the
+recorder of :func:`nysact_optax.value_and_grad`.
 
 The linen capture (:mod:`nysact_optax._capture`) and the NNX capture
 (:mod:`nysact_optax._capture_nnx`) find layers by different means
@@ -6,76 +7,39 @@ The linen capture (:mod:`nysact_optax._capture`) and the NNX capture
 by different means (a ``sow``\\ n collection against a private ``Variable``
 type), but decide the same things the same way, here:
 
-- which spec a layer has (:func:`spec_of`, from the layer's kind and its
-  attributes, which linen and NNX name alike or nearly so);
+- which spec a layer has (:func:`spec_of`, from the layer's entry in
+  :data:`nysact_optax._kinds.KINDS`);
 - that a layer NysAct cannot precondition becomes :class:`Unsupported` with
   the reason (the optimizer raises it unless the layer is excluded);
-- that every call of one layer has one configuration (:func:`layer_inputs`).
+- that every call of one layer has one configuration (:func:`layer_inputs`);
+- where the inputs go while :func:`nysact_optax.value_and_grad` runs (the
+  :class:`Recorder` that :func:`active` returns).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from nysact_optax._layers import (
-  DenseSpec,
-  EinsumSpec,
-  LayerInputs,
-  LayerSpec,
-  Unsupported,
-  conv_spec_of,
-)
+import jax
+from flax.core import tracers
 
-__all__ = ["KINDS", "Call", "int_axes", "layer_inputs", "spec_of"]
+from nysact_optax._kinds import LayerKind
+from nysact_optax._layers import LayerInputs, LayerSpec, Unsupported
 
-KINDS = ("einsum", "general", "dense", "conv")
+__all__ = ["Call", "Recorder", "active", "layer_inputs", "recording", "spec_of"]
 
 
-def int_axes(axes: Any) -> tuple[int, ...]:
-  """An int or a sequence of ints as a tuple of ints (``None``: empty)."""
-  if axes is None:
-    return ()
-  if isinstance(axes, Mapping):  # nnx.LinearGeneral(batch_axis={axis: size})
-    return tuple(int(a) for a in axes)
-  if isinstance(axes, Sequence):
-    return tuple(int(a) for a in axes)
-  return (int(axes),)
-
-
-def _general_spec(layer: Any) -> DenseSpec:
-  for name in ("batch_dims", "batch_axis"):  # linen, NNX
-    batch = getattr(layer, name, None)
-    if int_axes(batch):
-      shown = dict(batch) if isinstance(batch, Mapping) else batch
-      raise NotImplementedError(
-        f"{type(layer).__name__} with {name}={shown!r} has one kernel per "
-        "batch index; exclude it with exclude=[...]"
-      )
-  return DenseSpec(int_axes(layer.axis))
-
-
-def _spec(layer: Any, kind: str, einsum_str: str | None) -> LayerSpec:
-  if kind == "einsum":
-    return EinsumSpec((einsum_str or layer.einsum_str or "").replace(" ", ""))
-  if kind == "general":
-    return _general_spec(layer)
-  if kind == "dense":
-    return DenseSpec((-1,))
-  if kind == "conv":
-    return conv_spec_of(layer)  # linen and NNX Conv share their options
-  raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
-def spec_of(layer: Any, kind: str, einsum_str: str | None = None) -> LayerSpec:
+def spec_of(layer: Any, kind: LayerKind, args: tuple = (), kwargs: dict | None = None) -> LayerSpec:
   """The spec of a covered layer, or :class:`Unsupported` with the reason.
 
   Args:
     layer: a ``flax.linen`` or ``flax.nnx`` layer of the given kind.
-    kind: ``"einsum"`` (``nn.Einsum``, ``nnx.Einsum``), ``"general"``
-      (``nn.DenseGeneral``, ``nnx.LinearGeneral``), ``"dense"``
-      (``nn.Dense``, ``nnx.Linear``) or ``"conv"`` (``nn.Conv``, ``nnx.Conv``).
-    einsum_str: the equation passed to this call of an einsum layer, if any.
+    kind: its entry in :data:`nysact_optax._kinds.KINDS`.
+    args: the positional arguments of the call after the input.
+    kwargs: the keyword arguments of the call.
 
   Returns:
     The layer's :class:`~nysact_optax.DenseSpec`,
@@ -84,15 +48,17 @@ def spec_of(layer: Any, kind: str, einsum_str: str | None = None) -> LayerSpec:
 
   Examples:
     >>> import flax.linen as nn
-    >>> spec_of(nn.DenseGeneral(4, axis=(-2, -1)), "general")
+    >>> from nysact_optax._kinds import KINDS
+    >>> einsum, general = KINDS[:2]
+    >>> spec_of(nn.DenseGeneral(4, axis=(-2, -1)), general)
     DenseSpec(axis=(-2, -1))
-    >>> spec_of(nn.Einsum((2, 3, 4), "btd,ndh->btnh"), "einsum")
+    >>> spec_of(nn.Einsum((2, 3, 4), "btd,ndh->btnh"), einsum)
     EinsumSpec(equation='btd,ndh->btnh')
-    >>> spec_of(nn.DenseGeneral(4, batch_dims=0), "general").reason
+    >>> spec_of(nn.DenseGeneral(4, batch_dims=0), general).reason
     'DenseGeneral with batch_dims=0 has one kernel per batch index; exclude it with exclude=[...]'
   """
   try:
-    return _spec(layer, kind, einsum_str)
+    return kind.spec(layer, args, kwargs or {})
   except NotImplementedError as e:  # the optimizer raises unless excluded
     return Unsupported(str(e))
 
@@ -135,3 +101,70 @@ def layer_inputs(path: str, calls: Sequence[Call], inputs: Sequence[Any]) -> Lay
       "configuration"
     )
   return LayerInputs(inputs, calls[0].spec, calls[0].kernel_shape)
+
+
+class Recorder:
+  """The inputs of the layers that run while one differentiated call traces.
+
+  Inputs must be recorded at the trace of the differentiated function; the
+  linen capture hands over inputs that flax's lifted transforms carried out
+  (``nn.scan``, ``nn.remat``), the NNX capture those of layers that ran at
+  that trace.
+  """
+
+  def __init__(self, nnx_paths: dict[int, tuple[Any, ...]]):
+    self.trace = tracers.current_trace()
+    self.nnx_paths = nnx_paths  # id(layer) -> its path in the NNX model
+    self.calls: dict[tuple[Any, ...], list[Call]] = {}
+    self.inputs: dict[tuple[Any, ...], list[jax.Array]] = {}
+
+  def add(self, path: tuple[Any, ...], calls: Sequence[Call], xs: Sequence[Any]) -> None:
+    """Records calls of the layer at ``path`` and their inputs (none for an
+    unsupported layer, or where a transform dropped them)."""
+    if tracers.current_trace() != self.trace:
+      name = "/".join(map(str, path))
+      raise ValueError(
+        f"layer {name!r} runs under a JAX transform inside the loss "
+        "(jax.vmap, jax.checkpoint, nnx.scan, nnx.remat, ...), where "
+        "nysact_optax.value_and_grad cannot record its inputs. Wrap the "
+        "model's apply with nysact_optax.capture_activations inside the loss "
+        "instead and return its activations as aux"
+      )
+    self.calls.setdefault(path, []).extend(calls)
+    self.inputs.setdefault(path, []).extend(jax.lax.stop_gradient(x) for x in xs)
+
+  def activations(self, nnx_model: bool) -> Any:
+    table = {
+      path: layer_inputs("/".join(map(str, path)), calls, self.inputs.get(path, ()))
+      for path, calls in self.calls.items()
+    }
+    if not nnx_model:
+      return {"/".join(path): inputs for path, inputs in table.items()}
+    from flax import nnx
+
+    if () in table:  # the model is itself a layer
+      root = table.pop(())
+      if not table:
+        return root
+      table[("",)] = root
+    return nnx.from_flat_state(table)
+
+
+_ACTIVE = threading.local()
+
+
+def active() -> Recorder | None:
+  """The recorder of the innermost running :func:`value_and_grad`, if any."""
+  stack = getattr(_ACTIVE, "stack", ())
+  return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[Recorder]:
+  """Makes ``recorder`` the :func:`active` one while the block runs."""
+  stack = getattr(_ACTIVE, "stack", ())
+  _ACTIVE.stack = (*stack, recorder)
+  try:
+    yield recorder
+  finally:
+    _ACTIVE.stack = stack

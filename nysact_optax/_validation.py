@@ -9,14 +9,15 @@ structure only, nothing that needs a value under ``jit``).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nysact_optax import _layers, _nystrom, _sketch, _tree
+from nysact_optax import _kinds, _layers, _nystrom, _sketch, _tree
 
 __all__ = [
   "PRECISIONS",
@@ -296,15 +297,9 @@ def check_activations(layers, activations, include=None, exclude=(), *, extra_ok
         f"in the updates tree (layers there: {sorted(known)}). Pass the "
         "params tree of the same model (variables['params'])."
       )
+  _check_uncaptured(layers, table)
   axes_wanted = {}
   for layer in layers:
-    if layer.name not in table:
-      raise ValueError(
-        f"no activations were captured for layer {layer.name!r} (kernel "
-        f"{layer.kernel_shape}); activations hold layers {sorted(table)}. "
-        "Capture them with nysact_optax.capture_activations, or exclude the "
-        f"layer with exclude=[{layer.name!r}]."
-      )
     spec_axes = _check_layer_inputs(layer, table[layer.name])
     if spec_axes is not None:
       axes_wanted[layer.name] = (spec_axes, layer)
@@ -316,29 +311,80 @@ def check_activations(layers, activations, include=None, exclude=(), *, extra_ok
       for name, (axes, layer) in axes_wanted.items()
     )
     fix = ", ".join(f"{name!r}: {_axes_hint(axes)}" for name, (axes, _) in axes_wanted.items())
+    nnx_model = type(activations).__module__.startswith("flax.nnx")  # an nnx.State
     raise ValueError(
       f"{len(axes_wanted)} layer(s) have a kernel layout the parameter shapes "
-      f"do not tell: {lines}. Pass input_axes={{{fix}}}."
+      f"do not tell: {lines}. Pass input_axes={{{fix}}}"
+      + (
+        ", or the model itself: nysact(..., model=model) (or scale_by_nysact"
+        "(..., model=model)) reads every NNX layer's layout off it."
+        if nnx_model
+        else "."
+      )
     )
   return table
+
+
+def exclude_pattern(names: Sequence[str]) -> str:
+  """One regex for ``exclude=`` that matches exactly these layer paths.
+
+  Examples:
+    >>> exclude_pattern(["rnn/cell/ii", "rnn/cell/hi"])
+    '^rnn/cell/(?:ii|hi)$'
+    >>> exclude_pattern(["Conv_0"])  # one layer: its name, as elsewhere
+    'Conv_0'
+  """
+  if len(names) == 1:
+    return re.escape(names[0])
+  parts = [name.split("/") for name in names]
+  depth = 0  # the parent modules all of them share
+  while all(len(p) > depth + 1 and p[depth] == parts[0][depth] for p in parts):
+    depth += 1
+  prefix = "".join(f"{p}/" for p in parts[0][:depth])
+  rest = [re.escape(name[len(prefix) :]) for name in names]
+  return f"^{re.escape(prefix)}(?:{'|'.join(rest)})$"
+
+
+def _check_uncaptured(layers, table) -> None:
+  """Every layer without usable inputs, in one error with one ``exclude=``."""
+  why = {}
+  for layer in layers:
+    entry = table.get(layer.name)
+    if entry is None:
+      why[layer.name] = (
+        f"no captured inputs (kernel {layer.kernel_shape}): no covered layer "
+        "computed with this kernel; a module that computes its product itself "
+        "is not covered (covered: "
+        f"{', '.join(_kinds.covered_names('linen') + _kinds.covered_names('nnx'))})"
+      )
+    elif isinstance(entry.spec, _layers.Unsupported):
+      why[layer.name] = entry.spec.reason
+    elif not entry.inputs:
+      why[layer.name] = (
+        "it ran, but a lifted transform did not carry its inputs out: list "
+        "'nysact_inputs' in its variable_axes, e.g. nn.scan(..., "
+        "variable_axes={'params': 0, 'nysact_inputs': 0})"
+      )
+  if not why:
+    return
+  lines = "; ".join(f"layer {name!r}: {reason}" for name, reason in why.items())
+  unsupported = all(
+    isinstance(getattr(table.get(n), "spec", None), _layers.Unsupported) for n in why
+  )
+  pattern = exclude_pattern(list(why))
+  raise (NotImplementedError if unsupported else ValueError)(
+    f"NysAct cannot precondition {len(why)} layer(s) as captured: {lines}. "
+    f"Activations hold layers {sorted(table)}. Take the gradient with "
+    "nysact_optax.value_and_grad (or capture with "
+    "nysact_optax.capture_activations), or leave "
+    f"{'these layers' if len(why) > 1 else 'the layer'} to the plain gradient "
+    f"with exclude=[{pattern!r}]."
+  )
 
 
 def _check_layer_inputs(layer: _tree.Layer, entry: Any) -> tuple[int, ...] | None:
   """One layer's captured inputs against its layout; returns the kernel input
   axes the module computes with when they differ from the layout's."""
-  if isinstance(entry.spec, _layers.Unsupported):
-    raise NotImplementedError(
-      f"layer {layer.name!r}: {entry.spec.reason}; NysAct cannot "
-      f"precondition it: exclude it with exclude=[{layer.name!r}]"
-    )
-  if not entry.inputs:
-    raise ValueError(
-      f"layer {layer.name!r} ran, but its inputs were not captured: a lifted "
-      "transform (nn.scan, nn.vmap) dropped the 'nysact_inputs' collection. "
-      "List it beside 'params' in the transform, e.g. nn.scan(..., "
-      "variable_axes={'params': 0, 'nysact_inputs': 0}), or exclude the "
-      f"layer with exclude=[{layer.name!r}]."
-    )
   n_axes = entry.spec.num_input_axes
   for x in entry.inputs:
     shape = tuple(x.shape)

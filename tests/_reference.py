@@ -116,9 +116,9 @@ def conv_patches(x, spec):
   import jax.numpy as jnp
   from jax import lax
 
-  from nysact_optax import _statistics
+  from nysact_optax import _covariance
 
-  x, padding = _statistics.prepare_conv_input(jnp.asarray(x), spec)
+  x, padding = _covariance.prepare_conv_input(jnp.asarray(x), spec)
   patches = lax.conv_general_dilated_patches(
     x,
     spec.kernel_size,
@@ -126,7 +126,7 @@ def conv_patches(x, spec):
     padding,
     lhs_dilation=spec.input_dilation,
     rhs_dilation=spec.kernel_dilation,
-    dimension_numbers=_statistics._conv_dimension_numbers(x.ndim),
+    dimension_numbers=_covariance._conv_dimension_numbers(x.ndim),
   )  # (..., c_in * K), channel-major
   c, k = x.shape[-1], math.prod(spec.kernel_size)
   groups = spec.feature_group_count

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import nysact_optax
 from nysact_optax import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
@@ -72,10 +73,14 @@ def test_activations_missing_for_a_covered_layer(net):
   params, acts = net
   _raises(
     ValueError,
-    "no activations were captured for layer 'Conv_0' (kernel (3, 3, 1, 2)); "
-    "activations hold layers ['Dense_0']. Capture them with "
-    "nysact_optax.capture_activations, or exclude the layer with "
-    "exclude=['Conv_0'].",
+    "NysAct cannot precondition 1 layer(s) as captured: layer 'Conv_0': no "
+    "captured inputs (kernel (3, 3, 1, 2)): no covered layer computed with this "
+    "kernel; a module that computes its product itself is not covered (covered: "
+    "nn.Einsum, nn.DenseGeneral, nn.Dense, nn.Conv, nn.OptimizedLSTMCell, "
+    "nnx.Einsum, nnx.LinearGeneral, nnx.Linear, nnx.Conv). Activations hold "
+    "layers ['Dense_0']. Take the gradient with nysact_optax.value_and_grad (or "
+    "capture with nysact_optax.capture_activations), or leave the layer to the "
+    "plain gradient with exclude=['Conv_0'].",
     _update,
     params,
     {"Dense_0": acts["Dense_0"]},
@@ -165,6 +170,27 @@ def test_kernel_layout_needs_input_axes():
     acts,
     input_axes={"qkv": 3},
   )
+
+
+def test_nnx_einsum_without_bias_names_input_axes_and_the_model_argument():
+  model = nnx.Einsum("btd,ndh->btnh", (2, 4, 3), bias_shape=None, rngs=nnx.Rngs(0))
+  model = nnx.Dict(q=model)
+  x = jnp.ones((2, 5, 4))
+  (_, grads), acts = nysact_optax.value_and_grad(lambda m: jnp.sum(m["q"](x)))(model)
+  params = nnx.pure(nnx.state(model, nnx.Param))
+  _raises(
+    ValueError,
+    "1 layer(s) have a kernel layout the parameter shapes do not tell: layer "
+    "'q': its input meets kernel axes (1,) of the kernel (2, 4, 3), which was "
+    "taken to have input axes (0, 1). Pass input_axes={'q': (1,)}, or the model "
+    "itself: nysact(..., model=model) (or scale_by_nysact(..., model=model)) "
+    "reads every NNX layer's layout off it.",
+    _update,
+    params,
+    acts,
+  )
+  tx = nysact_optax.nysact(0.1, rank=2, model=model)  # the form the docs recommend
+  tx.update(nnx.pure(grads), tx.init(params), params, activations=acts)
 
 
 @pytest.mark.parametrize(

@@ -93,25 +93,29 @@ def test_argnums_and_kwargs_pass_through():
   np.testing.assert_array_equal(acts[""].inputs[0], x)
 
 
-@pytest.mark.parametrize("wrap", ["remat", "vmap"])
-def test_layer_under_a_transform_inside_the_loss_names_layer_and_the_fix(wrap):
+def test_layer_under_nn_remat_is_recorded_as_capture_activations_records_it():
   x, _ = _data()
 
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      inner = nn.remat(nn.Dense)(4, name="body") if wrap == "remat" else nn.Dense(4, name="body")
-      return inner(x)
+      return nn.remat(nn.Dense)(4, name="body")(x)
 
   model = Net()
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  if wrap == "remat":
-    loss_fn = lambda p: jnp.sum(model.apply({"params": p}, x))
-  else:
-    loss_fn = lambda p: jnp.sum(jax.vmap(lambda row: model.apply({"params": p}, row))(x))
-  with pytest.raises(
-    ValueError, match=r"layer 'body' runs under a JAX transform.*capture_activations"
-  ):
+  loss_fn = lambda p: jnp.sum(model.apply({"params": p}, x))
+  _, acts = nysact_optax.value_and_grad(loss_fn)(params)
+  _, want = nysact_optax.capture_activations(model.apply)({"params": params}, x)
+  assert list(acts) == list(want) == ["body"]
+  _tree_equal(list(acts["body"].inputs), list(want["body"].inputs))
+
+
+def test_layer_under_jax_vmap_inside_the_loss_names_layer_and_the_fix():
+  x, _ = _data()
+  model = nn.Dense(4, name="body")
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss_fn = lambda p: jnp.sum(jax.vmap(lambda row: model.apply({"params": p}, row))(x))
+  with pytest.raises(ValueError, match=r"layer '' runs under a JAX transform.*capture_activations"):
     nysact_optax.value_and_grad(loss_fn)(params)
 
 

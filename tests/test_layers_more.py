@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import nysact_optax
+from nysact_optax import LayerInputs
 from tests import _reference
 from tests.test_nnx import INIT, RHO, _dense_rows, _matrix, _normal, _random_like
 
@@ -171,15 +172,17 @@ def test_stacked_layer_errors_name_the_fix():
     r".*stacked.*stack_axes=\{'scan/Dense_0': 1\}",
   ):
     tx.update(no_bias, tx.init(no_bias), activations=acts)
-  _, params, acts = _setup(scan_collects_inputs=False)  # collection not listed: dropped
-  assert acts["scan/Dense_0"].inputs == ()
+  # Not listed in variable_axes: the capture carries the inputs out all the same.
+  _, _, unlisted = _setup(scan_collects_inputs=False)
+  np.testing.assert_array_equal(unlisted["scan/Dense_0"].inputs[0], acts["scan/Dense_0"].inputs[0])
+  dropped = dict(acts, **{"scan/Dense_0": LayerInputs((), acts["scan/Dense_0"].spec)})
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^scan/"], stack_axes=STACKED)
   with pytest.raises(
     ValueError,
-    match=r"layer 'scan/Dense_0' ran, but its inputs were not "
-    r"captured.*variable_axes=\{'params': 0, 'nysact_inputs': 0\}",
+    match=r"layer 'scan/Dense_0': it ran, but a lifted transform did not carry its inputs "
+    r"out.*variable_axes=\{'params': 0, 'nysact_inputs': 0\}",
   ):
-    tx.update(params, tx.init(params), activations=acts)
+    tx.update(params, tx.init(params), activations=dropped)
   tx = nysact_optax.scale_by_nysact(rank=3, include=["^einsum_mid$"])
   with pytest.raises(ValueError, match=r"layer 'einsum_mid'.*input_axes=\{'einsum_mid': \(1,\)\}"):
     tx.update(params, tx.init(params), activations=acts)

@@ -203,6 +203,7 @@ def test_math_modules_import_no_flax():
     "import nysact_optax\n"
     "from nysact_optax import _apply, _nystrom, _sketch, _statistics, _transform\n"
     "from nysact_optax import _accumulate, _alias, _state, _validation, _diagnostics\n"
+    "from nysact_optax import _covariance, _graft, _kinds, _layers\n"
     "loaded = sorted(m for m in sys.modules if m == 'flax' or m.startswith('flax.'))\n"
     "assert not loaded, loaded\n"
     "nysact_optax.capture_activations\n"

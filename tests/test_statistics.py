@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nysact_optax import ConvSpec, DenseSpec, LayerInputs, _statistics
+from nysact_optax import ConvSpec, DenseSpec, LayerInputs, _covariance
 from nysact_optax._sketch import draw_sketch
 from nysact_optax._statistics import sketched_covariance
 from tests import _reference
@@ -49,7 +49,7 @@ def test_conv_patches_match_explicit_loops(conv):
 def convolutions(monkeypatch):
   """Every convolution takes the patch-free path (no input here is too big
   for explicit patches)."""
-  monkeypatch.setattr(_statistics, "PATCH_LIMIT", 0)
+  monkeypatch.setattr(_covariance, "PATCH_LIMIT", 0)
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -90,7 +90,7 @@ def test_small_convs_take_explicit_patches_with_the_same_result(conv):
   spec = _spec(*cfg)
   x = jax.random.normal(jax.random.PRNGKey(1), shape)
   a = _reference.with_bias_column(np.asarray(conv_patches(x, spec), np.float64))
-  assert a.size <= _statistics.PATCH_LIMIT
+  assert a.size <= _covariance.PATCH_LIMIT
   s = draw_sketch(jax.random.PRNGKey(2), a.shape[1], min(4, a.shape[1] - 1), "gaussian")
   step = jax.jit(sketched_covariance, static_argnums=2)
   ours = step(LayerInputs([x], spec), s, True)
@@ -99,7 +99,7 @@ def test_small_convs_take_explicit_patches_with_the_same_result(conv):
 
 
 def _convolutions(x, spec, s, limit, monkeypatch):
-  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
+  monkeypatch.setattr(_covariance, "PATCH_LIMIT", limit)
   fn = lambda x, s: sketched_covariance(LayerInputs([x], spec), s, True)
   return jax.jit(fn).lower(x, s).as_text().count("stablehlo.convolution")
 
@@ -110,7 +110,7 @@ def test_patches_replace_the_two_statistics_convolutions(conv, monkeypatch):
   spec = _spec(*cfg)
   x = jnp.ones(shape)
   s = draw_sketch(jax.random.PRNGKey(2), spec.input_width(shape) + 1, 3, "gaussian")
-  patches = _convolutions(x, spec, s, _statistics.PATCH_LIMIT, monkeypatch)
+  patches = _convolutions(x, spec, s, _covariance.PATCH_LIMIT, monkeypatch)
   convolutions = _convolutions(x, spec, s, 0, monkeypatch)
   grouped = cfg[-1] > 1  # grouped convolutions always take the convolutions
   assert (patches == convolutions) if grouped else (patches < convolutions)
@@ -149,10 +149,10 @@ def test_bf16_inputs_are_accumulated_in_float32():
   np.testing.assert_allclose(y, a.T @ a / 64, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("limit", [0, _statistics.PATCH_LIMIT])  # convolutions, patches
+@pytest.mark.parametrize("limit", [0, _covariance.PATCH_LIMIT])  # convolutions, patches
 @pytest.mark.parametrize("padding", [((0, 0), (0, 0)), ((2, 1), (-1, 2))])
 def test_conv_statistics_with_input_dilation_equal_patch_formula(padding, limit, monkeypatch):
-  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
+  monkeypatch.setattr(_covariance, "PATCH_LIMIT", limit)
   """Input (lhs) dilation and negative explicit pads (lax takes no string
   padding with input dilation): A^T A S against the patch matrix that lax
   builds for the same convolution."""
@@ -166,18 +166,18 @@ def test_conv_statistics_with_input_dilation_equal_patch_formula(padding, limit,
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("limit", [0, _statistics.PATCH_LIMIT])  # convolutions, patches
+@pytest.mark.parametrize("limit", [0, _covariance.PATCH_LIMIT])  # convolutions, patches
 @pytest.mark.parametrize("conv", [c for c in CONVS if c[-1][0] > 1])
 def test_batch_chunks_give_the_whole_batch_statistics(conv, limit, monkeypatch):
-  monkeypatch.setattr(_statistics, "PATCH_LIMIT", limit)
-  monkeypatch.setattr(_statistics, "_chunking_applies", lambda x: True)  # 8 devices here
+  monkeypatch.setattr(_covariance, "PATCH_LIMIT", limit)
+  monkeypatch.setattr(_covariance, "_chunking_applies", lambda x: True)  # 8 devices here
   *cfg, shape = conv
   spec = _spec(*cfg)
   x = jax.random.normal(jax.random.PRNGKey(1), shape)
   a = _reference.with_bias_column(np.asarray(conv_patches(x, spec), np.float64))
   s = draw_sketch(jax.random.PRNGKey(2), a.shape[1], min(4, a.shape[1] - 1), "gaussian")
   fn = lambda x, s: sketched_covariance(LayerInputs([x], spec), s, True)
-  monkeypatch.setattr(_statistics, "CHUNK_LIMIT", 1)  # one sample per chunk
+  monkeypatch.setattr(_covariance, "CHUNK_LIMIT", 1)  # one sample per chunk
   lowered = jax.jit(fn).lower(x, s)
   assert "stablehlo.while" in lowered.as_text()  # the chunks are a scan
   chunked = lowered.compile()(x, s)
