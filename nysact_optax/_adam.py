@@ -120,6 +120,7 @@ def scale_by_nysact_adam(
   b2: float = 0.999,
   eps: float = 1e-8,
   rank: _tree.RankRule = 32,
+  oversample: int = 0,
   second_moment: str = "keep",
   orthogonalise: bool = False,
   consistent_rms: float = 0.2,
@@ -170,6 +171,9 @@ def scale_by_nysact_adam(
     eps: added to ``sqrt(v_hat)``.
     rank: the basis width ``r`` (``rank >= p``: the exact eigenbasis), or a
       rule ``rank(layer_name, p) -> int``; ``rank=0`` is Adam.
+    oversample: ``k``: the sketch has ``r + k`` columns and the basis keeps
+      the top ``r`` of the factorisation (a layer with ``r + k >= p`` is in
+      exact mode); the sketch's state grows by ``k`` columns.
     second_moment: at a basis refresh, ``"keep"`` (default) the rotated
       second moment as it is, index by index (SOAP's choice), or
       ``"rotate"`` it to the new basis as ``(U_new^T U_old)^2 v_R``.
@@ -217,9 +221,21 @@ def scale_by_nysact_adam(
     raise ValueError(
       f"rank must be an integer >= 0 (0: Adam on every leaf) or a rule, got rank={rank!r}"
     )
+  if not isinstance(oversample, numbers.Integral) or isinstance(oversample, bool) or oversample < 0:
+    raise ValueError(f"oversample must be an integer >= 0, got oversample={oversample!r}")
   if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank == 0:
     include = lambda name: False  # no layer: Adam on every leaf
     rank = 1
+  kept = rank  # the basis width; the sketch's is r + k
+  if oversample:
+    rank = lambda name, p: (kept(name, p) if callable(kept) else kept) + oversample
+
+  def width(layer: _tree.Layer) -> int:
+    """The layer's basis width: the top ``r`` of its ``r + k`` columns, all in exact mode."""
+    if layer.exact or not oversample:
+      return layer.rank
+    return min(kept(layer.name, layer.p) if callable(kept) else kept, layer.p)
+
   factors, _ = Factors.create(
     "scale_by_nysact_adam",
     rank=rank,
@@ -250,7 +266,7 @@ def scale_by_nysact_adam(
       mu=optax.tree.zeros_like(params),
       nu=optax.tree.zeros_like(params),
       nu_rotated={
-        layer.name: jnp.zeros(layer.stack_shape + (layer.rank, layer.out), dtype)
+        layer.name: jnp.zeros(layer.stack_shape + (width(layer), layer.out), dtype)
         for layer in fstate.config.layers
       },
       factors=fstate,
@@ -282,8 +298,8 @@ def scale_by_nysact_adam(
             layer,
             _rotate_second_moment,
             v[layer.name],
-            old[layer.name].basis,
-            fstate.layers[layer.name].basis,
+            old[layer.name].basis[..., -width(layer) :],
+            fstate.layers[layer.name].basis[..., -width(layer) :],
           )
           for layer in layers
         },
@@ -294,8 +310,7 @@ def scale_by_nysact_adam(
     flat_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
     position = {tuple(path): i for i, (path, _) in enumerate(flat_g)}
     g_leaves = [leaf for _, leaf in flat_g]
-    # jaxlib's PyTreeDef has no stubs the type checker can read
-    flat = lambda tree: treedef.flatten_up_to(tree)  # type: ignore[attr-defined]
+    flat = lambda tree: treedef.flatten_up_to(tree)
     m_leaves, v_leaves, o_leaves = flat(state.mu), flat(state.nu), flat(out)
     new_m, new_v = flat(mu), flat(nu)
     for layer in layers:
@@ -330,7 +345,8 @@ def scale_by_nysact_adam(
           matrix(m_leaves),
           matrix(v_leaves),
           nu_rotated[layer.name],
-          fstate.layers[layer.name].basis,
+          # the top r columns: the factorisation sorts them ascending
+          fstate.layers[layer.name].basis[..., -width(layer) :],
         )
         nu_rotated[layer.name] = v_r
         for leaves, new, like in (

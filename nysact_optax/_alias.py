@@ -182,6 +182,7 @@ def nysact_adam(
   weight_decay: float = 1e-2,
   weight_decay_mask: Any = None,
   rank: _tree.RankRule = 32,
+  oversample: int = 0,
   second_moment: str = "keep",
   orthogonalise: bool = False,
   consistent_rms: float = 0.2,
@@ -215,7 +216,7 @@ def nysact_adam(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1: as are ``b2``, ``eps``, ``rank``, ``second_moment``,
+    b1: as are ``b2``, ``eps``, ``rank``, ``oversample``, ``second_moment``,
       ``orthogonalise``, ``consistent_rms`` and the statistics' settings
       (``sketch`` ... ``precision``): see :func:`scale_by_nysact_adam`.
     weight_decay: decoupled weight decay, as AdamW's.
@@ -243,6 +244,7 @@ def nysact_adam(
       b2=b2,
       eps=eps,
       rank=rank,
+      oversample=oversample,
       second_moment=second_moment,
       orthogonalise=orthogonalise,
       consistent_rms=consistent_rms,
