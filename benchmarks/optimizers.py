@@ -500,6 +500,8 @@ QUALITY: dict[str, tuple[str, dict[str, Any]]] = {
   "nysact-adam-r8": ("nysact-adam", {"nysact": (("rank", 8),)}),
   "nysact-adam-r16": ("nysact-adam", {"nysact": (("rank", 16),)}),
   "nysact-adam-r64": ("nysact-adam", {"nysact": (("rank", 64),)}),
+  "nysact-adam-os16": ("nysact-adam", {"nysact": (("oversample", 16),)}),
+  "nysact-adam-cov1": ("nysact-adam", {"nysact": (("cov_update_every", 1),)}),
   "soap-1s": ("nysact-adam", {"nysact": (("rank", 10**9), ("basis", "gradients"))}),
   "adam-orth": ("adam-orth", {}),
 }

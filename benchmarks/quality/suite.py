@@ -658,7 +658,14 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
 # Stage adam (issue 25).
 ADAM_GRID = (1e-3, 3e-3, 1e-2)
 ADAM_LM_TUNED = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth", "soap-1s", "adam-orth")
-ADAM_ABLATIONS = ("nysact-adam-rotate", "nysact-adam-r8", "nysact-adam-r16", "nysact-adam-r64")
+ADAM_ABLATIONS = (
+  "nysact-adam-rotate",
+  "nysact-adam-r16",
+  "nysact-adam-r64",
+  "nysact-adam-os16",
+  "nysact-adam-cov1",
+  "nysact-adam-r8",
+)
 ADAM_LONG = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth", "soap-1s")
 ADAM_VIT = ("nysact-adam", "nysact-adam-orth")
 ADAM_SEEDS = 3
