@@ -672,25 +672,36 @@ ADAM_SEEDS = 3
 
 
 def _adam_stage(preset: Preset, root: pathlib.Path) -> Iterator[Run]:
+  """Stage adam, in order of priority (a cut-off leaves the first complete):
+  tuning, the 300-step tests, the 5x-token tests of the default, exact
+  mode and the orthogonalised variant, the ablations' seed 0, the ViT, the
+  ablations' other seeds, the gradient-basis control at 5x, the CNN and
+  ResNet-20."""
   assert preset.lm is not None and preset.lm_long is not None
   grids = {**(preset.lm_grids or LM_GRIDS), **dict.fromkeys(ADAM_LM_TUNED, ADAM_GRID)}
   tuned = {label: grids[label] for label in ADAM_LM_TUNED}
   yield from _tune_test(preset.lm, tuned, 0, "lm_tune", "lm_test", root, ADAM_LM_TUNED)
+  seeds = range(ADAM_SEEDS)
+  yield from _transfer(preset.lm, "lm_test", ADAM_LM_TUNED, seeds, root, grids)
+  for seed in seeds:
+    yield from _transfer(preset.lm_long, "lm5_test", ADAM_LONG[:3], [seed], root, grids)
   # The ablations at the default's tuned lr, paired seeds on the validation stream.
   lr = best_lr(root, "lm_tune", "char_lm", "nysact-adam", ADAM_GRID)
-  for seed in range(ADAM_SEEDS):
+
+  def ablations(seed: int) -> Iterator[Run]:
     for label in ("nysact-adam", *ADAM_ABLATIONS):
       cfg = None if lr is None else _cfg(preset.lm, label, lr=lr, split="val", seed=seed)
       copy = None
       if label == "nysact-adam" and seed == 0 and lr is not None:
         copy = root / "lm_tune" / f"{tune_name('char_lm', label, lr)}.json"
       yield Run("lm_ablate", f"char_lm__{label}__s{seed}", cfg, copy)
-  seeds = range(ADAM_SEEDS)
-  yield from _transfer(preset.lm, "lm_test", ADAM_LM_TUNED, seeds, root, grids)
-  for seed in seeds:
-    yield from _transfer(preset.lm_long, "lm5_test", ADAM_LONG, [seed], root, grids)
+
+  yield from ablations(0)
   if preset.vit is not None:
     yield from _transfer(preset.vit, "vit_test", ADAM_VIT, seeds, root, grids)
+  for seed in seeds[1:]:
+    yield from ablations(seed)
+  yield from _transfer(preset.lm_long, "lm5_test", ADAM_LONG[3:], seeds, root, grids)
   yield from _tune_test(
     preset.cnn, {"nysact-adam": ADAM_GRID}, preset.seeds, "tune", "test", root, ("nysact-adam",)
   )
