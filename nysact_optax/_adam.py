@@ -125,7 +125,6 @@ def scale_by_nysact_adam(
   orthogonalise: bool = False,
   consistent_rms: float = 0.2,
   sketch: str = "gaussian",
-  damping: float = 1.0,
   stat_decay: float = 0.95,
   cov_update_every: int = 5,
   inv_update_every: int = 10,
@@ -162,8 +161,7 @@ def scale_by_nysact_adam(
 
   The statistics, sketches, periods and factorisation are those of
   :func:`nysact_optax.scale_by_nysact` (the stable Nyström method, a sketch
-  held fixed); ``damping`` only guards the factorisation here, since no
-  inverse is applied.
+  held fixed). No inverse is applied, so there is no damping.
 
   Args:
     b1: Adam's first-moment decay.
@@ -179,7 +177,7 @@ def scale_by_nysact_adam(
       ``"rotate"`` it to the new basis as ``(U_new^T U_old)^2 v_R``.
     orthogonalise: orthogonalise each layer's step as Muon does (above).
     consistent_rms: with ``orthogonalise``, the target RMS of a layer's step.
-    sketch: as are ``damping``, ``stat_decay``, ``cov_update_every``,
+    sketch: as are ``stat_decay``, ``cov_update_every``,
       ``inv_update_every``, ``seed``, ``exclude``, ``input_axes``,
       ``include``, ``stack_axes``, ``stats_dtype``, ``axis_name``, ``model``
       and ``precision``: see :func:`nysact_optax.scale_by_nysact`.
@@ -240,7 +238,7 @@ def scale_by_nysact_adam(
     "scale_by_nysact_adam",
     rank=rank,
     sketch=sketch,
-    damping=damping,
+    damping=1.0,  # unused by the stable Nyström factorisation
     stat_decay=stat_decay,
     cov_update_every=cov_update_every,
     inv_update_every=inv_update_every,

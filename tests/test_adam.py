@@ -160,7 +160,6 @@ def test_matches_the_formula_in_float64(rank, second_moment):
     second_moment=second_moment,
     cov_update_every=1,
     inv_update_every=inv_every,
-    damping=1e-3,
   )
   tx = optax.chain(tx)  # as the alias holds it: state[0]
   trajectory = _trajectory(tx, model, 7, batches=batches)
@@ -284,7 +283,7 @@ def test_finds_the_factors_for_diagnostics():
       dict(rank=-1),
       r"rank must be an integer >= 0 \(0: Adam on every leaf\) or a rule, got rank=-1",
     ),
-    (dict(damping=0.0), r"damping must be > 0, got damping=0.0"),
+    (dict(stat_decay=1.0), r"stat_decay must be in \[0, 1\), got stat_decay=1.0"),
   ],
 )
 def test_bad_settings_are_named(kwargs, match):

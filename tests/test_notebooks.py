@@ -25,6 +25,7 @@ SHORT = {
   },
   "nnx": {"steps=400, batch=64, eval_every=20": "steps=40, batch=64, eval_every=20"},
   "quickstart": {"steps=400, batch=64, eval_every=20": "steps=40, batch=64, eval_every=20"},
+  "transformer": {"steps=300, batch=64": "steps=20, batch=64"},
 }
 
 
