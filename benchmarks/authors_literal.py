@@ -25,9 +25,8 @@ from sklearn.datasets import load_digits
 
 from benchmarks import _common
 from benchmarks import results as bresults
-from nysact_optax import _nystrom
-from nysact_optax._sketch import draw_sketch
-from tests._reference import dense_preconditioner, reference_preconditioner
+from benchmarks._reference import dense_preconditioner, reference_preconditioner
+from nysact_optax.linalg import draw_sketch, nystrom_shifted
 
 
 def _distance(a, b) -> float:
@@ -61,9 +60,7 @@ def main(argv=None) -> None:
       c_hat = c / (1 - beta**args.updates)
       literal = reference_preconditioner(c_hat, s, rho, solve_with_l=True)
       transposed = reference_preconditioner(c_hat, s, rho, solve_with_l=False)
-      u, lam = _nystrom.nystrom_shifted(
-        jnp.asarray(c_hat, jnp.float32), jnp.asarray(s, jnp.float32), rho
-      )
+      u, lam = nystrom_shifted(jnp.asarray(c_hat, jnp.float32), jnp.asarray(s, jnp.float32), rho)
       ours = dense_preconditioner(u, lam, rho)
       rows.append(
         {

@@ -133,12 +133,15 @@ def measure(model, shape, *, rank, cov_update_every, devices):
     updates, state = tx.update(grads, state, params, activations=acts)
     return optax.apply_updates(params, updates), state
 
-  layers = nysact_optax._tree.find_layers(params, rank=rank)
+  # One statistics matrix per preconditioned layer: its state's covariance EMA
+  # (p x r; p x p for an exact-mode layer), all-reduced on statistics steps.
+  state_shapes = jax.eval_shape(nysact_optax.scale_by_nysact(**kwargs).init, params)
+  covs = [ls.cov for ls in nysact_optax.find_nysact_state(state_shapes).layers.values()]
   n_params = sum(a.size for a in jax.tree.leaves(params))
-  analytic_stats = sum(4 * l.p * l.rank for l in layers)
+  analytic_stats = sum(c.size * c.dtype.itemsize for c in covs)
   result = {
     "parameters": int(n_params),
-    "preconditioned_layers": len(layers),
+    "preconditioned_layers": len(covs),
     "analytic": {
       "gradient_bytes_per_step": int(4 * n_params),
       "statistics_bytes_per_statistics_step": int(analytic_stats),

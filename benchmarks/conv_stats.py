@@ -5,13 +5,13 @@ For a 3x3 convolution (SAME padding) with ``C`` input channels on
 im2col patch matrix (n = B H W rows, p = 9 C columns) and ``S`` a p x r
 sketch. Two ways:
 
-* ``im2col``: ``A = tests._reference.conv_patches(x, spec)``, then
+* ``im2col``: ``A = benchmarks._reference.conv_patches(x, spec)``, then
   ``A^T (A S) / n`` (what the reference code does);
 * ``im2col_slices``: the same formula with the patch matrix built from ``k*k``
   shifted slices of the padded input (often faster than XLA's patch
   extraction on CPU; a stronger baseline, so the reported speedup is against
   the faster of the two im2col variants);
-* ``patch_free``: ``nysact_optax._statistics.sketched_covariance``: ``A S``
+* ``patch_free``: ``nysact_optax.linalg.sketched_covariance``: ``A S``
   is a convolution of ``x`` with ``S`` as an r-channel kernel and ``A^T Z``
   that convolution's kernel-gradient (written as a canonical convolution of
   the transposed input with ``Z`` as kernel), so ``A`` never exists.
@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from benchmarks import _common
+from benchmarks import _common, _reference
 from benchmarks import results as bresults
 from benchmarks import targets as targets_mod
-from nysact_optax import ConvSpec, LayerInputs, _sketch, _statistics
-from tests import _reference
+from nysact_optax import ConvSpec, LayerInputs
+from nysact_optax.linalg import Sketch, sketched_covariance
 
 
 def _spec(k: int, stride: int = 1) -> ConvSpec:
@@ -69,7 +69,7 @@ def _spec(k: int, stride: int = 1) -> ConvSpec:
 
 
 def patch_free(x, s, *, spec, has_bias):
-  return _statistics.sketched_covariance(LayerInputs([x], spec), _sketch.Sketch(s), has_bias)
+  return sketched_covariance(LayerInputs([x], spec), Sketch(s), has_bias)
 
 
 def im2col(x, s, *, spec, has_bias):

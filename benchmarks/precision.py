@@ -56,7 +56,7 @@ from jax import lax
 import nysact_optax
 from benchmarks import _common, tasks
 from benchmarks import results as bresults
-from nysact_optax import _apply, _nystrom, _sketch, _statistics, _tree, _validation
+from nysact_optax import ConvSpec, DenseSpec, LayerInputs, linalg
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
 FORMATS = ("f32", "tf32", "bf16", "bf16_3x")
@@ -198,7 +198,8 @@ def emulated(fn: Callable, fmt: str) -> Callable:
 
 
 def capture(model: str, batch_size: int, train_steps: int, seed: int):
-  """``(task, layers, inputs, grads)`` after ``train_steps`` NysAct steps."""
+  """``(task, inputs, grads)`` after ``train_steps`` NysAct steps: each layer's
+  captured inputs and gradient matrix (:func:`gradient_matrices`), by name."""
   task = tasks.build_task(model, batch_size, seed=seed, n_batches=11)
   loss = tasks.batch_loss(task, capture=True)
   tx = nysact_optax.nysact(0.05, momentum=0.9)
@@ -218,16 +219,46 @@ def capture(model: str, batch_size: int, train_steps: int, seed: int):
   (_, (_, acts)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
     params, model_state, task.batches[10]
   )
-  layers = _tree.find_layers(grads, rank=10**9)  # widths only; ranks set below
-  inputs = _validation.check_activations(layers, acts)
-  flat = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]}
-  gmat = {
-    layer.name: _apply.to_matrix(
-      layer, flat[layer.kernel_path], flat[layer.bias_path] if layer.has_bias else None, jnp.float32
-    )
-    for layer in layers
+  return task, dict(sorted(acts.items())), gradient_matrices(grads, acts)
+
+
+def _key_name(key: Any) -> str:
+  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+
+def gradient_matrices(grads: Any, acts: dict[str, LayerInputs]) -> dict[str, jax.Array]:
+  """Each captured layer's gradient as the ``p x o`` matrix ``P`` acts on (float32).
+
+  Kernel rows, then the bias row, as ``nysact_optax.linalg.precondition``
+  takes it. The layers of these models (flax ``Dense``, ``DenseGeneral``,
+  ``Conv``) have their input axes first in the kernel, so the kernel rows are
+  ``kernel.reshape(p_in, o)``; other layouts (``Einsum``, stacked layers) are
+  refused.
+
+  Examples:
+    >>> from nysact_optax import DenseSpec, LayerInputs
+    >>> grads = {"head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> acts = {"head": LayerInputs([jnp.ones((5, 3))], DenseSpec())}
+    >>> gradient_matrices(grads, acts)["head"].shape  # p = 3 inputs + 1 for the bias
+    (4, 2)
+  """
+  flat = {
+    "/".join(_key_name(k) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]
   }
-  return task, layers, inputs, gmat
+  out = {}
+  for name, layer in sorted(acts.items()):
+    kernel = flat[f"{name}/kernel"]
+    lead = [int(np.prod(kernel.shape[:i])) for i in range(1, kernel.ndim)]
+    p_in = layer.spec.input_width(layer.inputs[0].shape)
+    if not isinstance(layer.spec, DenseSpec | ConvSpec) or p_in not in lead:
+      raise ValueError(f"layer {name!r}: kernel {kernel.shape} has no leading input axes")
+    g = kernel.reshape(p_in, -1).astype(jnp.float32)
+    bias = flat.get(f"{name}/bias")
+    if bias is not None:
+      g = jnp.concatenate([g, bias.reshape(1, -1).astype(jnp.float32)])
+    out[name] = g
+  return out
 
 
 # --------------------------------------------------------------------------
@@ -253,32 +284,39 @@ def _lam_min_of_applied(m: np.ndarray, rho: float, rank: int, seed: int = 0) -> 
 
 
 def study_layer(
-  layer, inputs, g, *, rank: int, dampings: Sequence[float], seed: int, device_configs: bool = False
+  inputs: LayerInputs,
+  g: jax.Array,
+  *,
+  rank: int,
+  dampings: Sequence[float],
+  seed: int,
+  device_configs: bool = False,
 ):
-  """Every configuration's errors for one layer, at each damping."""
-  p = layer.p
+  """Every configuration's errors for one layer (its inputs and ``p x o``
+  gradient matrix), at each damping."""
+  p = int(g.shape[0])
   exact_mode = rank >= p
   r = p if exact_mode else rank
-  has_bias = layer.has_bias
-  ident = _sketch.draw_sketch(jax.random.PRNGKey(0), p, p, "gaussian")
-  cov = np.asarray(_statistics.sketched_covariance(inputs, ident, has_bias), np.float64)
+  has_bias = p == inputs.spec.input_width(inputs.inputs[0].shape) + 1
+  ident = linalg.draw_sketch(jax.random.PRNGKey(0), p, p, "gaussian")
+  cov = np.asarray(linalg.sketched_covariance(inputs, ident, has_bias), np.float64)
   cov = 0.5 * (cov + cov.T)
   evals, evecs = np.linalg.eigh(cov)
   evals = np.maximum(evals, 0.0)
-  s = _sketch.draw_sketch(jax.random.PRNGKey(seed), p, r, "gaussian", orthonormal=True)
+  s = linalg.draw_sketch(jax.random.PRNGKey(seed), p, r, "gaussian", orthonormal=True)
   g64 = np.asarray(g, np.float64)
   eye = jnp.eye(p, dtype=jnp.float32)
 
   def stats_fn(inputs, s, precision="highest"):
-    return _statistics.sketched_covariance(
-      inputs, _sketch.Sketch(s), has_bias, precision=lax.Precision(precision)
+    return linalg.sketched_covariance(
+      inputs, linalg.Sketch(s), has_bias, precision=lax.Precision(precision)
     )
 
   def factors_fn(y, s, rho):
-    return _nystrom.exact_eigh(y) if exact_mode else _nystrom.nystrom_stable(y, s, rho)
+    return linalg.exact_eigh(y) if exact_mode else linalg.nystrom_stable(y, s, rho)
 
   def apply_fn(g, u, lam, rho, precision="highest"):
-    return _apply.precondition(g, u, lam, rho, precision=lax.Precision(precision))
+    return linalg.precondition(g, u, lam, rho, precision=lax.Precision(precision))
 
   ys = {fmt: emulated(stats_fn, fmt)(inputs, s.matrix) for fmt in FORMATS}
   configs = [(name, a, b, c, None) for name, a, b, c in CONFIGS]
@@ -450,14 +488,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "transformer": args.batch_transformer,
   }
   for model in [m for m in args.models.split(",") if m]:
-    task, layers, inputs, gmat = capture(model, batch[model], args.train_steps, args.seed)
+    task, inputs, gmat = capture(model, batch[model], args.train_steps, args.seed)
     layers_out = {}
-    for layer in layers:
-      print(f"{model}/{layer.name}: p={layer.p}", file=sys.stderr, flush=True)
-      layers_out[layer.name] = study_layer(
-        layer,
-        inputs[layer.name],
-        gmat[layer.name],
+    for name in inputs:
+      print(f"{model}/{name}: p={gmat[name].shape[0]}", file=sys.stderr, flush=True)
+      layers_out[name] = study_layer(
+        inputs[name],
+        gmat[name],
         rank=args.rank,
         dampings=dampings,
         seed=args.seed,

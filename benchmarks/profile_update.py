@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 import nysact_optax
 from benchmarks import _common, tasks
 from benchmarks import results as bresults
-from nysact_optax import _sketch, _statistics
+from nysact_optax import linalg
 
 
 def _time(compiled, *args, repeats: int) -> float:
@@ -105,11 +105,11 @@ def profile_model(
       has_bias = "bias" in _params_at(task.params, lname)
       p = li.spec.input_width(x.shape) + int(has_bias)
       r = min(cfg.get("rank", 10), p)
-      sk = _sketch.draw_sketch(jax.random.PRNGKey(0), p, r, cfg.get("sketch", "gaussian"))
+      sk = linalg.draw_sketch(jax.random.PRNGKey(0), p, r, cfg.get("sketch", "gaussian"))
 
       def stats(x, m, li=li, has_bias=has_bias):
-        return _statistics.sketched_covariance(
-          nysact_optax.LayerInputs([x], li.spec), _sketch.Sketch(m), has_bias
+        return linalg.sketched_covariance(
+          nysact_optax.LayerInputs([x], li.spec), linalg.Sketch(m), has_bias
         )
 
       def in_cond(pred, x, m, stats=stats):

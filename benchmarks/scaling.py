@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from benchmarks import _common
 from benchmarks import results as bresults
 from benchmarks import targets as targets_mod
-from nysact_optax import DenseSpec, LayerInputs, _apply, _nystrom, _sketch, _statistics
+from nysact_optax import DenseSpec, LayerInputs, linalg
 
 RHO = 1.0
 BETA = 0.95
@@ -54,28 +54,28 @@ def _ops(p: int, r: int, n: int, o: int, sketch: str):
   key = jax.random.PRNGKey(0)
 
   def stats(k, x, cov):
-    s = _sketch.draw_sketch(k, p, r, sketch)
-    y = _statistics.sketched_covariance(LayerInputs([x], DenseSpec()), s, False)
+    s = linalg.draw_sketch(k, p, r, sketch)
+    y = linalg.sketched_covariance(LayerInputs([x], DenseSpec()), s, False)
     return BETA * cov + (1.0 - BETA) * y
 
   def refresh(k, cov):
-    s = _sketch.draw_sketch(k, p, r, sketch).matrix
-    return _nystrom.nystrom_shifted(cov, s, RHO)
+    s = linalg.draw_sketch(k, p, r, sketch).matrix
+    return linalg.nystrom_shifted(cov, s, RHO)
 
   def refresh_stable(k, cov):
-    s = _sketch.draw_sketch(k, p, r, sketch, orthonormal=True).matrix
-    return _nystrom.nystrom_stable(cov, s)
+    s = linalg.draw_sketch(k, p, r, sketch, orthonormal=True).matrix
+    return linalg.nystrom_stable(cov, s)
 
   def apply(g, u, lam):
-    return _apply.precondition(g, u, lam, RHO)
+    return linalg.precondition(g, u, lam, RHO)
 
   def x_():
     return jax.random.normal(key, (n, p), jnp.float32)
 
   def cov_():
     x = x_()
-    s = _sketch.draw_sketch(key, p, r, sketch)
-    return _statistics.sketched_covariance(LayerInputs([x], DenseSpec()), s, False)
+    s = linalg.draw_sketch(key, p, r, sketch)
+    return linalg.sketched_covariance(LayerInputs([x], DenseSpec()), s, False)
 
   def g_():
     return jax.random.normal(jax.random.PRNGKey(1), (p, o), jnp.float32)
@@ -101,7 +101,7 @@ def _exact_ops(p: int, n: int, o: int):
     return jnp.matmul(x.T, x, precision=hi) / x.shape[0]
 
   def exact_eigh(c):
-    return _nystrom.exact_eigh(c)
+    return linalg.exact_eigh(c)
 
   def chol_inverse(c):
     c = c + RHO * jnp.eye(c.shape[0], dtype=c.dtype)

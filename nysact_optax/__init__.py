@@ -1,6 +1,7 @@
 """NysAct for JAX and Optax: Nyström-approximated activation-covariance
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
+from nysact_optax import linalg
 from nysact_optax._accumulate import sketched_statistics
 from nysact_optax._adam import ScaleByNysActAdamState, scale_by_nysact_adam
 from nysact_optax._alias import nysact, nysact_adam
@@ -50,6 +51,7 @@ __all__ = [
   "find_nysact_state",
   "grad",
   "graft",
+  "linalg",
   "nysact",
   "nysact_adam",
   "preconditioned_mask",

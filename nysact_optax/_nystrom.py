@@ -114,6 +114,14 @@ def nystrom_shifted(c_hat: jax.Array, s: jax.Array, rho, *, p=None) -> tuple[jax
 
   Returns:
     ``(U, lam)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> c = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))  # the covariance
+    >>> s = jnp.eye(4)[:, :2]
+    >>> u, lam = nystrom_shifted(c @ s, s, 0.01)
+    >>> u.shape, bool((lam <= jnp.array([2.0, 4.0])).all())  # below C's top two
+    ((4, 2), True)
   """
   del p
   c_rho = c_hat + rho * s
@@ -150,6 +158,19 @@ def nystrom_stable(
 
   Returns:
     ``(U, lam)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> c = jnp.diag(jnp.array([4.0, 2.0, 1.0, 0.0]))  # the covariance
+    >>> s = jnp.eye(4)[:, :2]  # orthonormal columns
+    >>> u, lam = nystrom_stable(c @ s, s)
+    >>> jnp.round(lam, 4)  # C's top two eigenvalues, ascending
+    Array([2., 4.], dtype=float32)
+    >>> jnp.round(jnp.abs(u), 4)
+    Array([[0., 1.],
+           [1., 0.],
+           [0., 0.],
+           [0., 0.]], dtype=float32)
   """
   del rho
   p = c_hat.shape[0] if p is None else p
@@ -172,7 +193,7 @@ def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   ``U`` is a complete, orthonormal (to a few ulps) eigenbasis: exact mode
   applies ``P = U diag(1 / (lam + rho)) U^T`` with no complement term
-  (:func:`nysact_optax._apply.precondition_parts`), symmetric positive
+  (:func:`nysact_optax.linalg.precondition` with a square ``U``), symmetric positive
   definite for any ``lam / rho`` with no shrink of ``U`` (a shrink by
   ``delta`` would cost ``delta lam / rho`` in the factored form with the
   complement, 1e-2 at ``p = 1025``, ``lam / rho = 3e4``).
@@ -181,8 +202,20 @@ def exact_eigh(c_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
   which for the directions near ``rho`` (those that dominate ``P g``) is an
   error of order ``eps lam_max / rho``: 1.6e-3 at ``p = 1025``,
   ``lam_max / rho = 2.5e4`` on relu-like inputs (a strong mean direction).
-  One refinement (:func:`_refine`) brings that to the float32 covariance's own
-  round-off, 5e-5.
+  One refinement brings that to the float32 covariance's own round-off, 5e-5.
+
+  Args:
+    c_hat: the full (bias-corrected) covariance ``C`` (p x p).
+
+  Returns:
+    ``(U, lam)``: ``U`` (p x p) and ``lam >= 0`` (p), ascending; both NaN when
+    ``C`` is not finite.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> u, lam = exact_eigh(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
+    >>> jnp.round(lam, 4)
+    Array([1., 3.], dtype=float32)
   """
   c = _sym(c_hat)
   lam0, u0 = jnp.linalg.eigh(c)

@@ -27,8 +27,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 class Sketch(NamedTuple):
   """A sketch ``S`` (p x r); ``indices`` is set when ``S = I[:, indices]``.
 
-  A batch of sketches (:func:`draw_sketches`) carries leading batch axes on
-  both fields.
+  A batch of sketches (the optimizer draws a group of layers' sketches at
+  once) carries leading batch axes on both fields.
   """
 
   matrix: jax.Array

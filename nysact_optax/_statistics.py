@@ -51,7 +51,7 @@ def sketched_covariance(
   Examples:
     >>> import jax.numpy as jnp
     >>> from nysact_optax import DenseSpec, LayerInputs
-    >>> from nysact_optax._sketch import Sketch
+    >>> from nysact_optax.linalg import Sketch
     >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
     >>> s = Sketch(jnp.eye(3))
     >>> sketched_covariance(LayerInputs([x], DenseSpec()), s, has_bias=True)

@@ -63,9 +63,8 @@ import numpy as np
 import optax
 
 import nysact_optax
-from benchmarks import optimizers, results, tasks
-from nysact_optax import _sketch, _statistics
-from tests import _reference
+from benchmarks import _reference, optimizers, results, tasks
+from nysact_optax import linalg
 
 OPTIMIZERS = optimizers.FAMILIES
 TASKS = tuple(tasks.QUALITY_TASKS)
@@ -428,7 +427,7 @@ class ErrorTracker:
       @jax.jit
       def stats(inputs, eye):
         layer = nysact_optax.LayerInputs(inputs, spec)
-        return _statistics.sketched_covariance(layer, _sketch.Sketch(eye), has_bias)
+        return linalg.sketched_covariance(layer, linalg.Sketch(eye), has_bias)
 
       p_in = spec.input_width(probe.inputs[0].shape)
       self._eye = jnp.eye(p_in + int(has_bias), dtype=jnp.float32)
