@@ -2,7 +2,7 @@
 preconditioning (Seung, Lee, Ko, IEEE BigData 2024; arXiv:2506.08360)."""
 
 from nysact_optax import linalg
-from nysact_optax._accumulate import sketched_statistics
+from nysact_optax._accumulate import GradsWithStatistics, sketched_statistics
 from nysact_optax._adam import ScaleByNysActAdamState, scale_by_nysact_adam
 from nysact_optax._alias import nysact, nysact_adam
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
@@ -38,6 +38,7 @@ __all__ = [
   "ConvSpec",
   "DenseSpec",
   "EinsumSpec",
+  "GradsWithStatistics",
   "GraftState",
   "LayerDiagnostics",
   "LayerInputs",

@@ -33,7 +33,8 @@ from typing import Any
 
 import jax
 
-from nysact_optax import _capture, _record
+from nysact_optax import _accumulate, _capture, _record
+from nysact_optax._accumulate import GradsWithStatistics
 
 __all__ = ["grad", "value_and_grad"]
 
@@ -52,6 +53,8 @@ def value_and_grad(
   fun: Callable[..., Any],
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
+  *,
+  statistics_for: Any = None,
   **kwargs: Any,
 ) -> Callable[..., tuple[Any, Any]]:
   """``jax.value_and_grad`` that also returns the layer inputs NysAct needs.
@@ -66,6 +69,19 @@ def value_and_grad(
   :func:`~nysact_optax.apply_gradients` (flax's ``TrainState``) or
   ``nnx.Optimizer.update(model, grads, activations=activations)``.
 
+  With ``statistics_for=`` (the optimizer state, a ``TrainState`` or an
+  ``nnx.Optimizer``), the activations are reduced to the optimizer's
+  ``p x r`` sketched statistics per layer (:func:`~nysact_optax.sketched_statistics`)
+  inside the call, and the returned function returns what
+  ``jax.value_and_grad`` returns, ``(value, grads)``, with ``grads`` a
+  :class:`~nysact_optax.GradsWithStatistics`. This is the form for gradients
+  and update in separate jitted functions (Flax's mnist ``apply_model`` /
+  ``update_model``): the statistics cross the boundary instead of the
+  activations, which die inside the jitted function, and
+  ``nysact_optax.apply_gradients(state, grads=grads)`` takes them.
+  Build it inside the jitted function, from the state the update will be
+  applied to: the statistics use that state's sketch and step count.
+
   Where ``argnums`` selects an ``nnx.Module``, the gradient is taken with
   ``nnx.value_and_grad`` (so ``grads`` is an ``nnx.State``), and the
   activations mirror ``nnx.state(model, nnx.Param)``; otherwise with
@@ -77,12 +93,18 @@ def value_and_grad(
     argnums: which positional argument(s) to differentiate, as in
       ``jax.value_and_grad``.
     has_aux: whether ``fun`` returns ``(loss, aux)``.
+    statistics_for: the optimizer state (of :func:`~nysact_optax.nysact`,
+      :func:`~nysact_optax.nysact_adam`, or any chain holding one
+      :class:`~nysact_optax.ScaleByNysActState`), or an object with an
+      ``opt_state`` (a flax ``TrainState``, an ``nnx.Optimizer``), whose
+      next update the gradients are for; see above.
     **kwargs: passed on to ``jax.value_and_grad`` (or
       ``nnx.value_and_grad``), e.g. ``allow_int``.
 
   Returns:
     ``f(*args, **kw) -> (jax.value_and_grad(fun, ...)(*args, **kw),
-    activations)``.
+    activations)``; with ``statistics_for``, ``f(*args, **kw) -> (value,
+    GradsWithStatistics(grads, statistics))``.
 
   Raises:
     ValueError: a covered layer runs under a further JAX transform inside
@@ -100,7 +122,17 @@ def value_and_grad(
     >>> sorted(acts), acts["layers_2"].inputs[0].shape
     (['layers_0', 'layers_2'], (3, 4))
     >>> tx = nysact_optax.nysact(0.1, rank=2)
-    >>> updates, _ = tx.update(grads, tx.init(params), params, activations=acts)
+    >>> opt_state = tx.init(params)
+    >>> updates, _ = tx.update(grads, opt_state, params, activations=acts)
+
+    The split form: statistics in place of the activations.
+
+    >>> grad_fn = nysact_optax.value_and_grad(loss_fn, statistics_for=opt_state)
+    >>> loss, grads = jax.jit(grad_fn)(params)
+    >>> grads.statistics["layers_0"].shape  # p x r: 5 inputs and the bias, rank 2
+    (6, 2)
+    >>> updates, opt_state = tx.update(
+    ...     grads.grads, opt_state, params, statistics=grads.statistics)
   """
 
   @functools.wraps(fun)
@@ -128,6 +160,7 @@ def value_and_grad(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, recorder.activations(bool(modules)))
 
+    opt_state = None if statistics_for is None else _opt_state(statistics_for)
     if modules:
       from flax import nnx
 
@@ -136,21 +169,43 @@ def value_and_grad(
       differentiate = jax.value_and_grad(inner, argnums=argnums, has_aux=True, **kwargs)
     (loss, (aux, activations)), grads = differentiate(*args, **call_kwargs)
     value = (loss, aux) if has_aux else loss
-    return (value, grads), activations
+    if opt_state is None:
+      return (value, grads), activations
+    with jax.named_scope("nysact/split_step_statistics"):
+      statistics = _accumulate.chunked_statistics(opt_state, activations)
+    return value, GradsWithStatistics(grads, statistics)
 
   return call
+
+
+def _opt_state(statistics_for: Any) -> Any:
+  """The optimizer state that ``statistics_for=`` names: itself, or the
+  ``opt_state`` of a flax ``TrainState`` or an ``nnx.Optimizer`` (its
+  ``Variable``\\ s unwrapped)."""
+  opt_state = statistics_for
+  if not isinstance(statistics_for, tuple) and hasattr(statistics_for, "opt_state"):
+    opt_state = statistics_for.opt_state
+  if "flax.nnx" in sys.modules:
+    from flax import nnx
+
+    opt_state = nnx.pure(opt_state)
+  return opt_state
 
 
 def grad(
   fun: Callable[..., Any],
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
+  *,
+  statistics_for: Any = None,
   **kwargs: Any,
-) -> Callable[..., tuple[Any, Any]]:
+) -> Callable[..., Any]:
   """``jax.grad`` that also returns the layer inputs NysAct needs.
 
   As :func:`value_and_grad`, returning ``(grads, activations)``, or
-  ``((grads, aux), activations)`` with ``has_aux=True``.
+  ``((grads, aux), activations)`` with ``has_aux=True``. With
+  ``statistics_for=``, what ``jax.grad`` returns, the gradients a
+  :class:`~nysact_optax.GradsWithStatistics`: ``grads``, or ``(grads, aux)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, nysact_optax
@@ -162,10 +217,13 @@ def grad(
     >>> grads["kernel"].shape, acts[""].inputs[0].shape
     ((3, 2), (4, 3))
   """
-  fn = value_and_grad(fun, argnums, has_aux, **kwargs)
+  fn = value_and_grad(fun, argnums, has_aux, statistics_for=statistics_for, **kwargs)
 
   @functools.wraps(fun)
   def call(*args, **call_kwargs):
+    if statistics_for is not None:
+      value, grads = fn(*args, **call_kwargs)
+      return (grads, value[1]) if has_aux else grads
     ((value, grads), activations) = fn(*args, **call_kwargs)
     return ((grads, value[1]) if has_aux else grads), activations
 

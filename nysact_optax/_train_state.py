@@ -17,6 +17,7 @@ import jax
 import optax
 from flax.training import train_state
 
+from nysact_optax._accumulate import GradsWithStatistics
 from nysact_optax._state import ScaleByNysActState
 
 __all__ = ["TrainState", "apply_gradients"]
@@ -62,7 +63,9 @@ class TrainState(train_state.TrainState):
     ``activations=`` and ``statistics=`` on to ``tx.update``.
 
     Args:
-      grads: gradients with the structure of ``params``.
+      grads: gradients with the structure of ``params``, or the
+        :class:`~nysact_optax.GradsWithStatistics` of
+        ``nysact_optax.value_and_grad(..., statistics_for=...)``.
       activations: what :func:`~nysact_optax.capture_activations` returned
         for the batch of these gradients.
       statistics: instead of ``activations``, averaged
@@ -86,6 +89,7 @@ class TrainState(train_state.TrainState):
       ...
       ValueError: TrainState.apply_gradients(grads=...) needs activations=...: ...
     """
+    grads, activations, statistics = _unpack(grads, activations, statistics)
     extra = _extra_args(
       self.opt_state,
       activations,
@@ -98,6 +102,20 @@ class TrainState(train_state.TrainState):
       "activations=activations)",
     )
     return _with_extra_args(self, grads, extra, kwargs, super().apply_gradients)
+
+
+def _unpack(grads, activations, statistics):
+  """``(grads, activations, statistics)`` with a
+  :class:`~nysact_optax.GradsWithStatistics` ``grads`` split into its parts."""
+  if not isinstance(grads, GradsWithStatistics):
+    return grads, activations, statistics
+  if activations is not None or statistics is not None:
+    given = "activations=" if activations is not None else "statistics="
+    raise ValueError(
+      f"apply_gradients got grads= with statistics (from value_and_grad(..., "
+      f"statistics_for=...)) and {given} as well: pass one"
+    )
+  return grads.grads, None, grads.statistics
 
 
 def _extra_args(opt_state, activations, statistics, missing: str) -> dict[str, Any]:
@@ -144,7 +162,10 @@ def apply_gradients(
   Args:
     state: a ``flax.training.train_state.TrainState`` (or subclass, or
       :class:`~nysact_optax.TrainState`).
-    grads: gradients with the structure of ``state.params``.
+    grads: gradients with the structure of ``state.params``, or the
+      :class:`~nysact_optax.GradsWithStatistics` of
+      ``nysact_optax.value_and_grad(..., statistics_for=...)`` (gradients
+      and update in separate jitted functions).
     activations: what :func:`~nysact_optax.value_and_grad` or
       :func:`~nysact_optax.capture_activations` returned for this batch.
     statistics: instead of ``activations``, averaged
@@ -168,6 +189,7 @@ def apply_gradients(
     >>> int(state.step)
     1
   """
+  grads, activations, statistics = _unpack(grads, activations, statistics)
   if isinstance(state, TrainState):
     return state.apply_gradients(
       grads=grads, activations=activations, statistics=statistics, **kwargs
