@@ -173,12 +173,7 @@ def chunked_statistics(
   table = _tree.activation_table(activations)
   layers = [layer for layer in state.config.layers if layer.name in table]
   axes = {layer.name: _row_axis(layer, table[layer.name]) for layer in layers}
-  sizes = {
-    x.shape[a]
-    for name, a in axes.items()
-    if a is not None
-    for x in table[name].inputs
-  }
+  sizes = {x.shape[a] for name, a in axes.items() if a is not None for x in table[name].inputs}
   chunkable = all(a is not None for a in axes.values()) and len(sizes) == 1
   chunkable = chunkable and not any(
     _covariance._explicitly_sharded(x) for layer in layers for x in table[layer.name].inputs
