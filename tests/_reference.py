@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 
+from benchmarks._reference import dense_preconditioner, reference_preconditioner  # noqa: F401
+
 
 def _same_pads(size, k, stride, dil):
   eff = (k - 1) * dil + 1
@@ -57,25 +59,6 @@ def damped_inverse(a, rho):
   return np.linalg.inv(cov + rho * np.eye(cov.shape[0]))
 
 
-def reference_preconditioner(c_hat, s, rho, solve_with_l=True):
-  """Dense ``P`` by the authors' formula (design note, section 2).
-
-  ``solve_with_l`` reproduces their ``B = C_rho L^{-1}``; ``False`` uses the
-  standard ``B = C_rho L^{-T}``.
-  """
-  c_hat, s = np.asarray(c_hat, np.float64), np.asarray(s, np.float64)
-  p, r = s.shape
-  c_rho = c_hat + rho * s
-  w = s.T @ c_rho
-  lam_min = np.linalg.eigvalsh(w)[0]  # eigh reads one triangle, as torch does
-  shift = abs(lam_min) + rho
-  chol = np.linalg.cholesky(w + shift * np.eye(r))
-  b = c_rho @ (np.linalg.inv(chol) if solve_with_l else np.linalg.inv(chol).T)
-  u, sigma, _ = np.linalg.svd(b, full_matrices=False)
-  lam = np.maximum(sigma**2 - shift, 0.0)
-  return u @ np.diag(1.0 / (lam + rho)) @ u.T + (np.eye(p) - u @ u.T) / rho
-
-
 def conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
   """Rows ``x -> A`` (im2col) of a conv as flax pads it (CAUSAL, CIRCULAR too)."""
   n = len(kernel)
@@ -92,18 +75,6 @@ def conv_rows(kernel, strides=None, padding="SAME", dilation=None, groups=1):
     return im2col(x, kernel, strides, pad, dilation, groups)
 
   return rows
-
-
-def dense_preconditioner(u, lam, rho):
-  """The dense ``p x p`` matrix ``P = U diag(1/(lam+rho)) U^T + (I - U U^T)/rho`` (float64),
-  as ``nysact_optax._apply`` applies it: without the complement term when ``U``
-  is square (exact mode's complete eigenbasis), unless ``U`` is all zero."""
-  u, lam = np.asarray(u, np.float64), np.asarray(lam, np.float64)
-  p, r = u.shape
-  main = (u * (1.0 / (lam + rho))[None, :]) @ u.T
-  if p == r and np.any(u != 0):
-    return main
-  return main + (np.eye(p) - u @ u.T) / rho
 
 
 def conv_patches(x, spec):

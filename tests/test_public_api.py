@@ -238,28 +238,6 @@ def test_precondition_is_the_dense_preconditioner():
 # --------------------------------------------------------------------------
 
 
-def test_benchmark_reference_formulas_equal_the_tests():
-  rng = np.random.default_rng(8)
-  c = _dense_cov(_inputs())
-  s = rng.standard_normal((8, 3))
-  c_hat = c @ s + 1e-3 * rng.standard_normal((8, 3))  # W not symmetric, as with mixed sketches
-  for solve_with_l in (True, False):
-    np.testing.assert_array_equal(
-      bench_reference.reference_preconditioner(c_hat, s, 0.5, solve_with_l),
-      _reference.reference_preconditioner(c_hat, s, 0.5, solve_with_l),
-    )
-  u, lam = np.linalg.qr(rng.standard_normal((8, 3)))[0], np.array([3.0, 1.0, 0.5])
-  np.testing.assert_array_equal(
-    bench_reference.dense_preconditioner(u, lam, 0.5), _reference.dense_preconditioner(u, lam, 0.5)
-  )
-  sq = np.linalg.qr(rng.standard_normal((8, 8)))[0]
-  for basis in (sq, np.zeros((8, 8))):
-    np.testing.assert_array_equal(
-      bench_reference.dense_preconditioner(basis, np.ones(8), 0.5),
-      _reference.dense_preconditioner(basis, np.ones(8), 0.5),
-    )
-
-
 @pytest.mark.parametrize(
   "spec, shape",
   [

@@ -39,6 +39,11 @@ LABELS = (
   "nysact-graft",
   "nysact-graft-leaf",
   "graft-identity",
+  "nysact-adam",
+  "nysact-adam-exact",
+  "nysact-adam-orth",
+  "soap-1s",
+  "adam-orth",
 )
 NAMES = {
   "sgd": "SGD-momentum",
@@ -53,7 +58,72 @@ NAMES = {
   "nysact-graft": 'NysAct graft="rmsprop"',
   "nysact-graft-leaf": "NysAct graft, one group per leaf",
   "graft-identity": "graft control: identity direction",
+  "nysact-adam": "nysact_adam (default, rank 32)",
+  "nysact-adam-exact": "nysact_adam exact mode",
+  "nysact-adam-orth": "nysact_adam orthogonalised",
+  "soap-1s": "gradient basis (one-sided SOAP)",
+  "adam-orth": "orthogonalised Adam, identity basis",
+  "nysact-adam-rotate": 'nysact_adam, second_moment="rotate"',
+  "nysact-adam-r8": "nysact_adam rank 8",
+  "nysact-adam-r16": "nysact_adam rank 16",
+  "nysact-adam-r64": "nysact_adam rank 64",
+  "nysact-adam-os16": "nysact_adam oversample 16",
+  "nysact-adam-cov1": "nysact_adam statistics every step",
 }
+# Issue 25: each nysact_adam label minus each peer, seed by seed.
+ADAM_MODES = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth")
+ADAM_PEERS = ("adamw", "muon", "nysact-graft", "soap-1s", "adam-orth", "nysact-adam-exact")
+
+
+def adam_paired(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[str, Any]]:
+  """Per seed: each nysact_adam mode minus each peer (bits/char or points;
+  negative is better on the LM, positive on images)."""
+  by = collections.defaultdict(dict)
+  for r in runs:
+    by[_label(r["_name"])][r["config"]["seed"]] = _value(r)
+  scale = 1.0 if lm else 100.0
+  lines = [
+    "| mode - peer | per seed | mean ± sd | better on |",
+    "|---|---|---|---|",
+  ]
+  stats: dict[str, Any] = {}
+  for mode in (m for m in ADAM_MODES if m in by):
+    for peer in (p for p in ADAM_PEERS if p in by and p != mode):
+      seeds = sorted(set(by[mode]) & set(by[peer]))
+      if not seeds:
+        continue
+      d = [scale * (by[mode][k] - by[peer][k]) for k in seeds]
+      better = sum((x < 0) if lm else (x > 0) for x in d)
+      mean, sd = _mean_std(d)
+      stats[f"{mode} - {peer}"] = {"seeds": seeds, "diffs": d, "mean": mean, "std": sd}
+      fmt = "{:+.3f}" if lm else "{:+.2f}"
+      lines.append(
+        f"| {NAMES.get(mode, mode)} - {NAMES.get(peer, peer)} | "
+        f"{', '.join(fmt.format(x) for x in d)} | {fmt.format(mean)} ± {abs(sd):.3f} | "
+        f"{better}/{len(d)} |"
+      )
+  return lines, stats
+
+
+def adam_ablation_table(runs: list[dict[str, Any]]) -> list[str]:
+  """The LM ablations of nysact_adam (validation bits/char, paired seeds)."""
+  by = collections.defaultdict(dict)
+  for r in runs:
+    by[_label(r["_name"])][r["config"]["seed"]] = _value(r)
+  base = by.get("nysact-adam", {})
+  lines = [
+    "| setting | validation bits/char per seed | mean | minus the default, per seed |",
+    "|---|---|---|---|",
+  ]
+  for label, vals in by.items():
+    seeds = sorted(vals)
+    diffs = [vals[k] - base[k] for k in seeds if k in base]
+    lines.append(
+      f"| {NAMES.get(label, label)} | {', '.join(f'{vals[k]:.3f}' for k in seeds)} | "
+      f"{_mean_std([vals[k] for k in seeds])[0]:.3f} | "
+      f"{', '.join(f'{x:+.3f}' for x in diffs) if label != 'nysact-adam' else '—'} |"
+    )
+  return lines
 
 
 def _label(name: str) -> str:
@@ -586,6 +656,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       }
       for label, rs in _by_label(abl)
     }
+  adam: dict[str, Any] = {}
+  for title, stage, key, lm in (
+    ("Char LM, 300 steps", "lm_test", "lm", True),
+    ("Char LM, 5x tokens", "lm5_test", "lm5", True),
+    ("ViT, Fashion-MNIST", "vit_test", "vit", False),
+    ("CNN, Fashion-MNIST", "test", "cnn", False),
+    ("ResNet-20, Fashion-MNIST", "resnet_test", "resnet", False),
+  ):
+    lines, stats = adam_paired(suite.load_runs(root, stage), lm)
+    if stats:
+      adam[key] = stats
+      md += [f"### nysact_adam, paired seeds: {title}", "", *lines, ""]
+  abl = suite.load_runs(root, "lm_ablate")
+  if abl:
+    md += [
+      "### nysact_adam ablations (char LM, validation stream, the default's tuned lr)",
+      "",
+      *adam_ablation_table(abl),
+      "",
+    ]
+  if adam:
+    summary["adam_paired"] = adam
   md += ["## Targets", "", *(target_lines or ["- no test runs finished yet"]), ""]
   cost_path = out / "step_cost_lm5.json"
   cost = None
