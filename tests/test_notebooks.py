@@ -25,7 +25,13 @@ SHORT = {
   },
   "nnx": {"steps=400, batch=64, eval_every=20": "steps=40, batch=64, eval_every=20"},
   "quickstart": {"steps=400, batch=64, eval_every=20": "steps=40, batch=64, eval_every=20"},
-  "transformer": {"steps=300, batch=64": "steps=20, batch=64"},
+  "transformer": {
+    "steps=300, batch=64": "steps=20, batch=64",
+    'grids = {"adamw": [1e-3, 3e-3, 1e-2], "nysact_adam": [1e-3, 3e-3, 1e-2], '
+    '"muon": [0.01, 0.03, 0.1]}': (
+      'grids = {"adamw": [1e-2], "nysact_adam": [1e-2], "muon": [0.03]}'
+    ),
+  },
 }
 
 

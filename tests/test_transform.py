@@ -284,7 +284,7 @@ def test_excluded_layer_passes_through_and_missing_layer_is_an_error():
   grads, acts = grads_and_acts(params, x)
   del acts["Conv_0"]
   tx = nysact_optax.scale_by_nysact(rank=3)
-  with pytest.raises(ValueError, match=r"no activations were captured for layer 'Conv_0'.*exclude"):
+  with pytest.raises(ValueError, match=r"layer 'Conv_0': no captured inputs.*exclude"):
     tx.update(grads, tx.init(params), activations=acts)
   tx = nysact_optax.scale_by_nysact(rank=3, exclude=["^Conv"])
   updates, _ = tx.update(grads, tx.init(params), activations=acts)
