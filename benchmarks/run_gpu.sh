@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call, about 10 minutes on one GPU: the step-time zoo, the train-step
+# One call, about 12 minutes on one GPU: the step-time zoo, nysact_adam against
+# AdamW and Muon, the train-step
 # memory table, the matmul-precision study (emulated and as the card computes
 # it) and a short training-quality smoke. Every JSON goes to
 # benchmarks/results/gpu/<device>/ (<device> from jax.devices()[0].device_kind,
@@ -23,12 +24,13 @@
 set -uo pipefail
 
 PYTHON=${PYTHON:-python}
-ONLY=${ONLY:-step_time,memory,precision,quality}
-# Seconds per part; the defaults add up to 10 minutes.
+ONLY=${ONLY:-step_time,adam,memory,precision,quality}
+# Seconds per part; the defaults add up to 12.5 minutes.
 T_STEP=${T_STEP:-200}
 T_MEMORY=${T_MEMORY:-120}
 T_PRECISION=${T_PRECISION:-180}
 T_QUALITY=${T_QUALITY:-100}
+T_ADAM=${T_ADAM:-150}
 
 DEVICE=$("$PYTHON" - <<'EOF'
 import re, jax
@@ -75,6 +77,17 @@ step_time() {
 }
 export -f step_time; export PYTHON OUT STEP_OPTIMIZERS
 part step_time "$T_STEP" bash -c step_time
+# 1b. nysact_adam (and its orthogonalised variant) against AdamW and Muon on
+#    the char transformer and the CNN.
+step_time_adam() {
+  for model in transformer cnn; do
+    "$PYTHON" -m benchmarks step_time --models "$model" \
+        --optimizers adamw,muon,nysact_adam,nysact_adam_orth --rounds 3 --warmup 6 \
+        --blas-threads 0 --threading default --out "$OUT/step_time_adam_$model.json" || return
+  done
+}
+export -f step_time_adam
+part adam "$T_ADAM" bash -c step_time_adam
 # 2. Peak memory of a train step: compiled memory analysis and the allocator's
 #    peak, one subprocess per optimizer.
 part memory "$T_MEMORY" "$PYTHON" -m benchmarks memory --optimizers sgd,adamw,nysact_g10 \
