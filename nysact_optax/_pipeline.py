@@ -26,6 +26,7 @@ import optax
 from jax import lax
 
 from nysact_optax import _batch, _distributed, _nystrom, _statistics, _tree, _validation
+from nysact_optax._accumulate import GradsWithStatistics
 from nysact_optax._state import (
   NysActConfig,
   NysActLayerState,
@@ -210,6 +211,13 @@ class Factors:
   ) -> tuple[list[_tree.Layer], ScaleByNysActState]:
     """The layers of ``updates`` and the state after this step's statistics
     and refresh (``count`` incremented)."""
+    if isinstance(updates, GradsWithStatistics):
+      raise TypeError(
+        f"{self.caller}.update got gradients that carry statistics (from "
+        "nysact_optax.value_and_grad(..., statistics_for=...)): apply them with "
+        "nysact_optax.apply_gradients(state, grads=grads), or pass "
+        "tx.update(grads.grads, opt_state, params, statistics=grads.statistics)"
+      )
     layers = self.layers(updates)
     _validation.check_state(layers, state)
     config = self.config(layers)

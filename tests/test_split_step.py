@@ -317,3 +317,17 @@ def test_statistics_for_needs_a_nysact_state():
   grad_fn = nysact_optax.grad(lambda p: jnp.sum(p["kernel"]), statistics_for=opt_state)
   with pytest.raises(ValueError, match="exactly one ScaleByNysActState"):
     grad_fn(params)
+
+
+@pytest.mark.parametrize(
+  "make", [nysact_optax.nysact, nysact_optax.nysact_adam], ids=["nysact", "nysact_adam"]
+)
+def test_carrier_passed_to_a_plain_update_is_a_named_error(make):
+  """Flax's own ``state.apply_gradients(grads=carrier)`` (or ``tx.update``) on
+  the gradients that carry statistics: an error that says what to call."""
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  tx = make(1e-2, rank=2)
+  state = tx.init(params)
+  carrier = nysact_optax.GradsWithStatistics(params, {"dense": jnp.zeros((4, 2))})
+  with pytest.raises(TypeError, match=r"gradients that carry statistics.*apply_gradients"):
+    tx.update(carrier, state, params)
