@@ -21,6 +21,17 @@ method bound to the model, so ``nnx.capture`` finds the model as it does for
 ``model.__call__``. Inside ours it would replace our type, so
 ``capture_nnx(nnx.capture(f, *types))`` is run as
 ``nnx.capture(capture_nnx(f), *types)`` with the results reordered.
+
+Layers under ``nnx.scan`` (``nnx.RNN`` included) run on copies of the model's
+layers that the scan rebuilds in its body, whose state must leave each step
+with the structure it entered with. While a capture runs, each covered layer
+carries its path as a static attribute (which the copies keep), and
+``jax.lax.scan`` (which ``nnx.scan`` calls) is wrapped: inside its body the
+layers hand their inputs to the scan instead of sowing or recording them,
+the body returns them as extra outputs, and after the scan they reach the
+capture or the recorder stacked on a new leading axis, as the linen capture
+does for ``nn.scan``: a layer whose weights the scan shares across steps
+(a recurrent cell's projections) sees every step's input rows.
 """
 
 from __future__ import annotations
@@ -31,10 +42,11 @@ import inspect
 import threading
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
+from flax.core import tracers
 
 from nysact_optax import _kinds, _record
 from nysact_optax._layers import LayerInputs, Unsupported
@@ -102,23 +114,126 @@ def _ours(layer: nnx.Module) -> bool:
   return any(type(v) is _LayerInputsVar for v in getattr(layer, "__captures__", ()))
 
 
+# Static attributes a covered layer carries while a capture runs (the copies
+# that NNX transforms make keep them): its path for the recorder of
+# nysact_optax.value_and_grad, and (capture id, path) for capture_activations.
+RECORD_MARK = "_nysact_recorded_path"
+_CAPTURE_MARK = "_nysact_captured_path"
+
+
+class _Thread(threading.local):
+  """Per thread: the running captures (by id), the entries of each running
+  scan body (innermost last), and how many captures wrap ``jax.lax.scan``."""
+
+  def __init__(self) -> None:
+    self.captures: dict[int, _CaptureFrame] = {}
+    self.scans: list[list[_Entry]] = []
+    self.depth = 0
+
+
+class _CaptureFrame:
+  """The inputs that scans hand to one :func:`capture_nnx` call, by path."""
+
+  def __init__(self) -> None:
+    self.trace = tracers.current_trace()
+    self.calls: dict[tuple[Any, ...], list[LayerInputs]] = {}
+
+
+class _Entry(NamedTuple):
+  """One call of a layer inside a scan body: where its inputs go (``None``:
+  the recorder; else the id of a capture), its path, the call and the inputs."""
+
+  capture: int | None
+  path: tuple[Any, ...]
+  call: _record.Call
+  inputs: list[Any]
+
+
+_THREAD = _Thread()
+
+
 def _wrap(call: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(call)
   def __call__(self, inputs, *args, **kwargs):
     recorder = _record.active()
-    path = None if recorder is None else recorder.nnx_paths.get(id(self))
-    if _ours(self) or path is not None:
+    path = None
+    if recorder is not None:  # a copy made by an NNX transform has the mark
+      path = recorder.nnx_paths.get(id(self), getattr(self, RECORD_MARK, None))
+    ours = _ours(self)
+    if ours or path is not None:
       spec = _record.spec_of(self, _kind(self), args, kwargs)
-      if recorder is not None and path is not None:  # nysact_optax.value_and_grad
-        xs = [] if isinstance(spec, Unsupported) else [inputs]
-        recorder.add(path, [_record.Call(spec, tuple(self.kernel.shape))], xs)
-      if _ours(self):  # capture_activations
-        calls = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
-        self.sow(_LayerInputsVar, "inputs", LayerInputs(calls, spec, tuple(self.kernel.shape)))
+      one = _record.Call(spec, tuple(self.kernel.shape))
+      xs = [] if isinstance(spec, Unsupported) else [jax.lax.stop_gradient(inputs)]
+      mark = getattr(self, _CAPTURE_MARK, None) if ours else None
+      if _THREAD.scans and (path is not None or mark is not None):  # out as scan outputs
+        if path is not None:
+          _THREAD.scans[-1].append(_Entry(None, path, one, xs))
+        if mark is not None:
+          _THREAD.scans[-1].append(_Entry(mark[0], mark[1], one, xs))
+      else:
+        if recorder is not None and path is not None:  # nysact_optax.value_and_grad
+          recorder.add(path, [one], xs)
+        if ours:  # capture_activations
+          self.sow(_LayerInputsVar, "inputs", LayerInputs(xs, spec, one.kernel_shape))
     return call(self, inputs, *args, **kwargs)
 
   __call__._nysact_original = call  # type: ignore[attr-defined]
   return __call__
+
+
+def _deliver(entries: list[_Entry]) -> None:
+  """Hands the inputs of layers that ran inside a scan body (stacked by the
+  scan) to the enclosing scan body, the recorder or the capture."""
+  if _THREAD.scans:
+    _THREAD.scans[-1].extend(entries)
+    return
+  recorder = _record.active()
+  for entry in entries:
+    if entry.capture is None:
+      if recorder is not None:
+        recorder.add(entry.path, [entry.call], entry.inputs)
+      continue
+    frame = _THREAD.captures.get(entry.capture)
+    if frame is None:  # that capture has ended
+      continue
+    if tracers.current_trace() != frame.trace:
+      name = "/".join(map(str, entry.path))
+      raise ValueError(
+        f"layer {name!r} runs under nnx.scan inside a further JAX transform "
+        "(nnx.jit, nnx.remat, nnx.vmap, ...) inside the captured call, where "
+        "capture_activations cannot hand its inputs out; capture inside that "
+        "transform instead"
+      )
+    frame.calls.setdefault(entry.path, []).append(
+      LayerInputs(entry.inputs, entry.call.spec, entry.call.kernel_shape)
+    )
+
+
+def _collecting_scan(scan: Callable[..., Any]) -> Callable[..., Any]:
+  """``jax.lax.scan`` whose body, while a capture runs in this thread, also
+  returns the inputs of the covered layers that ran in it, stacked."""
+
+  @functools.wraps(scan)
+  def collecting_scan(f, init, xs=None, *args, **kwargs):
+    if not _THREAD.depth:
+      return scan(f, init, xs, *args, **kwargs)
+    found: list[_Entry] = []
+
+    def body(carry, x):
+      _THREAD.scans.append([])
+      try:
+        carry, y = f(carry, x)
+      finally:
+        entries = _THREAD.scans.pop()
+      found[:] = [e._replace(inputs=[]) for e in entries]  # the last trace's
+      return carry, (y, [e.inputs for e in entries])
+
+    carry, (ys, stacked) = scan(body, init, xs, *args, **kwargs)
+    _deliver([e._replace(inputs=list(x)) for e, x in zip(found, stacked, strict=True)])
+    return carry, ys
+
+  collecting_scan._nysact_original = scan  # type: ignore[attr-defined]
+  return collecting_scan
 
 
 _LOCK = threading.Lock()
@@ -127,20 +242,40 @@ _DEPTH = [0]
 
 @contextlib.contextmanager
 def wrapped_layer_classes():
-  """Wraps ``__call__`` of the covered classes while any capture runs."""
+  """Wraps ``__call__`` of the covered classes, and ``jax.lax.scan``, while
+  any capture runs."""
   with _LOCK:
     if _DEPTH[0] == 0:
       for cls in _LAYER_TYPES:
         setattr(cls, "__call__", _wrap(cls.__dict__["__call__"]))  # noqa: B010
+      jax.lax.scan = _collecting_scan(jax.lax.scan)
     _DEPTH[0] += 1
+  _THREAD.depth += 1
   try:
     yield
   finally:
+    _THREAD.depth -= 1
     with _LOCK:
       _DEPTH[0] -= 1
       if _DEPTH[0] == 0:
         for cls in _LAYER_TYPES:
           setattr(cls, "__call__", cls.__dict__["__call__"]._nysact_original)  # noqa: B010
+        jax.lax.scan = getattr(jax.lax.scan, "_nysact_original", jax.lax.scan)
+
+
+@contextlib.contextmanager
+def marked(layers: list[tuple[tuple, nnx.Module]], name: str, value: Callable[[tuple], Any]):
+  """Sets the static attribute ``name`` of each layer to ``value(path)`` while
+  the block runs (the copies NNX's transforms make keep it); removes it on
+  exit."""
+  for path, layer in layers:
+    setattr(layer, name, value(path))
+  try:
+    yield
+  finally:
+    for _, layer in layers:
+      if name in vars(layer):
+        delattr(layer, name)
 
 
 def covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
@@ -193,11 +328,13 @@ def _sowing_into(layers: list[tuple[tuple, nnx.Module]]):
         delattr(layer, "__captures__")
 
 
-def _collect(layers: list[tuple[tuple, nnx.Module]]) -> nnx.State | LayerInputs:
+def _collect(
+  layers: list[tuple[tuple, nnx.Module]], frame: _CaptureFrame
+) -> nnx.State | LayerInputs:
   flat = {}
   for path, layer in layers:
     var = next(v for v in getattr(layer, "__captures__") if type(v) is _LayerInputsVar)  # noqa: B009
-    calls = var.get_value().get("inputs", ())
+    calls = (*var.get_value().get("inputs", ()), *frame.calls.get(path, ()))
     if not calls:  # the layer did not run
       continue
     flat[path] = _record.layer_inputs(
@@ -218,9 +355,16 @@ def _with_activations(fn: Callable[..., Any], model: nnx.Module | None) -> Calla
 
   def call(*args, **kwargs):
     layers = covered(model if model is not None else args[0])
-    with wrapped_layer_classes(), _sowing_into(layers):
-      outputs = fn(*args, **kwargs)
-      activations = _collect(layers)
+    frame = _CaptureFrame()
+    key = id(frame)
+    mark = lambda path: (key, path)
+    _THREAD.captures[key] = frame
+    try:
+      with wrapped_layer_classes(), _sowing_into(layers), marked(layers, _CAPTURE_MARK, mark):
+        outputs = fn(*args, **kwargs)
+        activations = _collect(layers, frame)
+    finally:
+      del _THREAD.captures[key]
     return outputs, activations
 
   return call

@@ -14,12 +14,14 @@ gradient line:
 - ``flax.nnx`` layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
   ``nnx.Einsum``) of an ``nnx.Module`` argument, through the wrapped
   ``__call__`` of :mod:`nysact_optax._capture_nnx`; an ``nnx.capture`` inside
-  the loss keeps its own intermediates. NNX arguments are differentiated with
+  the loss keeps its own intermediates; layers under ``nnx.scan`` (``nnx.RNN``
+  included) hand their inputs out of the scan stacked on a leading axis, as
+  ``nn.scan``'s do. NNX arguments are differentiated with
   ``nnx.value_and_grad``.
 
 The inputs are recorded where the loss itself is traced. A layer that runs
 under a further JAX transform inside the loss that flax does not lift
-(``jax.vmap`` around an apply, ``nnx.scan``, ``nnx.remat``) cannot hand its
+(``jax.vmap`` around an apply, ``nnx.remat``, ``nnx.jit``) cannot hand its
 inputs out that way; it raises and names :func:`capture_activations`.
 """
 
@@ -154,6 +156,10 @@ def value_and_grad(
           layers = _capture_nnx.covered(inner_args[modules[0]])
           nnx_paths = {id(layer): path for path, layer in layers}
           contexts.enter_context(_capture_nnx.wrapped_layer_classes())
+          # the copies nnx.scan makes of the layers know their paths
+          contexts.enter_context(
+            _capture_nnx.marked(layers, _capture_nnx.RECORD_MARK, lambda path: path)
+          )
         recorder = contexts.enter_context(_record.recording(_record.Recorder(nnx_paths)))
         contexts.enter_context(_capture.recording_applies())
         out = fun(*inner_args, **inner_kwargs)

@@ -125,7 +125,7 @@ class Recorder:
       name = "/".join(map(str, path))
       raise ValueError(
         f"layer {name!r} runs under a JAX transform inside the loss "
-        "(jax.vmap, jax.checkpoint, nnx.scan, nnx.remat, ...), where "
+        "(jax.vmap, jax.checkpoint, nnx.remat, nnx.jit, ...), where "
         "nysact_optax.value_and_grad cannot record its inputs. Wrap the "
         "model's apply with nysact_optax.capture_activations inside the loss "
         "instead and return its activations as aux"

@@ -1,5 +1,6 @@
 """Recurrent cells: flax's LSTMCell, OptimizedLSTMCell, GRUCell and SimpleCell
-under nn.RNN, nn.scan and called by hand (linen), and by hand (NNX).
+under nn.RNN, nn.scan and called by hand (linen), and under nnx.RNN, nnx.scan
+and called by hand (NNX).
 
 A cell's input and hidden projections are layers whose weights are shared
 across time steps: their statistics are those of every (batch, time) row
@@ -162,24 +163,42 @@ class _NNXEncoder(nnx.Module):
     return jnp.stack(ys, axis=1)
 
 
-@pytest.mark.parametrize(
-  "cell",
-  [nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell, nnx.SimpleCell],
-  ids=lambda c: c.__name__,
-)
-def test_nnx_cells_called_by_hand_are_exact(cell):
-  model = _NNXEncoder(cell, nnx.Rngs(0))
-  x = _normal((B, T, D), 0)
-  target = _normal((B, T, H), 2)
-  (_, grads), acts = nysact_optax.value_and_grad(lambda m: jnp.sum(m(x) * target))(model)
+class _NNXScanned(nnx.Module):
+  """(B, T, D) -> (B, T, H): the cell under nnx.RNN or a hand-written nnx.scan."""
+
+  def __init__(self, cell, form, rngs):
+    self.form = form
+    if form == "rnn":
+      self.rnn = nnx.RNN(cell(D, H, rngs=rngs))
+    else:
+      self.cell = cell(D, H, rngs=rngs)
+
+  def __call__(self, x):
+    if self.form == "rnn":
+      return self.rnn(x)
+
+    @nnx.scan(in_axes=(None, nnx.Carry, 1), out_axes=(nnx.Carry, 1))
+    def steps(cell, carry, x_t):  # the cell broadcast, as flax's sst2 example
+      return cell(carry, x_t)
+
+    carry = self.cell.initialize_carry(x[:, 0].shape, nnx.Rngs(0))
+    return steps(self.cell, carry, x)[1]
+
+
+NNX_CELLS = [nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell, nnx.SimpleCell]
+
+
+def _nnx_exact(model, x, grads, acts):
+  """Exact mode on every projection of ``model`` equals ``G (A^T A / n + rho
+  I)^{-1}``, ``A`` every (batch, time) row of its input."""
   ys = np.asarray(model(x), np.float64)
   params = nnx.pure(nnx.state(model, nnx.Param))
   tx = nysact_optax.scale_by_nysact(**EXACT, model=model)
   grads = nnx.pure(grads)
   updates, _ = tx.update(grads, tx.init(params), activations=acts)
-  for path, layer in nnx.iter_modules(model):
-    if not isinstance(layer, nnx.Linear):
-      continue
+  linears = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
+  assert len(linears) in (2, 6, 8)
+  for path, _ in linears:
     name = path[-1]  # NNX names: ii/if_/... (LSTMCell), dense_i/dense_h
     g = _kernels(grads)["/".join(map(str, path))]
     u = _kernels(updates)["/".join(map(str, path))]
@@ -193,6 +212,84 @@ def test_nnx_cells_called_by_hand_are_exact(cell):
     np.testing.assert_allclose(
       umat, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max(), err_msg=str(path)
     )
+
+
+@pytest.mark.parametrize("cell", NNX_CELLS, ids=lambda c: c.__name__)
+def test_nnx_cells_called_by_hand_are_exact(cell):
+  model = _NNXEncoder(cell, nnx.Rngs(0))
+  x = _normal((B, T, D), 0)
+  target = _normal((B, T, H), 2)
+  (_, grads), acts = nysact_optax.value_and_grad(lambda m: jnp.sum(m(x) * target))(model)
+  _nnx_exact(model, x, grads, acts)
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("form", ["rnn", "scan"])
+@pytest.mark.parametrize("cell", NNX_CELLS, ids=lambda c: c.__name__)
+def test_nnx_cells_under_nnx_scan_are_exact(cell, form):
+  """The scan shares the cell's weights across steps: each projection's
+  inputs come out with a leading time axis, and its statistics are those of
+  every (batch, time) row, for value_and_grad and capture_activations alike."""
+  model = _NNXScanned(cell, form, nnx.Rngs(0))
+  x = _normal((B, T, D), 0)
+  target = _normal((B, T, H), 2)
+  (_, grads), acts = nysact_optax.value_and_grad(lambda m: jnp.sum(m(x) * target))(model)
+  _, want = nysact_optax.capture_activations(model)(x)
+  flat, want_flat = dict(nnx.to_flat_state(acts)), dict(nnx.to_flat_state(want))
+  assert sorted(flat) == sorted(want_flat) and flat
+  for path, inputs in flat.items():
+    assert [a.shape[:2] for a in inputs.inputs] == [(T, B)], path
+    assert inputs.spec == want_flat[path].spec
+    jax.tree.map(np.testing.assert_array_equal, list(inputs.inputs), list(want_flat[path].inputs))
+  _nnx_exact(model, x, grads, acts)
+
+
+class _NNXLSTMLM(nnx.Module):
+  def __init__(self, vocab, rngs):
+    self.embed = nnx.Embed(vocab, 16, rngs=rngs)
+    self.rnn = nnx.RNN(nnx.LSTMCell(16, 32, rngs=rngs))
+    self.head = nnx.Linear(32, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.head(self.rnn(self.embed(tokens)))
+
+
+def _counting(vocab):
+  """Batches of noisy counting sequences (t+1 mod V, 20 % random tokens)."""
+
+  def batches(i):
+    r = np.random.default_rng(i)
+    start = r.integers(0, vocab, (16, 1))
+    seq = (start + np.arange(13)) % vocab
+    seq = np.where(r.random(seq.shape) < 0.2, r.integers(0, vocab, seq.shape), seq)
+    return jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
+
+  return batches
+
+
+@pytest.mark.filterwarnings("error")
+def test_nnx_lstm_language_model_under_nnx_rnn_trains():
+  """nnx.RNN(nnx.LSTMCell) with nnx.Optimizer and no exclude=: the next token."""
+  vocab = 8
+  batches = _counting(vocab)
+  model = _NNXLSTMLM(vocab, nnx.Rngs(0))
+  tx = nysact_optax.nysact(0.5, rank=4, damping=1.0, cov_update_every=2, inv_update_every=10)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, tokens, labels):
+    def loss_fn(model):
+      logits = model(tokens)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    (loss, grads), acts = nysact_optax.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads, activations=acts)
+    return loss
+
+  losses = [float(step(model, optimizer, *batches(i))) for i in range(40)]
+  layers = [layer.name for layer in optimizer.opt_state[0].config.layers]
+  assert len(layers) == 9 and "head" in layers, layers  # the 8 projections and the head
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
 
 
 def _train(model, params, batches, loss_of_logits, steps, lr):
@@ -230,13 +327,7 @@ def test_lstm_language_model_trains():
   """nn.RNN(nn.LSTMCell) with no exclude= and no variable_axes: next token
   of noisy counting sequences (t+1 mod V, 20 % random tokens)."""
   vocab = 8
-
-  def batches(i):
-    r = np.random.default_rng(i)
-    start = r.integers(0, vocab, (16, 1))
-    seq = (start + np.arange(13)) % vocab
-    seq = np.where(r.random(seq.shape) < 0.2, r.integers(0, vocab, seq.shape), seq)
-    return jnp.asarray(seq[:, :-1]), jnp.asarray(seq[:, 1:])
+  batches = _counting(vocab)
 
   model = LSTMLM(vocab)
   params = model.init(jax.random.PRNGKey(0), batches(0)[0])["params"]
@@ -332,3 +423,22 @@ def test_uncovered_layers_are_one_error_with_one_exclude_pattern():
   updates, _ = tx.update(grads, tx.init(params), activations=acts)
   np.testing.assert_array_equal(updates["mix_a"]["kernel"], grads["mix_a"]["kernel"])
   assert [layer.name for layer in tx.init(params).config.layers] == ["head"]
+
+
+class _JittedRNN(nnx.Module):
+  def __init__(self, rngs):
+    self.rnn = nnx.RNN(nnx.GRUCell(D, H, rngs=rngs))
+
+  def __call__(self, x):
+    return nnx.jit(lambda rnn, x: rnn(x))(self.rnn, x)
+
+
+def test_nnx_scan_inside_a_further_transform_names_the_layer():
+  """The scan's outputs live in the inner transform's trace: both captures
+  raise, naming the layer, rather than leaking tracers or dropping inputs."""
+  model, x = _JittedRNN(nnx.Rngs(0)), _normal((B, T, D), 0)
+  with pytest.raises(ValueError, match=r"layer 'rnn/cell/dense_i' runs under nnx.scan inside"):
+    nysact_optax.capture_activations(model)(x)
+  with pytest.raises(ValueError, match=r"layer 'rnn/cell/dense_i' runs under a JAX transform"):
+    nysact_optax.value_and_grad(lambda m: jnp.sum(m(x)))(model)
+  assert not any(hasattr(m, "_nysact_captured_path") for _, m in nnx.iter_modules(model))
