@@ -161,7 +161,7 @@ def test_errors_name_what_is_wrong():
     tx.update(grads, state, params, activations=acts, statistics=stats)
   with pytest.raises(ValueError, match=r"exactly one ScaleByNysActState.*found 0"):
     nysact_optax.sketched_statistics(optax.sgd(0.1).init(params), acts)
-  with pytest.raises(ValueError, match=r"no activations were captured for layer 'Conv_0'"):
+  with pytest.raises(ValueError, match=r"layer 'Conv_0': no captured inputs"):
     nysact_optax.sketched_statistics(state, {k: v for k, v in acts.items() if k != "Conv_0"})
   wide = {"Dense_0": nysact_optax.LayerInputs([jnp.ones((2, 70))], nysact_optax.DenseSpec())}
   with pytest.raises(
