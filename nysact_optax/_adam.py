@@ -25,6 +25,8 @@ activations through a Nyström sketch.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -35,13 +37,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from nysact_optax import _apply, _tree
+from nysact_optax import _apply, _options, _tree
 from nysact_optax._pipeline import Factors
 from nysact_optax._state import ScaleByNysActState
 
-__all__ = ["SECOND_MOMENTS", "ScaleByNysActAdamState", "scale_by_nysact_adam"]
+__all__ = ["ScaleByNysActAdamState", "scale_by_nysact_adam"]
 
-SECOND_MOMENTS = ("keep", "rotate")
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -76,8 +77,13 @@ class ScaleByNysActAdamState(NamedTuple):
 
 
 def _muon_orthogonalise(d: jax.Array) -> jax.Array:
-  """optax's Newton-Schulz orthogonalisation (``optax.contrib.scale_by_muon``
-  with no momentum) of one ``p x o`` matrix."""
+  """optax's Newton-Schulz orthogonalisation of one ``p x o`` matrix.
+
+  It is reached through ``optax.contrib.scale_by_muon`` (no momentum, the
+  matrix as one 2-D leaf) because optax exposes the iteration only there:
+  this way its coefficients, step count and normalisation are exactly
+  optax's and follow its releases, where a copy would drift.
+  """
   muon = optax.contrib.scale_by_muon(
     beta=0.0, nesterov=False, weight_dimension_numbers=optax.contrib.MuonDimensionNumbers()
   )
@@ -114,6 +120,30 @@ def _rotate_second_moment(v_r, u_old, u_new):
   return jnp.matmul(jnp.square(q), v_r, precision=_HIGHEST)
 
 
+def _rotate_on_refresh(factors, layers, old, new, nu_rotated):
+  """Every layer's ``v_R`` carried to its new basis when this step refreshed it."""
+  return lax.cond(
+    factors.refreshes(old.count),
+    lambda v: {
+      layer.name: _tree.over_stack(
+        layer,
+        _rotate_second_moment,
+        v[layer.name],
+        factors.basis(layer, old),
+        factors.basis(layer, new),
+      )
+      for layer in layers
+    },
+    lambda v: v,
+    nu_rotated,
+  )
+
+
+def _no_layer(name: str) -> bool:
+  return False
+
+
+@_options.documented(table=_options.ADAM_SETTINGS)
 def scale_by_nysact_adam(
   *,
   b1: float = 0.9,
@@ -154,33 +184,14 @@ def scale_by_nysact_adam(
   at every refresh. With ``rank >= p`` (exact mode) the basis is the full
   eigenbasis and there is no complement. Leaves that are not the kernel or
   bias of a layer (embeddings, norm scales, excluded layers) get Adam.
-  ``orthogonalise=True`` replaces each layer's step ``D`` by its Newton-Schulz
-  orthogonalisation (optax's Muon iteration) times
-  ``consistent_rms * sqrt(max(p, o))``, so that its RMS is about
-  ``consistent_rms``, Adam's, and one learning rate suits every leaf.
+  ``orthogonalise=True`` replaces each layer's step by its Newton-Schulz
+  orthogonalisation, scaled to Adam's RMS.
 
   The statistics, sketches, periods and factorisation are those of
   :func:`nysact_optax.scale_by_nysact` (the stable Nyström method, a sketch
   held fixed). No inverse is applied, so there is no damping.
 
   Args:
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: added to ``sqrt(v_hat)``.
-    rank: the basis width ``r`` (``rank >= p``: the exact eigenbasis), or a
-      rule ``rank(layer_name, p) -> int``; ``rank=0`` is Adam.
-    oversample: ``k``: the sketch has ``r + k`` columns and the basis keeps
-      the top ``r`` of the factorisation (a layer with ``r + k >= p`` is in
-      exact mode); the sketch's state grows by ``k`` columns.
-    second_moment: at a basis refresh, ``"keep"`` (default) the rotated
-      second moment as it is, index by index (SOAP's choice), or
-      ``"rotate"`` it to the new basis as ``(U_new^T U_old)^2 v_R``.
-    orthogonalise: orthogonalise each layer's step as Muon does (above).
-    consistent_rms: with ``orthogonalise``, the target RMS of a layer's step.
-    sketch: as are ``stat_decay``, ``cov_update_every``,
-      ``inv_update_every``, ``seed``, ``exclude``, ``input_axes``,
-      ``include``, ``stack_axes``, ``stats_dtype``, ``axis_name``, ``model``
-      and ``precision``: see :func:`nysact_optax.scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -204,58 +215,14 @@ def scale_by_nysact_adam(
     arXiv:2409.11321; George et al., "Fast Approximate Natural Gradient
     Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
   """
-  if second_moment not in SECOND_MOMENTS:
-    raise ValueError(
-      f"second_moment must be one of {SECOND_MOMENTS}, got second_moment={second_moment!r}"
-    )
-  for name, value, low in (("b1", b1, 0.0), ("b2", b2, 0.0)):
-    if not isinstance(value, (int, float)) or not low <= value < 1:
-      raise ValueError(f"{name} must be a float in [0, 1), got {name}={value!r}")
-  if not isinstance(eps, (int, float)) or not eps >= 0:
-    raise ValueError(f"eps must be a float >= 0, got eps={eps!r}")
-  if not isinstance(consistent_rms, (int, float)) or not consistent_rms > 0:
-    raise ValueError(f"consistent_rms must be a float > 0, got consistent_rms={consistent_rms!r}")
-  if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank < 0:
-    raise ValueError(
-      f"rank must be an integer >= 0 (0: Adam on every leaf) or a rule, got rank={rank!r}"
-    )
-  if not isinstance(oversample, numbers.Integral) or isinstance(oversample, bool) or oversample < 0:
-    raise ValueError(f"oversample must be an integer >= 0, got oversample={oversample!r}")
-  if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank == 0:
-    include = lambda name: False  # no layer: Adam on every leaf
-    rank = 1
-  kept = rank  # the basis width; the sketch's is r + k
-  if oversample:
-    rank = lambda name, p: (kept(name, p) if callable(kept) else kept) + oversample
-
-  def width(layer: _tree.Layer) -> int:
-    """The layer's basis width: the top ``r`` of its ``r + k`` columns, all in exact mode."""
-    if layer.exact or not oversample:
-      return layer.rank
-    return min(kept(layer.name, layer.p) if callable(kept) else kept, layer.p)
-
-  factors, _ = Factors.create(
-    "scale_by_nysact_adam",
-    rank=rank,
-    sketch=sketch,
-    damping=1.0,  # unused by the stable Nyström factorisation
-    stat_decay=stat_decay,
-    cov_update_every=cov_update_every,
-    inv_update_every=inv_update_every,
-    seed=seed,
-    sketch_refresh="fixed",
-    nystrom="stable",
-    exclude=exclude,
-    input_axes=input_axes,
-    include=include,
-    stack_axes=stack_axes,
-    stats_dtype=stats_dtype,
-    axis_name=axis_name,
-    relative_damping=False,
-    model=model,
-    precision=precision,
+  options = _options.Options.build(locals(), _options.ADAM_SETTINGS)
+  if isinstance(rank, numbers.Integral) and rank == 0:  # no layer: Adam on every leaf
+    options = dataclasses.replace(options, rank=1, include=_no_layer)
+  factors = Factors("scale_by_nysact_adam", options)
+  dtype = options.dtype
+  step = functools.partial(
+    _rotated_step, b1=b1, b2=b2, eps=eps, orthogonalise=orthogonalise, rms=consistent_rms
   )
-  dtype = factors.dtype
 
   def init_fn(params):
     fstate = factors.init(params)
@@ -264,7 +231,7 @@ def scale_by_nysact_adam(
       mu=optax.tree.zeros_like(params),
       nu=optax.tree.zeros_like(params),
       nu_rotated={
-        layer.name: jnp.zeros(layer.stack_shape + (width(layer), layer.out), dtype)
+        layer.name: jnp.zeros(layer.stack_shape + (factors.width(layer), layer.out), dtype)
         for layer in fstate.config.layers
       },
       factors=fstate,
@@ -276,99 +243,32 @@ def scale_by_nysact_adam(
       updates, state.factors, activations=activations, statistics=statistics
     )
     count = optax.safe_increment(state.count)
-    bc1 = 1.0 - jnp.asarray(b1, dtype) ** count
-    bc2 = 1.0 - jnp.asarray(b2, dtype) ** count
-    # Adam on every leaf; a layer's kernel and bias are overwritten below
+    bc1, bc2 = (1.0 - jnp.asarray(b, dtype) ** count for b in (b1, b2))
+    # Adam on every leaf; the layers' kernels and biases are replaced below
     # (XLA drops the plain computation of those).
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    out = jax.tree.map(
+    adam = jax.tree.map(
       lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps), mu, nu
     )
-
-    old = state.factors.layers
-    nu_rotated = dict(state.nu_rotated)
+    nu_rotated = state.nu_rotated
     if second_moment == "rotate" and layers:
-      nu_rotated = lax.cond(
-        factors.refreshes(state.factors.count),
-        lambda v: {
-          layer.name: _tree.over_stack(
-            layer,
-            _rotate_second_moment,
-            v[layer.name],
-            old[layer.name].basis[..., -width(layer) :],
-            fstate.layers[layer.name].basis[..., -width(layer) :],
-          )
-          for layer in layers
-        },
-        lambda v: v,
-        nu_rotated,
-      )
+      nu_rotated = _rotate_on_refresh(factors, layers, state.factors, fstate, nu_rotated)
 
-    flat_g, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    position = {tuple(path): i for i, (path, _) in enumerate(flat_g)}
-    g_leaves = [leaf for _, leaf in flat_g]
-    flat = lambda tree: treedef.flatten_up_to(tree)
-    m_leaves, v_leaves, o_leaves = flat(state.mu), flat(state.nu), flat(out)
-    new_m, new_v = flat(mu), flat(nu)
-    for layer in layers:
-      with jax.named_scope(f"nysact/adam/{layer.name}"):
-        k = position[layer.kernel_path]
-        b = position[layer.bias_path] if layer.has_bias else None
+    def rotated(layer, g, m, v_c):
+      one = functools.partial(step, bc1=bc1, bc2=bc2, exact=layer.exact)
+      args = (g, m, v_c, nu_rotated[layer.name], factors.basis(layer, fstate))
+      m, v_c, v_r, d = _tree.over_stack(layer, one, *args)
+      return (m, v_c, d), v_r
 
-        def matrix(leaves, k=k, b=b, layer=layer):
-          return _apply.to_matrix(layer, leaves[k], None if b is None else leaves[b], dtype)
-
-        def one(g, m, v_c, v_r, u, layer=layer):
-          return _rotated_step(
-            g,
-            m,
-            v_c,
-            v_r,
-            u,
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            bc1=bc1,
-            bc2=bc2,
-            exact=layer.exact,
-            orthogonalise=orthogonalise,
-            rms=consistent_rms,
-          )
-
-        m, v_c, v_r, d = _tree.over_stack(
-          layer,
-          one,
-          matrix(g_leaves),
-          matrix(m_leaves),
-          matrix(v_leaves),
-          nu_rotated[layer.name],
-          # the top r columns: the factorisation sorts them ascending
-          fstate.layers[layer.name].basis[..., -width(layer) :],
-        )
-        nu_rotated[layer.name] = v_r
-        for leaves, new, like in (
-          (new_m, m, m_leaves),
-          (new_v, v_c, v_leaves),
-          (o_leaves, d, g_leaves),
-        ):
-          kernel, bias = _split(layer, new, like[k], None if b is None else like[b])
-          leaves[k] = kernel
-          if b is not None:
-            leaves[b] = bias
-
-    unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
-    new_state = ScaleByNysActAdamState(
-      count=count, mu=unflat(new_m), nu=unflat(new_v), nu_rotated=nu_rotated, factors=fstate
+    (mu, nu, out), nu_rotated = _apply.map_layers(
+      rotated,
+      layers,
+      [updates, state.mu, state.nu],
+      [mu, nu, adam],
+      dtype=dtype,
+      scope="nysact/adam",
     )
-    return unflat(o_leaves), new_state
+    return out, ScaleByNysActAdamState(count, mu, nu, nu_rotated, fstate)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _split(layer: _tree.Layer, matrix: jax.Array, kernel: jax.Array, bias: jax.Array | None):
-  """A layer's ``(*stack, p, o)`` matrix back into kernel and bias leaves
-  shaped and typed like ``kernel`` and ``bias``."""
-  if bias is None:
-    return _apply.from_parts(layer, matrix, None, kernel, None)
-  return _apply.from_parts(layer, matrix[..., :-1, :], matrix[..., -1:, :], kernel, bias)

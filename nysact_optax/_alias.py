@@ -8,7 +8,7 @@ from typing import Any
 
 import optax
 
-from nysact_optax import _tree
+from nysact_optax import _options, _tree
 from nysact_optax._adam import scale_by_nysact_adam
 from nysact_optax._graft import graft as graft_transform
 from nysact_optax._graft import preconditioned_mask
@@ -19,6 +19,7 @@ __all__ = ["nysact", "nysact_adam"]
 GRAFTS = (None, "rmsprop")
 
 
+@_options.documented
 def nysact(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -94,12 +95,6 @@ def nysact(
     graft_decay: ``graft="rmsprop"``: the EMA decay of ``g^2`` (Adam's
       ``b2``).
     graft_eps: ``graft="rmsprop"``: added to ``sqrt(v_hat)``.
-    rank: as are ``sketch``, ``damping``, ``stat_decay``,
-      ``cov_update_every``, ``inv_update_every``, ``seed``,
-      ``sketch_refresh``, ``nystrom``, ``exclude``, ``input_axes``,
-      ``include``, ``stack_axes``, ``stats_dtype``, ``axis_name``,
-      ``relative_damping``, ``model`` and ``precision``: see
-      :func:`scale_by_nysact`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; pass ``activations=`` to
@@ -132,26 +127,7 @@ def nysact(
       f"nesterov=True applies to graft=None only (graft={graft!r} uses a "
       "debiased EMA momentum), got nesterov=True"
     )
-  precondition = scale_by_nysact(
-    rank=rank,
-    sketch=sketch,
-    damping=damping,
-    stat_decay=stat_decay,
-    cov_update_every=cov_update_every,
-    inv_update_every=inv_update_every,
-    seed=seed,
-    sketch_refresh=sketch_refresh,
-    nystrom=nystrom,
-    exclude=exclude,
-    input_axes=input_axes,
-    include=include,
-    stack_axes=stack_axes,
-    stats_dtype=stats_dtype,
-    axis_name=axis_name,
-    relative_damping=relative_damping,
-    model=model,
-    precision=precision,
-  )
+  precondition = scale_by_nysact(**_options.forward(scale_by_nysact, locals()))
   # One chain shape per mode whatever the values: a zero weight decay or
   # momentum keeps its (empty or zero) state, as optax's own aliases do, so
   # that a state saved with one setting restores into another.
@@ -173,6 +149,7 @@ def nysact(
   )
 
 
+@_options.documented(table=_options.ADAM_SETTINGS)
 def nysact_adam(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -215,9 +192,6 @@ def nysact_adam(
 
   Args:
     learning_rate: a float or an optax schedule.
-    b1: as are ``b2``, ``eps``, ``rank``, ``oversample``, ``second_moment``,
-      ``orthogonalise``, ``consistent_rms`` and the statistics' settings
-      (``sketch`` ... ``precision``): see :func:`scale_by_nysact_adam`.
     weight_decay: decoupled weight decay, as AdamW's.
     weight_decay_mask: which leaves decay, as ``optax.adamw``'s ``mask``.
 
@@ -238,29 +212,7 @@ def nysact_adam(
     >>> params = optax.apply_updates(params, updates)
   """
   return optax.chain(
-    scale_by_nysact_adam(
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      rank=rank,
-      oversample=oversample,
-      second_moment=second_moment,
-      orthogonalise=orthogonalise,
-      consistent_rms=consistent_rms,
-      sketch=sketch,
-      stat_decay=stat_decay,
-      cov_update_every=cov_update_every,
-      inv_update_every=inv_update_every,
-      seed=seed,
-      exclude=exclude,
-      input_axes=input_axes,
-      include=include,
-      stack_axes=stack_axes,
-      stats_dtype=stats_dtype,
-      axis_name=axis_name,
-      model=model,
-      precision=precision,
-    ),
+    scale_by_nysact_adam(**_options.forward(scale_by_nysact_adam, locals())),
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -19,6 +19,7 @@ positive definite for any nonsingular ``U`` and any ``lam / rho``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +28,15 @@ import numpy as np
 
 from nysact_optax._tree import Layer
 
-__all__ = ["from_parts", "precondition", "precondition_parts", "to_matrix", "to_parts"]
+__all__ = [
+  "from_matrix",
+  "from_parts",
+  "map_layers",
+  "precondition",
+  "precondition_parts",
+  "to_matrix",
+  "to_parts",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -73,6 +82,75 @@ def from_parts(
   bperm = _bias_perm(layer)
   b = pb.reshape(tuple(bias.shape[i] for i in bperm))
   return k, jnp.transpose(b, tuple(np.argsort(bperm))).astype(bias.dtype)
+
+
+def from_matrix(layer: Layer, matrix: jax.Array, kernel: jax.Array, bias: jax.Array | None):
+  """Inverse of :func:`to_matrix`: the ``(*stack, p, o)`` matrix as kernel and
+  bias leaves shaped and typed like ``kernel`` and ``bias``."""
+  if bias is None:
+    return from_parts(layer, matrix, None, kernel, None)
+  return from_parts(layer, matrix[..., :-1, :], matrix[..., -1:, :], kernel, bias)
+
+
+def map_layers(
+  fn: Callable[..., tuple[Sequence[Any], Any]],
+  layers: Sequence[Layer],
+  inputs: Sequence[Any],
+  outputs: Sequence[Any],
+  *,
+  dtype: Any,
+  parts: bool = False,
+  scope: str = "nysact",
+) -> tuple[list[Any], dict[str, Any]]:
+  """Runs ``fn`` on every layer's gradient matrices and writes its results
+  into the layer's leaves of ``outputs``.
+
+  Args:
+    fn: ``fn(layer, *matrices) -> (results, aux)``: one matrix per tree of
+      ``inputs`` (the ``(*stack, p, o)`` matrix of :func:`to_matrix`, or with
+      ``parts`` the pair of :func:`to_parts`), in ``dtype``; one result per
+      tree of ``outputs``, in the same form; ``aux`` is kept per layer.
+    layers: the layers, whose paths are those of the trees.
+    inputs: trees of one structure.
+    outputs: trees of that structure; leaves that belong to no layer pass
+      through, and each result takes the shape and dtype of the leaves it
+      replaces.
+    dtype: the dtype of the matrices ``fn`` gets.
+    parts: kernel rows and bias row apart, never concatenated.
+    scope: the ``jax.named_scope`` prefix of each layer's computation.
+
+  Returns:
+    ``(outputs, {layer name: aux})``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from nysact_optax._tree import find_layers
+    >>> g = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "scale": jnp.ones(3)}
+    >>> (layer,) = find_layers(g, rank=1)
+    >>> double = lambda layer, m: ((2 * m,), m.shape)  # the matrix: kernel rows, bias row
+    >>> (out,), aux = map_layers(double, [layer], [g], [g], dtype="float32")
+    >>> out["dense"]["bias"], out["scale"], aux
+    (Array([2., 2., 2.], dtype=float32), Array([1., 1., 1.], dtype=float32), {'dense': (3, 3)})
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(inputs[0])
+  position = {tuple(path): i for i, (path, _) in enumerate(flat)}
+  ins = [treedef.flatten_up_to(tree) for tree in inputs]  # type: ignore[attr-defined]
+  outs = [list(treedef.flatten_up_to(tree)) for tree in outputs]  # type: ignore[attr-defined]
+  read: Callable[..., Any] = to_parts if parts else to_matrix
+  write: Callable[..., Any] = from_parts if parts else from_matrix
+  aux = {}
+  for layer in layers:
+    k = position[layer.kernel_path]
+    b = None if layer.bias_path is None else position[layer.bias_path]
+    leaves = lambda tree, k=k, b=b: (tree[k], None if b is None else tree[b])
+    with jax.named_scope(f"{scope}/{layer.name}"):
+      results, aux[layer.name] = fn(layer, *(read(layer, *leaves(tree), dtype) for tree in ins))
+      for tree, result in zip(outs, results, strict=True):
+        kernel, bias = write(layer, *(result if parts else (result,)), *leaves(tree))
+        tree[k] = kernel
+        if b is not None:
+          tree[b] = bias
+  return [jax.tree_util.tree_unflatten(treedef, tree) for tree in outs], aux
 
 
 def precondition(

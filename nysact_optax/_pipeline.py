@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ from jax import lax
 
 from nysact_optax import _batch, _distributed, _nystrom, _statistics, _tree, _validation
 from nysact_optax._accumulate import GradsWithStatistics
+from nysact_optax._options import Options
 from nysact_optax._state import (
   NysActConfig,
   NysActLayerState,
@@ -34,7 +34,7 @@ from nysact_optax._state import (
   init_layer_state,
 )
 
-__all__ = ["Factors"]
+__all__ = ["Factorise", "Factors", "stable_factors"]
 
 
 def _periodic(count, every, fn, operand):
@@ -87,116 +87,105 @@ def _accumulate(ls: NysActLayerState, key, y, stat_decay, axis_name, dtype) -> N
   )
 
 
-def _factors(cov, sketch, count, width, *, group, factorise, stat_decay, damping, relative_damping):
+Factorise = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def stable_factors(
+  c_hat, sketch, *, exact: bool, rank: int, width
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(U, lam, damping_scale)`` of one layer's bias-corrected statistics:
+  the stable Nyström factorisation (:func:`nysact_optax._nystrom.nystrom_stable`),
+  or the exact eigendecomposition in exact mode; no damping, scale 1.
+
+  Any factorisation :class:`Factors` takes has this signature: ``c_hat``
+  (p x r, rows past ``width`` zero-padded), the sketch matrix (``None`` in
+  exact mode), whether the layer is in exact mode and its sketch width.
+  """
+  del rank
+  scale = jnp.ones((), c_hat.dtype)
+  if exact:
+    return (*_nystrom.exact_eigh(c_hat), scale)
+  return (*_nystrom.nystrom_stable(c_hat, sketch, p=width), scale)
+
+
+def _factors(cov, sketch, count, width, *, group, factorise, stat_decay):
   """``(U, lam, damping_scale)`` of one batch entry of a group (padded rows 0)."""
   correction = 1.0 - jnp.asarray(stat_decay, cov.dtype) ** count
   c_hat = cov / jnp.where(count > 0, correction, 1.0)
-  scale = jnp.ones((), cov.dtype)
-  if group.exact:
-    if relative_damping:  # the sketch is the identity: tr(C) / p
-      scale = jnp.maximum(jnp.trace(c_hat) / group.rank, jnp.finfo(cov.dtype).tiny)
-    u, lam = _nystrom.exact_eigh(c_hat)
-    return u, lam, scale
-  if relative_damping:  # tr(S^T C S) / r estimates tr(C) / p
-    mean = jnp.trace(jnp.matmul(sketch.T, c_hat, precision=lax.Precision.HIGHEST))
-    scale = jnp.maximum(mean / group.rank, jnp.finfo(cov.dtype).tiny)
-  u, lam = factorise(c_hat, sketch, damping * scale, p=width)
-  return u, lam, scale
-
-
-def _model_input_axes(model: Any, input_axes):
-  """``input_axes`` with the layouts of an NNX model's layers added (anchored
-  regexes, before the user's entries, which win)."""
-  from nysact_optax import _capture_nnx  # flax only when a model is given
-
-  if not _capture_nnx.is_nnx(model) or not isinstance(model, _capture_nnx.nnx.Module):
-    raise TypeError(
-      f"model must be an nnx.Module (its layers' layouts are read from it), got "
-      f"model={type(model).__name__}; for flax.linen models pass input_axes= "
-      "where the error message asks for it"
-    )
-  found = {f"^{re.escape(name)}$": axes for name, axes in _capture_nnx.input_axes_of(model).items()}
-  return {**found, **(input_axes or {})}
+  return factorise(c_hat, sketch, exact=group.exact, rank=group.rank, width=width)
 
 
 @dataclasses.dataclass(frozen=True)
 class Factors:
   """Per-layer Nyström factors of the activation covariance, kept up to date.
 
-  Built once by a transformation from its settings (already validated);
-  its :meth:`init` and :meth:`update` are the transformation's first half.
-  ``caller`` names the transformation in error messages.
+  Built once by a transformation from its validated :class:`Options`; its
+  :meth:`init` and :meth:`update` are the transformation's first half.
+
+  Attributes:
+    caller: the transformation's name, for error messages.
+    options: the statistics -> factors settings.
+    factorise: the factorisation of a refresh (:func:`stable_factors`'s
+      signature): the inverse apply's depends on its damping.
+    orthonormal: whether Gaussian sketches are orthonormalised (the stable
+      Nyström method wants them so).
   """
 
   caller: str
-  rank: _tree.RankRule
-  sketch: str
-  damping: Any
-  stat_decay: Any
-  cov_update_every: int
-  inv_update_every: int
-  seed: Any
-  sketch_refresh: str
-  nystrom: str
-  exclude: _tree.LayerFilter
-  input_axes: Mapping[str, int | Sequence[int]] | None
-  include: _tree.LayerFilter | None
-  stack_axes: Mapping[str, int] | None
-  dtype: Any
-  axis_name: str | None
-  relative_damping: bool
-  stats_precision: jax.lax.Precision
+  options: Options
+  factorise: Factorise = stable_factors
+  orthonormal: bool = True
 
-  @classmethod
-  def create(cls, caller: str, *, model: Any = None, stats_dtype: Any, precision: Any, **settings):
-    """Validates every setting and resolves ``model=``, ``stats_dtype`` and
-    ``precision`` (statistics half; the apply's is returned beside)."""
-    _validation.validate_settings(
-      stats_dtype=stats_dtype,
-      precision=precision,
-      **{k: settings[k] for k in _validation.SETTINGS if k in settings},
-    )
-    stats_precision, apply_precision = _validation.resolve_precision(precision)
-    if model is not None:
-      settings["input_axes"] = _model_input_axes(model, settings.get("input_axes"))
-    factors = cls(
-      caller=caller,
-      dtype=jnp.dtype(stats_dtype),
-      stats_precision=stats_precision,
-      **settings,
-    )
-    return factors, apply_precision
+  def _sketch_rank(self, name: str, p: int) -> int:
+    rank = self.options.rank
+    return (rank(name, p) if callable(rank) else rank) + self.options.oversample
 
   def layers(self, tree: Any) -> list[_tree.Layer]:
-    """The preconditioned layers of a params or updates tree."""
+    """The preconditioned layers of a params or updates tree; a layer's
+    ``rank`` is its sketch width (``rank + oversample``, capped at ``p``)."""
+    o = self.options
     return _tree.find_layers(
       tree,
-      rank=self.rank,
-      exclude=self.exclude,
-      input_axes=self.input_axes,
-      include=self.include,
-      stack_axes=self.stack_axes,
+      rank=self._sketch_rank if o.oversample else o.rank,
+      exclude=o.exclude,
+      input_axes=o.input_axes,
+      include=o.include,
+      stack_axes=o.stack_axes,
     )
 
+  def width(self, layer: _tree.Layer) -> int:
+    """The layer's basis width: the top ``rank`` of its ``rank + oversample``
+    sketched columns, all of them in exact mode."""
+    if layer.exact or not self.options.oversample:
+      return layer.rank
+    rank = self.options.rank
+    return min(rank(layer.name, layer.p) if callable(rank) else rank, layer.p)
+
+  def basis(self, layer: _tree.Layer, state: ScaleByNysActState) -> jax.Array:
+    """The layer's basis ``U`` (``(*stack, p, width)``): the top columns of
+    its factors (the factorisations sort them ascending)."""
+    return state.layers[layer.name].basis[..., -self.width(layer) :]
+
   def config(self, layers: Sequence[_tree.Layer]) -> NysActConfig:
+    o = self.options
     return NysActConfig(
-      self.sketch,
-      self.sketch_refresh,
-      self.nystrom == "stable",
-      self.dtype.name,
-      self.cov_update_every,
+      o.sketch,
+      o.sketch_refresh,
+      self.orthonormal,
+      o.dtype.name,
+      o.cov_update_every,
       tuple(layers),
-      self.stats_precision,
+      o.stats_precision,
     )
 
   def init(self, params: Any) -> ScaleByNysActState:
     """Zero statistics and factors (``P = I / damping``) for every layer."""
     layers = self.layers(params)
-    base = jax.random.PRNGKey(self.seed)
+    base = jax.random.PRNGKey(self.options.seed)
     return ScaleByNysActState(
       count=jnp.zeros([], jnp.int32),
       layers={
-        layer.name: init_layer_state(layer, jax.random.fold_in(base, i), self.dtype)
+        layer.name: init_layer_state(layer, jax.random.fold_in(base, i), self.options.dtype)
         for i, layer in enumerate(layers)
       },
       config=self.config(layers),
@@ -204,7 +193,21 @@ class Factors:
 
   def refreshes(self, count: jax.Array) -> jax.Array:
     """Whether the update at ``count`` refreshes the factors."""
-    return count % self.inv_update_every == 0
+    return count % self.options.inv_update_every == 0
+
+  def _inputs(self, layers, activations, statistics):
+    """The checked activations table (``None`` when ``statistics`` are given)."""
+    if statistics is None:
+      o = self.options
+      return _validation.check_activations(layers, activations, o.include, o.exclude)
+    if activations is not None:
+      raise ValueError(
+        f"{self.caller}.update got both activations= and statistics=: pass "
+        "statistics= (from nysact_optax.sketched_statistics) when "
+        "accumulating micro-batches, activations= otherwise"
+      )
+    _validation.check_statistics(layers, statistics)
+    return None
 
   def update(
     self, updates: Any, state: ScaleByNysActState, *, activations=None, statistics=None
@@ -218,21 +221,11 @@ class Factors:
         "nysact_optax.apply_gradients(state, grads=grads), or pass "
         "tx.update(grads.grads, opt_state, params, statistics=grads.statistics)"
       )
+    o = self.options
     layers = self.layers(updates)
     _validation.check_state(layers, state)
-    config = self.config(layers)
-    every = self.cov_update_every
-    inputs = None
-    if statistics is None:
-      inputs = _validation.check_activations(layers, activations, self.include, self.exclude)
-    elif activations is not None:
-      raise ValueError(
-        f"{self.caller}.update got both activations= and statistics=: pass "
-        "statistics= (from nysact_optax.sketched_statistics) when "
-        "accumulating micro-batches, activations= otherwise"
-      )
-    else:
-      _validation.check_statistics(layers, statistics)
+    inputs = self._inputs(layers, activations, statistics)
+    config, every = state.config, o.cov_update_every
 
     keys = _statistics.next_keys(
       layers, {name: ls.sketch_key for name, ls in state.layers.items()}, config
@@ -259,19 +252,17 @@ class Factors:
       new = dict(layer_states)
       for layer in layers:
         with jax.named_scope(f"nysact/accumulate/{layer.name}"):
-          y = jnp.asarray(statistics[layer.name], self.dtype)
+          y = jnp.asarray(statistics[layer.name], o.dtype)
           new[layer.name] = _accumulate(
-            layer_states[layer.name],
-            keys[layer.name],
-            y,
-            self.stat_decay,
-            self.axis_name,
-            self.dtype,
+            layer_states[layer.name], keys[layer.name], y, o.stat_decay, o.axis_name, o.dtype
           )
       # T_inv is a multiple of T_cov: every refresh falls on a statistics
       # step, and reuses its sketches.
       return _periodic(
-        state.count, self.inv_update_every, lambda ls: self._refresh(ls, groups, batches), new
+        state.count,
+        o.inv_update_every,
+        lambda ls: self._refresh(ls, groups, batches, config),
+        new,
       )
 
     layer_states = _periodic(state.count, every, statistics_step, state.layers)
@@ -280,23 +271,19 @@ class Factors:
     )
     return layers, new_state
 
-  def _refresh(self, layer_states, groups, batches):
+  def _refresh(self, layer_states, groups, batches, config):
     """Every layer's factors from its EMA, one vmapped call per group;
     non-finite ones keep the previous factors."""
-    config = self.config([layer for group in groups for layer in group.layers])
-    if self.sketch_refresh != "fixed":  # a skipped update kept a layer's old key
-      keys = {layer.name: layer_states[layer.name].sketch_key for layer in config.layers}
+    if self.options.sketch_refresh != "fixed":  # a skipped update kept a layer's old key
+      keys = {
+        layer.name: layer_states[layer.name].sketch_key
+        for group in groups
+        for layer in group.layers
+      }
       batches, _ = _statistics.sketches_of(groups, keys, config)
-    factorise = {"shifted": _nystrom.nystrom_shifted, "stable": _nystrom.nystrom_stable}
-    one = functools.partial(
-      _factors,
-      factorise=factorise[self.nystrom],
-      stat_decay=self.stat_decay,
-      damping=self.damping,
-      relative_damping=self.relative_damping,
-    )
+    one = functools.partial(_factors, factorise=self.factorise, stat_decay=self.options.stat_decay)
     new = dict(layer_states)
-    dtype = self.dtype
+    dtype = self.options.dtype
     for group, sketch in zip(groups, batches, strict=True):
       with jax.named_scope(f"nysact/factors/{group.name}"):
         states = [layer_states[layer.name] for layer in group.layers]

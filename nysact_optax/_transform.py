@@ -11,44 +11,37 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from nysact_optax import _apply, _tree
-from nysact_optax._pipeline import Factors
+from nysact_optax import _apply, _nystrom, _options, _tree
+from nysact_optax._pipeline import Factorise, Factors
 from nysact_optax._state import NysActLayerState, ScaleByNysActState
 
 __all__ = ["NysActLayerState", "ScaleByNysActState", "scale_by_nysact"]
 
-
-def _precondition_all(updates, layers, layer_states, damping, dtype, precision):
-  """``P G`` for every layer's kernel and bias; other leaves pass through."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-  position = {tuple(path): i for i, (path, _) in enumerate(flat)}
-  leaves = [leaf for _, leaf in flat]
-  for layer in layers:
-    with jax.named_scope(f"nysact/apply/{layer.name}"):
-      ls = layer_states[layer.name]
-      kernel = leaves[position[layer.kernel_path]]
-      bias = leaves[position[layer.bias_path]] if layer.has_bias else None
-      g, b = _apply.to_parts(layer, kernel, bias, dtype)
-      pk, pb = _tree.over_stack(
-        layer,
-        lambda g, b, u, lam, scale: _apply.precondition_parts(
-          g, b, u, lam, damping * scale, precision=precision
-        ),
-        g,
-        b,
-        ls.basis,
-        ls.eigvals,
-        ls.damping_scale,
-      )
-      kernel, bias = _apply.from_parts(layer, pk, pb, kernel, bias)
-      leaves[position[layer.kernel_path]] = kernel
-      if layer.has_bias:
-        leaves[position[layer.bias_path]] = bias
-  return jax.tree_util.tree_unflatten(treedef, leaves)
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _inverse_factorisation(damping, nystrom: str, relative_damping: bool) -> Factorise:
+  """The refresh's factorisation (:func:`nysact_optax._pipeline.stable_factors`'s
+  signature) of the inverse apply: ``nystrom``'s method at ``damping`` (times
+  the layer's mean eigenvalue with ``relative_damping``)."""
+  method = {"shifted": _nystrom.nystrom_shifted, "stable": _nystrom.nystrom_stable}[nystrom]
+
+  def factorise(c_hat, sketch, *, exact, rank, width):
+    scale = jnp.ones((), c_hat.dtype)
+    if relative_damping:  # tr(C) / p, estimated by tr(S^T C S) / r (the sketch is I when exact)
+      mean = jnp.trace(c_hat if exact else jnp.matmul(sketch.T, c_hat, precision=_HIGHEST))
+      scale = jnp.maximum(mean / rank, jnp.finfo(c_hat.dtype).tiny)
+    if exact:
+      return (*_nystrom.exact_eigh(c_hat), scale)
+    return (*method(c_hat, sketch, damping * scale, p=width), scale)
+
+  return factorise
+
+
+@_options.documented
 def scale_by_nysact(
   *,
   rank: _tree.RankRule = 10,
@@ -93,69 +86,6 @@ def scale_by_nysact(
   non-finite update, which ``optax.apply_if_finite`` can skip.
 
   Args:
-    rank: sketch width ``r``, or a rule ``rank(layer_name, p) -> int``; capped
-      at each layer's ``p``.
-    sketch: ``"gaussian"`` (i.i.d. ``N(0, 1/p)``) or ``"subcolumns"``.
-    damping: ``rho > 0``; also the eigenvalue shift of the paper's method
-      (see ``relative_damping``).
-    stat_decay: EMA factor ``beta`` in ``[0, 1)``, bias-corrected.
-    cov_update_every: statistics period ``T_cov``.
-    inv_update_every: factor-refresh period ``T_inv``, a multiple of
-      ``T_cov``.
-    seed: seed of the sketches.
-    sketch_refresh: ``"fixed"`` (default) keeps one sketch per layer, so
-      the EMA is exactly ``A_ema S`` (streaming Nyström); ``"reference"``
-      draws a new sketch at every statistics update, as the authors' code
-      does, which averages statistics of different sketches. The default
-      was chosen by a paired-seed ablation (docs: "Choosing
-      hyperparameters").
-    nystrom: ``"stable"`` (default), the stable Nyström approximation of
-      ``A`` (Tropp et al. 2017; a Gaussian sketch is orthonormalised); or
-      ``"shifted"``, the paper's factorisation of ``A + rho I`` shifted by
-      ``|lambda_min| + rho``, whose eigenvalues come out below the
-      covariance's (all 0 when ``rho`` is comparable to them, so that
-      ``P = I / rho``). The default was chosen by the same ablation.
-    exclude: regexes (searched in the layer path) or a predicate on the path
-      of layers whose gradients pass through unchanged.
-    input_axes: ``{path regex: n}`` for kernels whose leading ``n`` axes meet
-      the input, where the default rule (all but the bias's axes, or all but
-      the last without a bias) is wrong, e.g. a bias-free
-      ``DenseGeneral(features=(heads, dim))``; or ``{path regex: (axes...)}``
-      when the input axes are not leading (``nn.Einsum("btd,ndh->btnh")``).
-    include: if given, regexes or a predicate: only layers it matches (and
-      ``exclude`` does not) are preconditioned; the rest pass through.
-    stack_axes: ``{path regex: n}`` for layers whose kernels carry ``n``
-      leading axes of stacked copies (``nn.scan``/``nn.vmap`` over params);
-      each copy gets its own statistics and factors.
-    stats_dtype: dtype of the statistics, the factorisations and the state,
-      ``"float32"`` (default) or ``"float64"`` (needs ``jax_enable_x64``).
-      Activations and gradients of any float dtype (bf16, fp16) are cast to
-      it; updates come back in the gradient's dtype.
-    axis_name: under ``pmap``/``shard_map``, the mapped axis over which the
-      sketched statistics are averaged (``lax.pmean``) before they enter the
-      EMA, so every replica holds the same factors. Gradients are not
-      averaged here: ``pmean`` them yourself, as with any optax optimizer.
-      Not needed under ``jit`` with sharded arrays.
-    relative_damping: if true, each layer's damping is ``damping`` times the
-      mean eigenvalue of its covariance, ``tr(C) / p`` (estimated at every
-      refresh from the sketch as ``tr(S^T C S) / r``), as some K-FAC
-      variants scale theirs; ``P`` then shrinks by that mean too. If false
-      (default), ``damping`` is the same absolute ``rho`` for every layer.
-    model: an ``nnx.Module`` whose layers' kernel layouts (``nnx.Einsum``
-      equations, ``nnx.LinearGeneral`` axes) are read now, so that no
-      ``input_axes`` is needed for NNX models; ``input_axes`` entries still
-      take precedence. Only static attributes are read; no array is kept.
-    precision: the ``jax.lax.Precision`` (or its name: ``"highest"``,
-      ``"high"``, ``"default"``, ...) of the statistics' products and
-      convolutions and of the apply's products, or a pair
-      ``(statistics, apply)``. It matters on accelerators only: at
-      ``"default"`` a TPU rounds float32 operands to bf16 and an
-      A100/H100 to TF32. The factorisation's products always run at
-      ``HIGHEST``. The default, ``"highest"``, keeps ``P`` positive
-      definite at large ``lam_max / rho``, where a bf16 apply turns it
-      indefinite; both products are thin (``r`` columns) beside the
-      layer's own, so it costs little. Measurements: docs, "Mixed
-      precision".
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -186,33 +116,31 @@ def scale_by_nysact(
     Seung, Lee, Ko, "NysAct: A Scalable Preconditioned Gradient Descent using
     Nyström Approximation", IEEE BigData 2024; arXiv:2506.08360.
   """
-  factors, apply_precision = Factors.create(
-    "scale_by_nysact",
-    rank=rank,
-    sketch=sketch,
-    damping=damping,
-    stat_decay=stat_decay,
-    cov_update_every=cov_update_every,
-    inv_update_every=inv_update_every,
-    seed=seed,
-    sketch_refresh=sketch_refresh,
-    nystrom=nystrom,
-    exclude=exclude,
-    input_axes=input_axes,
-    include=include,
-    stack_axes=stack_axes,
-    stats_dtype=stats_dtype,
-    axis_name=axis_name,
-    relative_damping=relative_damping,
-    model=model,
-    precision=precision,
-  )
+  options = _options.Options.build(locals())
+  factorise = _inverse_factorisation(damping, nystrom, relative_damping)
+  factors = Factors("scale_by_nysact", options, factorise, orthonormal=nystrom == "stable")
+
+  def apply(g, b, u, lam, scale):  # one copy of a layer: P [g; b]
+    return _apply.precondition_parts(
+      g, b, u, lam, damping * scale, precision=options.apply_precision
+    )
 
   def update_fn(updates, state, params=None, *, activations=None, statistics=None, **extra_args):
     del params, extra_args
     layers, state = factors.update(updates, state, activations=activations, statistics=statistics)
-    updates = _precondition_all(
-      updates, layers, state.layers, damping, factors.dtype, apply_precision
+
+    def precondition(layer, parts):
+      ls = state.layers[layer.name]
+      return (_tree.over_stack(layer, apply, *parts, ls.basis, ls.eigvals, ls.damping_scale),), None
+
+    (updates,), _ = _apply.map_layers(
+      precondition,
+      layers,
+      [updates],
+      [updates],
+      dtype=options.dtype,
+      parts=True,
+      scope="nysact/apply",
     )
     return updates, state
 

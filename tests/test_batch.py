@@ -10,7 +10,9 @@ import pytest
 
 import nysact_optax
 from nysact_optax import _batch, _sketch, _statistics
+from nysact_optax._options import Options
 from nysact_optax._pipeline import Factors
+from nysact_optax._transform import _inverse_factorisation
 from nysact_optax._tree import find_layers
 
 # p = rows + 1 (bias): 301, 121, 41, 8 (exact at rank 8), and a 2 x 3 stack of p = 61.
@@ -120,28 +122,15 @@ def test_factors_of_a_layer_do_not_depend_on_its_group(nystrom):
       )
       for name, ls in state.layers.items()
     }
-    factors, _ = Factors.create(
-      "test",
-      rank=RANK,
-      sketch="gaussian",
-      damping=0.5,
-      stat_decay=0.0,
-      cov_update_every=1,
-      inv_update_every=1,
-      seed=0,
-      sketch_refresh="fixed",
-      nystrom=nystrom,
-      exclude=(),
-      input_axes=None,
-      include=None,
-      stack_axes={"stacked": 2},
-      stats_dtype="float32",
-      axis_name=None,
-      relative_damping=False,
-      precision="highest",
+    options = Options.build(
+      dict(
+        rank=RANK, stat_decay=0.0, cov_update_every=1, inv_update_every=1, stack_axes={"stacked": 2}
+      )
     )
-    refresh = jax.jit(factors._refresh, static_argnums=1)
-    results.append((refresh(layer_states, groups, batches), sketches))
+    factorise = _inverse_factorisation(0.5, nystrom, False)
+    factors = Factors("test", options, factorise, orthonormal=nystrom == "stable")
+    refresh = jax.jit(factors._refresh, static_argnums=(1, 3))
+    results.append((refresh(layer_states, groups, batches, config), sketches))
   (together, sketches), (alone, _) = results
   assert len(_batch.group_layers(layers, 100.0, 10**6)) == 2  # exact + one padded group
   for layer in layers:
