@@ -40,7 +40,6 @@ __all__ = ["COLLECTION", "capture_activations", "recording_applies"]
 
 COLLECTION = "nysact_inputs"
 
-_KINDS = _kinds.classes("linen")
 
 Calls = dict[tuple[str, ...], list[_record.Call]]
 
@@ -50,7 +49,7 @@ def layer_call(context: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | Non
   else ``None`` (other modules and methods)."""
   if context.method_name != "__call__":
     return None
-  kind = _kinds.kind_of(context.module, _KINDS)
+  kind = _kinds.kind_of(context.module, _kinds.classes("linen"))
   if kind is None:
     return None
   x = args[0] if args else kwargs["inputs"]

@@ -53,8 +53,9 @@ from nysact_optax._layers import LayerInputs, Unsupported
 
 __all__ = ["capture_nnx", "is_nnx"]
 
-_KINDS = _kinds.classes("nnx")
-_LAYER_TYPES = tuple(cls for cls, _ in _KINDS)
+
+def _layer_types() -> tuple[type, ...]:
+  return tuple(cls for cls, _ in _kinds.classes("nnx"))
 
 
 class _LayerInputsVar(nnx.Intermediate):
@@ -104,7 +105,7 @@ _NNX_CAPTURE_CODE = _nnx_capture_code()
 
 
 def _kind(layer: nnx.Module) -> _kinds.LayerKind:
-  kind = _kinds.kind_of(layer, _KINDS)
+  kind = _kinds.kind_of(layer, _kinds.classes("nnx"))
   if kind is None:  # only covered layers are wrapped or walked
     raise TypeError(f"{type(layer).__name__} is not a covered layer")
   return kind
@@ -246,7 +247,7 @@ def wrapped_layer_classes():
   any capture runs."""
   with _LOCK:
     if _DEPTH[0] == 0:
-      for cls in _LAYER_TYPES:
+      for cls in _layer_types():
         setattr(cls, "__call__", _wrap(cls.__dict__["__call__"]))  # noqa: B010
       jax.lax.scan = _collecting_scan(jax.lax.scan)
     _DEPTH[0] += 1
@@ -258,7 +259,7 @@ def wrapped_layer_classes():
     with _LOCK:
       _DEPTH[0] -= 1
       if _DEPTH[0] == 0:
-        for cls in _LAYER_TYPES:
+        for cls in _layer_types():
           setattr(cls, "__call__", cls.__dict__["__call__"]._nysact_original)  # noqa: B010
         jax.lax.scan = getattr(jax.lax.scan, "_nysact_original", jax.lax.scan)
 
@@ -279,7 +280,7 @@ def marked(layers: list[tuple[tuple, nnx.Module]], name: str, value: Callable[[t
 
 
 def covered(model: nnx.Module) -> list[tuple[tuple, nnx.Module]]:
-  return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, _LAYER_TYPES)]
+  return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, _layer_types())]
 
 
 def input_axes_of(model: nnx.Module) -> dict[str, tuple[int, ...]]:

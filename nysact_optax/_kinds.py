@@ -12,6 +12,7 @@ one entry to :data:`KINDS` (and, for a new spec type, its statistics code in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,7 +20,16 @@ from typing import Any
 from nysact_optax import _covariance
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerSpec, int_tuple
 
-__all__ = ["KINDS", "LayerKind", "classes", "int_axes", "kind_of", "statistics_of"]
+__all__ = [
+  "KINDS",
+  "LayerKind",
+  "classes",
+  "int_axes",
+  "kind_of",
+  "register",
+  "statistics_of",
+  "unregister",
+]
 
 
 def int_axes(axes: Any) -> tuple[int, ...]:
@@ -124,7 +134,9 @@ class LayerKind:
   shown: str = ""
 
 
-KINDS = (
+#: The registered kinds, most specific first where classes overlap
+#: (:func:`register` adds one).
+KINDS: list[LayerKind] = [
   LayerKind(
     "einsum",
     ("flax.linen:Einsum",),
@@ -162,7 +174,46 @@ KINDS = (
     _covariance.dense_stats,
     shown="nn.OptimizedLSTMCell",
   ),
-)
+]
+# The statistics of each spec type; a spec is dispatched by its own type
+# first, then its base classes (a DenseSpec subclass may have its own).
+_STATISTICS: dict[type, Callable[..., tuple[Any, int]]] = {}
+for _kind in KINDS:
+  _STATISTICS.setdefault(_kind.spec_type, _kind.statistics)
+
+
+def register(kind: LayerKind) -> LayerKind:
+  """Adds a layer kind to :data:`KINDS` (both captures and the statistics
+  read it from then on); returns it.
+
+  Statistics are dispatched by spec type, so a kind with statistics of its
+  own needs a spec type of its own (a subclass of ``DenseSpec``, say): a
+  kind whose spec type already has other statistics is refused, never
+  silently served the other statistics.
+
+  Raises:
+    ValueError: the name is taken, or the spec type has other statistics.
+  """
+  if any(k.name == kind.name for k in KINDS):
+    raise ValueError(f"a layer kind named {kind.name!r} is registered already")
+  known = _STATISTICS.get(kind.spec_type)
+  if known is not None and known is not kind.statistics:
+    raise ValueError(
+      f"layer kind {kind.name!r}: its spec type {kind.spec_type.__name__} has the "
+      f"statistics {known.__name__} already, not statistics={kind.statistics.__name__}: "
+      f"give the kind a spec type of its own (a subclass of {kind.spec_type.__name__})"
+    )
+  KINDS.append(kind)
+  _STATISTICS[kind.spec_type] = kind.statistics
+  return kind
+
+
+def unregister(name: str) -> None:
+  """Removes the kind ``name`` that :func:`register` added."""
+  (kind,) = [k for k in KINDS if k.name == name]
+  KINDS.remove(kind)
+  if not any(k.spec_type is kind.spec_type for k in KINDS):
+    del _STATISTICS[kind.spec_type]
 
 
 def _resolve(path: str) -> type:
@@ -170,10 +221,15 @@ def _resolve(path: str) -> type:
   return getattr(importlib.import_module(module), name)
 
 
+@functools.cache
+def _classes(framework: str, kinds: tuple[LayerKind, ...]) -> tuple[tuple[type, LayerKind], ...]:
+  return tuple((_resolve(path), kind) for kind in kinds for path in getattr(kind, framework))
+
+
 def classes(framework: str) -> tuple[tuple[type, LayerKind], ...]:
   """``(class, kind)`` of every covered class of ``"linen"`` or ``"nnx"``
   (imports that part of flax)."""
-  return tuple((_resolve(path), kind) for kind in KINDS for path in getattr(kind, framework))
+  return _classes(framework, tuple(KINDS))
 
 
 def kind_of(layer: Any, table: Sequence[tuple[type, LayerKind]]) -> LayerKind | None:
@@ -183,16 +239,17 @@ def kind_of(layer: Any, table: Sequence[tuple[type, LayerKind]]) -> LayerKind | 
 
 
 def statistics_of(spec: LayerSpec) -> Callable[..., tuple[Any, int]]:
-  """The statistics function of a spec (by its type).
+  """The statistics function of a spec: its own type's, else its nearest
+  base class's.
 
   Examples:
     >>> statistics_of(ConvSpec((3,), (1,), "SAME", (1,), (1,))).__name__
     'conv_stats'
   """
-  kind = next((k for k in KINDS if isinstance(spec, k.spec_type)), None)
-  if kind is None:
-    raise TypeError(f"no layer kind has the spec {spec!r}")
-  return kind.statistics
+  for cls in type(spec).__mro__:
+    if cls in _STATISTICS:
+      return _STATISTICS[cls]
+  raise TypeError(f"no layer kind has the spec {spec!r}")
 
 
 def covered_names(framework: str) -> list[str]:
