@@ -12,7 +12,7 @@ from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
 from nysact_optax._state import NysActLayerState, ScaleByNysActState, find_nysact_state
 from nysact_optax._transform import scale_by_nysact
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
