@@ -171,16 +171,17 @@ def scale_by_soap(
     if dim is None:
       return SoapLeafState(jnp.zeros_like(p), jnp.zeros_like(p))
     _, (b, m, n) = _layout(p.shape, dim)
-    z = jnp.zeros((b, m, n), p.dtype)
 
     def side(k):
       if k > max_precond_dim:
         return None, None
-      return jnp.zeros((b, k, k), p.dtype), jnp.broadcast_to(jnp.eye(k, dtype=p.dtype), (b, k, k))
+      return jnp.zeros((b, k, k), p.dtype), jnp.tile(jnp.eye(k, dtype=p.dtype), (b, 1, 1))
 
     left, q_left = side(m)
     right, q_right = side(n)
-    return SoapLeafState(z, z, left, right, q_left, q_right)
+    # distinct buffers (the trainer donates the state)
+    mu, nu = jnp.zeros((b, m, n), p.dtype), jnp.zeros((b, m, n), p.dtype)
+    return SoapLeafState(mu, nu, left, right, q_left, q_right)
 
   def init_fn(params):
     dims = dims_of(params)
