@@ -17,7 +17,9 @@ Labels (the names the harnesses use) with their settings:
   ``nysact_g10`` ... ``foof``: constant learning rates, no weight decay
   unless said (:func:`step_time_optax`, :func:`step_time_kfac`);
 * :data:`QUALITY`: ``sgd``, ``adamw``, ``kfac``, ``nysact``,
-  ``nysact-reference``, ``nysact-shifted``, ``foof``, ``muon``,
+  ``nysact-reference``, ``nysact-shifted``, ``foof``, ``muon``
+  (``optax.contrib.muon`` defaults), ``muon-moonlight`` and ``muon-keller``
+  (Muon as its authors run it), ``soap`` (two-sided, :mod:`benchmarks.soap`),
   ``nysact-graft``, ``nysact-graft-leaf``, ``nysact-graft-reldamp``,
   ``graft-identity``: a family and the overrides of the quality run's
   config (:class:`benchmarks.quality.train.RunConfig`), whose defaults per
@@ -52,7 +54,19 @@ import optax
 
 import nysact_optax
 
-FAMILIES = ("sgd", "adamw", "muon", "nysact", "graft-identity", "nysact-adam", "adam-orth", "kfac")
+FAMILIES = (
+  "sgd",
+  "adamw",
+  "muon",
+  "muon-moonlight",
+  "muon-keller",
+  "soap",
+  "nysact",
+  "graft-identity",
+  "nysact-adam",
+  "adam-orth",
+  "kfac",
+)
 # Step time: NysAct's and K-FAC's periods at equal T_cov, T_inv.
 COV_PERIOD = 5
 INVERSE_PERIOD = 50
@@ -64,6 +78,9 @@ QUALITY_WEIGHT_DECAY = {
   "kfac": 5e-4,
   "nysact": 5e-4,
   "muon": 1e-2,
+  "muon-moonlight": 1e-2,
+  "muon-keller": 1e-2,
+  "soap": 1e-2,
   "graft-identity": 1e-2,
   "nysact-adam": 1e-2,
   "adam-orth": 1e-2,
@@ -74,6 +91,17 @@ QUALITY_WEIGHT_DECAY = {
 QUALITY_DAMPING = {"nysact": 1.0, "kfac": 0.1}
 # Muon: the Adam learning rate of its non-matrix parameters over its own.
 MUON_ADAM_RATIO = 0.05
+# Muon as its authors run it: the layers that get AdamW besides embeddings,
+# biases and norms (the benchmarks' models name their head ``head`` and the
+# ViT's patch embedding, a Dense, ``patch_embed``).
+MUON_EXCLUDE = ("^head$", "^patch_embed$")
+MOONLIGHT_RMS = 0.2  # consistent_rms: the update RMS matched to AdamW's
+
+
+def _muon_layout(params):
+  """Muon's authors' layout: hidden matrices by their own axes (see
+  :func:`nysact_optax.muon_dimension_numbers`), the rest to AdamW."""
+  return nysact_optax.muon_dimension_numbers(params, exclude=MUON_EXCLUDE)
 
 
 def _rms() -> optax.GradientTransformation:
@@ -137,6 +165,29 @@ def optax_optimizer(
     adam_lr = (lambda t: ratio * lr(t)) if callable(lr) else ratio * lr
     wd = 0.0 if wd is None else wd
     return optax.contrib.muon(lr, adam_learning_rate=adam_lr, weight_decay=wd, adam_weight_decay=wd)
+  if family in ("muon-moonlight", "muon-keller"):
+    # Muon on the hidden matrices only (Keller Jordan; Moonlight, arXiv
+    # 2502.16982): AdamW on embeddings, head, biases and norms; decoupled
+    # weight decay on both parts. Moonlight: consistent_rms=0.2, one lr for
+    # both; Keller: width scaling sqrt(max(1, out/in)), its own Adam lr.
+    wd = 0.0 if wd is None else wd
+    if family == "muon-moonlight":
+      adam_lr, rms = lr, MOONLIGHT_RMS
+    else:
+      ratio = MUON_ADAM_RATIO if adam_ratio is None else adam_ratio
+      adam_lr, rms = (lambda t: ratio * lr(t)) if callable(lr) else ratio * lr, None
+    return optax.contrib.muon(
+      lr,
+      adam_learning_rate=adam_lr,
+      weight_decay=wd,
+      adam_weight_decay=wd,
+      muon_weight_dimension_numbers=_muon_layout,
+      consistent_rms=rms,
+    )
+  if family == "soap":
+    from benchmarks import soap
+
+    return soap.soap(lr, weight_decay=1e-2 if wd is None else wd)
   kw = dict(nysact or {})
   if family == "nysact":
     extra = {
@@ -464,10 +515,19 @@ QUALITY: dict[str, tuple[str, dict[str, Any]]] = {
     {"nysact": (("nystrom", "shifted"), ("sketch_refresh", "reference"))},
   ),
   "foof": ("nysact", {"nysact": (("rank", 10**9),)}),
-  # Issue 13. Muon: optax.contrib.muon, Adam at 0.05 x its lr on the
+  # Issue 13. Muon: optax.contrib.muon defaults (no dimension numbers: every
+  # 2-D leaf to Muon, every other leaf to Adam), Adam at 0.05 x its lr on the
   # non-matrix parameters (the issue's tuned 0.05 / 2.5e-3), decoupled
   # weight decay 1e-2 on both.
   "muon": ("muon", {}),
+  # Issue 29: the peers at full strength. Muon as its authors run it
+  # (benchmarks.optimizers._muon_layout): Moonlight's recipe (one lr,
+  # consistent RMS 0.2) and Keller Jordan's (width scaling, a Muon lr and
+  # an Adam lr: the run config's adam_lr); two-sided SOAP (benchmarks.soap,
+  # b1 = b2 = 0.95, refresh every 10, max_precond_dim 10000).
+  "muon-moonlight": ("muon-moonlight", {}),
+  "muon-keller": ("muon-keller", {}),
+  "soap": ("soap", {}),
   # NysAct's direction grafted onto the layer-wise RMSProp norm, debiased
   # EMA momentum, decoupled weight decay 1e-2 (as AdamW's).
   "nysact-graft": ("nysact", {"nysact": (("graft", "rmsprop"),), "weight_decay": 1e-2}),

@@ -74,7 +74,7 @@ from benchmarks.quality import train
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results" / "quality"
 _STALE_S = 3 * 3600  # a lock older than this is from a process that died
-STAGES = ("tune", "test", "ablate", "best", "lm", "resnet", "tf", "adam")
+STAGES = ("tune", "test", "ablate", "best", "lm", "resnet", "tf", "adam", "peers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -653,6 +653,8 @@ def plan(preset: Preset, stages: Sequence[str], root: pathlib.Path) -> Iterator[
         yield from _transfer(preset.vit, "vit_test", TF_LATER, seeds, root, grids)
     elif stage == "adam" and preset.lm_long is not None and preset.lm is not None:
       yield from _adam_stage(preset, root)
+    elif stage == "peers" and preset.lm_long is not None and preset.lm is not None:
+      yield from _peers_stage(preset, root)
 
 
 # Stage adam (issue 25).
@@ -723,6 +725,134 @@ def _adam_stage(preset: Preset, root: pathlib.Path) -> Iterator[Run]:
   for seed in seeds[1:]:
     yield from ablations(seed)
   yield from _transfer(preset.lm_long, "lm5_test", ADAM_LONG[3:], seeds, root, grids)
+
+
+# Stage peers (issue 29): the peers at full strength, in their own folders
+# (runs/peers/<lm_tune|lm_test|lm5_test|vit_test>).
+PEERS_GRIDS = {
+  "muon-moonlight": (1e-3, 3e-3, 1e-2, 2e-2, 3e-2),
+  "soap": (1e-3, 3e-3, 1e-2),
+  "adamw": LM_GRIDS["adamw"],
+}
+KELLER_GRID = ((0.01, 0.02, 0.05), (1e-3, 3e-3, 1e-2))  # Muon lr x Adam lr
+PEERS_TUNED = ("muon-moonlight", "soap", "muon-keller", "adamw")
+# Earlier stages' runs copied beside the peers where the config is the same:
+# AdamW (the target), optax.contrib.muon defaults (the old row) and the
+# orthogonalised mode (the comparator).
+PEERS_REUSED = ("adamw", "muon", "nysact-adam-orth")
+PEERS_SEEDS = 3
+
+
+def keller_name(task: str, lr: float, adam_lr: float, seed: int = 0) -> str:
+  return f"{task}__muon-keller__lr{_fmt(lr)}__alr{_fmt(adam_lr)}__s{seed}"
+
+
+def _keller_grid(
+  root: pathlib.Path, stage: str, task: str
+) -> tuple[list[tuple[float, float]], dict[str, Any] | None]:
+  """Keller's 2-D grid (Muon lr x Adam lr), each axis extended past an edge
+  where the best finished point is (up to :data:`MAX_GRID_EXTENSIONS` per
+  axis): the points to run, and the best run once all have finished."""
+  runs = {r["_name"]: r for r in _tuning_runs(root, stage, task, "muon-keller")}
+  lrs, alrs = list(KELLER_GRID[0]), list(KELLER_GRID[1])
+  while True:
+    points = [(a, b) for a in lrs for b in alrs]
+    names = [keller_name(task, a, b) for a, b in points]
+    if not all(n in runs for n in names):
+      return points, None
+    best_name = max(names, key=lambda n: score(runs[n]))
+    a, b = points[names.index(best_name)]
+    grown = False
+    for axis, v in ((lrs, a), (alrs, b)):
+      base = KELLER_GRID[0] if axis is lrs else KELLER_GRID[1]
+      if len(axis) - len(base) >= MAX_GRID_EXTENSIONS:
+        continue
+      if v == axis[-1]:
+        axis.append(_half_decade(v, up=True))
+        grown = True
+      elif v == axis[0]:
+        axis.insert(0, _half_decade(v, up=False))
+        grown = True
+    if not grown:
+      return points, runs[best_name]["config"]
+
+
+def _reused(run: Run, root: pathlib.Path, stage: str) -> Run:
+  """``run`` with ``copy_from`` an earlier stage's run of the same name and
+  the same config (every field of the new config equal), if there is one."""
+  src = root / stage / f"{run.name}.json"
+  if run.cfg is None or not src.exists():
+    return run
+  try:
+    old = results.read(src)["config"]
+  except (json.JSONDecodeError, ValueError, KeyError):
+    return run
+  new = json.loads(json.dumps(run.cfg.to_json()))
+  if all(old.get(k) == v for k, v in new.items()):
+    return dataclasses.replace(run, copy_from=src)
+  return run
+
+
+def _peers_stage(preset: Preset, root: pathlib.Path) -> Iterator[Run]:
+  """Stage peers, in order of priority (a cut-off keeps the first complete):
+  the 300-step LM validation grids of Moonlight's Muon, SOAP and Keller's
+  Muon (AdamW's copied from ``lm_tune``, extended past an edge if its best
+  is there), the 300-step tests (3 seeds), the 5x-token tests, the ViT at
+  the LM-tuned settings; the earlier stages' AdamW, ``optax.contrib.muon``
+  defaults and orthogonalised-mode tests copied beside them."""
+  assert preset.lm is not None and preset.lm_long is not None
+  lm, task = preset.lm, preset.lm.task
+  tune, seeds = "peers/lm_tune", range(PEERS_SEEDS)
+
+  def tune_run(label: str, lr: float) -> Run:
+    run = Run(tune, tune_name(task, label, lr), _cfg(lm, label, lr=lr, split="val", seed=0))
+    return _reused(run, root, "lm_tune")
+
+  def keller_run(lr: float, adam_lr: float) -> Run:
+    cfg = _cfg(lm, "muon-keller", lr=lr, adam_lr=adam_lr, split="val", seed=0)
+    return Run(tune, keller_name(task, lr, adam_lr), cfg)
+
+  one_d = {k: PEERS_GRIDS[k] for k in ("muon-moonlight", "soap", "adamw")}
+  # Seed-0 grids, interleaved: Moonlight and SOAP first, then Keller's 3 x 3.
+  for i in range(max(len(g) for g in one_d.values())):
+    for label, grid in one_d.items():
+      if i < len(grid):
+        yield tune_run(label, grid[i])
+  for label, grid in one_d.items():
+    for lr in lr_grid(root, tune, task, label, grid)[0]:
+      if lr not in grid:
+        yield tune_run(label, lr)
+  points, keller = _keller_grid(root, tune, task)
+  for lr, adam_lr in points:
+    yield keller_run(lr, adam_lr)
+  best: dict[str, dict[str, Any] | None] = {
+    label: best_run(root, tune, task, label, grid) for label, grid in one_d.items()
+  }
+  best["muon-keller"] = keller
+  lm_grids = preset.lm_grids or LM_GRIDS
+  reused_best = {
+    "muon": {"lr": lm_grids["muon"][0]},
+    "nysact-adam-orth": best_run(root, "lm_tune", task, "nysact-adam-orth", ADAM_GRID),
+  }
+
+  def tests(base: train.RunConfig, stage: str, old: str, labels, seeds) -> Iterator[Run]:
+    for seed in seeds:
+      for label in labels:
+        b = best.get(label) or reused_best.get(label)
+        cfg = None
+        if b is not None:
+          over = {"adam_lr": b["adam_lr"]} if b.get("adam_lr") is not None else {}
+          cfg = _cfg(base, label, lr=b["lr"], split="test", seed=seed, **over)
+        run = Run(stage, f"{base.task}__{label}__s{seed}", cfg)
+        yield _reused(run, root, old) if label in PEERS_REUSED else run
+
+  peers = ("muon-moonlight", "soap", "muon-keller")
+  yield from tests(lm, "peers/lm_test", "lm_test", (*peers, *PEERS_REUSED), seeds)
+  for seed in seeds:
+    yield from tests(preset.lm_long, "peers/lm5_test", "lm5_test", peers, [seed])
+  yield from tests(preset.lm_long, "peers/lm5_test", "lm5_test", PEERS_REUSED, seeds)
+  if preset.vit is not None:
+    yield from tests(preset.vit, "peers/vit_test", "vit_test", (*peers, *PEERS_REUSED), seeds)
 
 
 def _past(deadline: str | None) -> bool:

@@ -161,7 +161,7 @@ class RunConfig:
   @property
   def adam_ratio(self) -> float | None:
     """Muon: its Adam learning rate over its (peak) learning rate."""
-    if self.optimizer != "muon":
+    if self.optimizer not in ("muon", "muon-keller"):
       return None
     return (self.adam_lr if self.adam_lr is not None else 0.05 * self.lr) / self.lr
 
