@@ -8,8 +8,8 @@ from nysact_optax._alias import nysact, nysact_adam
 from nysact_optax._checkpoint import restore_checkpoint, save_checkpoint
 from nysact_optax._diagnostics import LayerDiagnostics, diagnostics
 from nysact_optax._graft import GraftState, graft, preconditioned_mask
-from nysact_optax._muon import muon_dimension_numbers
 from nysact_optax._layers import ConvSpec, DenseSpec, EinsumSpec, LayerInputs
+from nysact_optax._muon import muon_dimension_numbers
 from nysact_optax._state import NysActLayerState, ScaleByNysActState, find_nysact_state
 from nysact_optax._transform import scale_by_nysact
 
