@@ -54,7 +54,10 @@ NAMES = {
   "nysact-reference": "NysAct, reference sketch refresh",
   "nysact-fixed_stable": "NysAct, best ablation (stable, fixed sketch)",
   "nysact-shifted": "NysAct, shifted Nyström (the paper's)",
-  "muon": "Muon (optax.contrib)",
+  "muon": "Muon, optax.contrib.muon defaults",
+  "muon-moonlight": "Muon, authors' layout, Moonlight (consistent RMS 0.2)",
+  "muon-keller": "Muon, authors' layout, Keller (width scaling, Muon lr / Adam lr)",
+  "soap": "SOAP (two-sided)",
   "nysact-graft": 'NysAct graft="rmsprop"',
   "nysact-graft-leaf": "NysAct graft, one group per leaf",
   "graft-identity": "graft control: identity direction",
@@ -72,7 +75,17 @@ NAMES = {
 }
 # Issue 25: each nysact_adam label minus each peer, seed by seed.
 ADAM_MODES = ("nysact-adam", "nysact-adam-exact", "nysact-adam-orth")
-ADAM_PEERS = ("adamw", "muon", "nysact-graft", "soap-1s", "adam-orth", "nysact-adam-exact")
+ADAM_PEERS = (
+  "adamw",
+  "muon",
+  "muon-moonlight",
+  "muon-keller",
+  "soap",
+  "nysact-graft",
+  "soap-1s",
+  "adam-orth",
+  "nysact-adam-exact",
+)
 
 
 def adam_paired(runs: list[dict[str, Any]], lm: bool) -> tuple[list[str], dict[str, Any]]:
@@ -155,7 +168,8 @@ def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
   for r in runs:
     # The damping runs (``__d<damping>``) are told apart by damping.
     damping = r["config"].get("damping") if "__d" in r["_name"] else None
-    by[_label(r["_name"])][(r["config"]["lr"], damping or 0.0)] = r
+    adam_lr = r["config"].get("adam_lr") if "__alr" in r["_name"] else None
+    by[_label(r["_name"])][(r["config"]["lr"], damping or 0.0, adam_lr or 0.0)] = r
   metric = "validation bits/char" if lm else "validation accuracy %"
   lines = [f"| optimizer | learning rate: {metric} | chosen |", "|---|---|---|"]
   for label in [l for l in LABELS if l in by] + [l for l in by if l not in LABELS]:
@@ -178,6 +192,8 @@ def tune_table(runs: list[dict[str, Any]], lm: bool = False) -> list[str]:
 def _lr(r: dict[str, Any], damping: bool) -> str:
   """The run's learning rate, with its damping when that was tuned."""
   lr = f"{r['config']['lr']:g}"
+  if r["config"].get("adam_lr") is not None and r["config"].get("optimizer") == "muon-keller":
+    lr += f" / Adam {r['config']['adam_lr']:g}"
   return f"{lr} (damping {r['config']['damping']:g})" if damping else lr
 
 
@@ -668,6 +684,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if stats:
       adam[key] = stats
       md += [f"### nysact_adam, paired seeds: {title}", "", *lines, ""]
+  peers: dict[str, Any] = {}
+  tune = suite.load_runs(root, "peers/lm_tune")
+  if tune:
+    md += [
+      "## The peers at full strength (issue 29, stage peers)",
+      "",
+      "Learning-rate tuning (300-step LM, validation stream, seed 0; Keller: Muon lr / Adam lr):",
+      "",
+      *tune_table(tune, True),
+      "",
+    ]
+  for title, stage, key, lm in (
+    ("Char LM, 300 steps", "peers/lm_test", "lm", True),
+    ("Char LM, 5x tokens", "peers/lm5_test", "lm5", True),
+    ("ViT, Fashion-MNIST (LM-tuned settings)", "peers/vit_test", "vit", False),
+  ):
+    test = suite.load_runs(root, stage)
+    if not test:
+      continue
+    lines, stats = test_table(test, lm)
+    plines, pstats = adam_paired(test, lm)
+    peers[key] = {"test": stats, "paired": pstats}
+    md += [f"### Peers: {title}", "", *lines, "", "Paired seeds:", "", *plines, ""]
+  if peers:
+    summary["peers"] = peers
   abl = suite.load_runs(root, "lm_ablate")
   if abl:
     md += [
